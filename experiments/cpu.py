@@ -1,0 +1,89 @@
+"""Experiments that run on a laptop-class CPU: tiny models of every family and TinyShakespeare.
+
+TinyShakespeare runs use nanoGPT's character-level size (6 layers, 6 heads, width 384, block 256);
+get the text from github.com/karpathy/char-rnn (data/tinyshakespeare/input.txt) and pass its path
+as data.path.
+"""
+
+from __future__ import annotations
+
+from mosaics_jax.config import (
+    DataConfig,
+    Experiment,
+    LlamaConfig,
+    MosaicV1Config,
+    MosaicV2Config,
+    TrainConfig,
+)
+
+_TINY = dict(vocab_size=256, num_layers=2, width=64, num_heads=4)
+_TINY_DATA = DataConfig(source="text", name="TinyShakespeare", tokenizer="byte", seq_len=128)
+_TINY_TRAIN = TrainConfig(batch_size=8, steps=200, learning_rate=3e-3, warmup_steps=20)
+
+_CHAR = dict(vocab_size=65, num_layers=6, width=384, num_heads=6, dropout=0.2)
+_CHAR_DATA = DataConfig(source="text", name="TinyShakespeare", tokenizer="char", seq_len=256)
+# nanoGPT's shakespeare_char recipe.
+_CHAR_TRAIN = TrainConfig(
+    batch_size=64,
+    steps=5000,
+    learning_rate=1e-3,
+    warmup_steps=100,
+    min_lr_ratio=0.1,
+    b1=0.9,
+    b2=0.99,
+    weight_decay=0.1,
+)
+
+EXPERIMENTS = (
+    Experiment(
+        name="mm1-tiny",
+        description="2-layer Memory Mosaics v1 on bytes: smoke tests",
+        model=MosaicV1Config(**_TINY, block_size=128, pmem_size=64),
+        data=_TINY_DATA,
+        train=_TINY_TRAIN,
+    ),
+    Experiment(
+        name="mm2-tiny",
+        description="2-layer Memory Mosaics v2 on bytes: smoke tests",
+        model=MosaicV2Config(
+            **_TINY,
+            ffn_width=192,
+            short_term_window=16,
+            long_term_delay=8,
+            long_term_delay_range=(4, 16),
+        ),
+        data=_TINY_DATA,
+        train=_TINY_TRAIN,
+    ),
+    Experiment(
+        name="llama-tiny",
+        description="2-layer Llama on bytes: smoke tests",
+        model=LlamaConfig(**_TINY, ffn_width=192),
+        data=_TINY_DATA,
+        train=_TINY_TRAIN,
+    ),
+    Experiment(
+        name="mm1-shakespeare-char",
+        description="Memory Mosaics v1 at nanoGPT's shakespeare_char size (pmem_size 1344)",
+        model=MosaicV1Config(**_CHAR, block_size=256, pmem_size=1344),
+        data=_CHAR_DATA,
+        train=_CHAR_TRAIN,
+    ),
+    Experiment(
+        name="mm2-shakespeare-char",
+        description="Memory Mosaics v2 at nanoGPT's shakespeare_char size",
+        model=MosaicV2Config(
+            **_CHAR, ffn_width=1024, short_term_window=64, long_term_delay=16,
+            long_term_delay_range=(16, 64),
+        ),
+        data=_CHAR_DATA,
+        train=_CHAR_TRAIN,
+    ),
+    Experiment(
+        name="llama-shakespeare-char",
+        description="Llama at nanoGPT's shakespeare_char size",
+        model=LlamaConfig(**_CHAR, ffn_width=1024),
+        data=_CHAR_DATA,
+        train=_CHAR_TRAIN,
+    ),
+)

@@ -1,0 +1,18 @@
+"""The retrieval op of Memory Mosaics and the key recurrences, as pure JAX functions.
+
+This package depends on jax alone and never imports `mosaics_jax`.
+"""
+
+from kernels_pallas.bands import band_mask, document_positions, segment_starts, visible_counts
+from kernels_pallas.retrieve import IMPLEMENTATIONS, retrieve
+from kernels_pallas.scans import linear_scan
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "band_mask",
+    "document_positions",
+    "linear_scan",
+    "retrieve",
+    "segment_starts",
+    "visible_counts",
+]

@@ -1,0 +1,61 @@
+"""Band arithmetic shared by every retrieval implementation.
+
+A band is the set of key positions a query at time t may read (SPEC §1):
+
+    S(t) = { s : t - hi <= s <= t - lo,  segment_ids[s] == segment_ids[t] }
+
+with lo >= 1 (a pair (k_s, v_s) is complete only at time s + 1) and hi >= lo or unbounded (None).
+
+Axis legend: b = batch, t = query time, s = key time.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Int
+
+IntLike = int | Int[Array, ""]
+
+
+def band_mask(
+    t: Int[Array, "*q"], s: Int[Array, "*k"], lo: IntLike, hi: int | None
+) -> Bool[Array, "*qk"]:
+  """True where key time s lies in the band of query time t (broadcasting t against s)."""
+  delta = t - s
+  inside = delta >= lo
+  if hi is not None:
+    inside &= delta <= hi
+  return inside
+
+
+def segment_starts(segment_ids: Int[Array, "b t"]) -> Bool[Array, "b t"]:
+  """True at the first position of every document (and at t = 0)."""
+  first = jnp.ones_like(segment_ids[:, :1], dtype=bool)
+  return jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+
+
+def document_positions(segment_ids: Int[Array, "b t"] | None, seq_len: int) -> Int[Array, "b t"]:
+  """Position of each token inside its document (documents are contiguous runs of one id)."""
+  t = jnp.arange(seq_len, dtype=jnp.int32)
+  if segment_ids is None:
+    return t[None, :]
+  starts = segment_starts(segment_ids)
+  # The start index of the current document is a running maximum of the start positions seen.
+  start_pos = jax.lax.cummax(jnp.where(starts, t[None, :], 0), axis=1)
+  return t[None, :] - start_pos
+
+
+def visible_counts(
+    segment_ids: Int[Array, "b t"] | None, seq_len: int, lo: IntLike, hi: int | None
+) -> Int[Array, "b t"]:
+  """n_t = |S(t)|: the number of pairs the query at time t can read, counted inside its document.
+
+  v1 contextual (lo=1, hi=None): t; short-term (1, h-1): min(t, h-1); long-term (m, None):
+  max(0, t-m+1), each with t the position inside the document.
+  """
+  pos = document_positions(segment_ids, seq_len)
+  count = pos - lo + 1
+  if hi is not None:
+    count = jnp.minimum(count, hi - lo + 1)
+  return jnp.maximum(count, 0)

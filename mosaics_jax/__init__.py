@@ -1,0 +1,23 @@
+"""mosaics_jax: Memory Mosaics v1 and v2 and a Llama baseline in JAX/Flax."""
+
+from mosaics_jax.config import (
+    DataConfig,
+    Experiment,
+    LlamaConfig,
+    ModelConfig,
+    MosaicV1Config,
+    MosaicV2Config,
+    TrainConfig,
+)
+from mosaics_jax.models import build_model
+
+__all__ = [
+    "DataConfig",
+    "Experiment",
+    "LlamaConfig",
+    "ModelConfig",
+    "MosaicV1Config",
+    "MosaicV2Config",
+    "TrainConfig",
+    "build_model",
+]

@@ -1,0 +1,42 @@
+"""Multi-head causal self-attention with RoPE: the Llama baseline's token mixer (no GQA).
+
+Axis legend: b = batch, t = query time, s = key time, m = model width, h = heads, d = head dim.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+import kernels_pallas
+from mosaics_jax import config as config_lib, layers
+
+
+class Attention(nn.Module):
+  """softmax(q k^T / sqrt(d)) v over s <= t inside the document, q and k rotated by RoPE."""
+
+  config: config_lib.LlamaConfig
+  layer_index: int
+
+  @nn.compact
+  def __call__(
+      self, x: Float[Array, "b t m"], segment_ids: Int[Array, "b t"] | None
+  ) -> Float[Array, "b t m"]:
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    init = layers.truncated_normal(layers.depth_scaled_std(cfg.width, self.layer_index))
+    dense = lambda name: nn.Dense(
+        cfg.width, use_bias=False, kernel_init=init, dtype=dtype, name=name
+    )
+    q, k, v = (layers.split_heads(dense(n)(x), cfg.num_heads) for n in ("wq", "wk", "wv"))
+    positions = kernels_pallas.document_positions(segment_ids, x.shape[1])
+    positions = jnp.broadcast_to(positions, x.shape[:2])
+    q = layers.rope(q, positions, cfg.rope_theta)
+    k = layers.rope(k, positions, cfg.rope_theta)
+    mask = None
+    if segment_ids is not None:
+      mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [b 1 t s]
+    y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+    return dense("wo")(layers.merge_heads(y))

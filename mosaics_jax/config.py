@@ -1,0 +1,235 @@
+"""Frozen dataclass configs: models of the three families, data, training recipe, experiment.
+
+Configs are plain data. They never import models, training or data code, so experiment files and
+checkpoints can carry them around freely. Every choice the papers leave open is a field here whose
+docstring says ASSUMED (SPEC.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from typing import Any, ClassVar, Literal
+
+Dtype = Literal["float32", "bfloat16"]
+
+
+class ConfigError(ValueError):
+  """A config field or override that does not exist or does not fit."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  """Fields every model family shares."""
+
+  family: ClassVar[str] = ""
+
+  vocab_size: int
+  num_layers: int
+  width: int
+  num_heads: int
+  dtype: Dtype = "float32"  # Compute dtype; parameters stay float32.
+  remat: bool = False  # Rematerialise each block in the backward pass.
+  dropout: float = 0.0  # On the embedding output and on every residual branch.
+  retrieve_impl: str = "auto"  # Implementation of kernels_pallas.retrieve.
+  scan_impl: str = "associative"  # Implementation of kernels_pallas.linear_scan (key recurrences).
+
+  def __post_init__(self):
+    for name in ("vocab_size", "num_layers", "width", "num_heads"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"{type(self).__name__}.{name} must be >= 1, got {getattr(self, name)}")
+    if self.width % self.num_heads:
+      raise ConfigError(
+          f"{type(self).__name__}: width {self.width} is not divisible by num_heads"
+          f" {self.num_heads}"
+      )
+    if not 0.0 <= self.dropout < 1.0:
+      raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MosaicV1Config(ModelConfig):
+  """Memory Mosaics v1, numerically as the official nanoMosaics `MemoryMosaic` (SPEC §2, v1).
+
+  Field names follow nanoMosaics' `MemoryMosaicConfig` where one exists: block_size, pmem_size,
+  pmem_count, bias.
+  """
+
+  family: ClassVar[str] = "mm1"
+
+  block_size: int = 1024  # Longest sequence; nanoMosaics refuses longer inputs.
+  pmem_size: int = 2688  # Key/value pairs per persistent memory and head.
+  pmem_count: int = 1  # Persistent memories per head, averaged.
+  bias: bool = True  # Biases in Linears and LayerNorms, like GPT-2.
+  layer_norm_eps: float = 1e-5
+  feature_eps: float = 1e-10  # eps of Norm(z) = z / (||z|| + eps).
+  exp_scaling: float = 10.0  # Scalar parameters are stored divided by this.
+  key_scale_max: float = math.log(2**16 - 1)  # Keys stay representable in float16.
+  leaky_init: tuple[float, float] = (0.5, 5.0)  # linspace range of |b| * exp_scaling over heads.
+  key_scale_init: float = 0.1
+  val_scale_init: float = -0.05
+  out_scale_init: float = -0.05
+  init_std: float = 0.02  # Linears and embedding; c_proj gets init_std / sqrt(2 L).
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MosaicV2Config(ModelConfig):
+  """Memory Mosaics v2 (SPEC §2-3): short-term, long-term and persistent (SwiGLU) memories."""
+
+  family: ClassVar[str] = "mm2"
+
+  ffn_width: int  # d' of the SwiGLU persistent memory.
+  short_term_window: int = 256  # h: the short-term memory reads pairs t-h+1 .. t-1.
+  long_term_memory: bool = True  # False: the variant without long-term memory (W_o is d -> d).
+  # Keep the long-term parameters but zero its output: the paper's Table 2 ablation of a model
+  # trained with long-term memory.
+  drop_long_term_memory: bool = False
+  long_term_delay: int = 64  # m at inference.
+  # m is sampled uniformly from this closed range at every training step (one m per step: ASSUMED).
+  long_term_delay_range: tuple[int, int] = (64, 256)
+  norm_eps: float = 1e-5  # RMSNorm eps (ASSUMED, Llama's).
+  feature_eps: float = 1e-6  # eps of Norm(z) = z / (||z|| + eps) (ASSUMED).
+  gate_bias: bool = False  # ASSUMED: w_g and w_lambda are one d-vector per head, no bias.
+  value_scale_init: float = 0.0  # theta of alpha_psi = exp(min(|theta|, value_scale_max)).
+  value_scale_max: float = 15.0
+  bandwidth_init: tuple[float, float, float] = (1.5, 1.5, 1.0 / 3.0)  # theta0, theta1, theta_a.
+  bandwidth_max: float = 10.0  # beta0, beta1 = exp(min(theta, bandwidth_max)).
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.short_term_window < 2:
+      raise ConfigError(f"short_term_window must be >= 2, got {self.short_term_window}")
+    low, high = self.long_term_delay_range
+    if not 1 <= low <= high:
+      raise ConfigError(f"long_term_delay_range must satisfy 1 <= low <= high, got {low, high}")
+    if self.long_term_delay < 1:
+      raise ConfigError(f"long_term_delay must be >= 1, got {self.long_term_delay}")
+    if self.drop_long_term_memory and not self.long_term_memory:
+      raise ConfigError("drop_long_term_memory needs long_term_memory=True")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaConfig(ModelConfig):
+  """The Transformer baseline of the v2 paper: Llama with full multi-head attention (no GQA)."""
+
+  family: ClassVar[str] = "llama"
+
+  ffn_width: int
+  rope_theta: float = 500_000.0  # ASSUMED: Llama 3's, as the 128256 vocabulary is Llama 3's.
+  norm_eps: float = 1e-5  # ASSUMED, Llama's.
+
+
+MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
+    cls.family: cls for cls in (MosaicV1Config, MosaicV2Config, LlamaConfig)
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+  """What the model reads. The Training issue adds the loaders; these fields name the source."""
+
+  source: Literal["synthetic_induction", "synthetic_mqar", "text", "tokens", "none"] = "none"
+  name: str = ""  # Human-readable dataset name, e.g. "BabiStories".
+  path: str | None = None
+  tokenizer: Literal["char", "byte", "gpt2", "llama3", "none"] = "none"
+  seq_len: int = 256  # Training context.
+  # Documents are packed with begin/end-of-text tokens and document-wise masks (segment ids).
+  packed_documents: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """The optimisation recipe (SPEC §4 for the paper experiments)."""
+
+  batch_size: int = 8  # Sequences per step.
+  steps: int = 1000
+  learning_rate: float = 1e-3  # Peak.
+  warmup_steps: int = 100
+  min_lr_ratio: float = 0.01  # Cosine decay ends at learning_rate * min_lr_ratio.
+  b1: float = 0.9
+  b2: float = 0.95
+  weight_decay: float = 0.1
+  grad_clip: float = 1.0
+  grad_accum: int = 1
+  seed: int = 0
+  tokens: int | None = None  # Token budget of the paper run, for the record.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Experiment:
+  """A model size paired with a dataset and a training recipe."""
+
+  name: str
+  description: str
+  model: ModelConfig
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+  # The name of the experiment this one fine-tunes from (e.g. the 32k context extension).
+  init_from: str | None = None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+  """A JSON-ready dict of a config, models tagged with their family."""
+  out = {}
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    if dataclasses.is_dataclass(value):
+      value = to_dict(value)
+      if isinstance(getattr(config, field.name), ModelConfig):
+        value = {"family": getattr(config, field.name).family, **value}
+    elif isinstance(value, tuple):
+      value = list(value)
+    out[field.name] = value
+  return out
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+  """Inverse of `to_dict`; unknown keys are errors that name close matches."""
+  if cls is ModelConfig:
+    data = dict(data)
+    family = data.pop("family", None)
+    if family not in MODEL_CONFIGS:
+      raise ConfigError(f"unknown model family {family!r}; known: {sorted(MODEL_CONFIGS)}")
+    cls = MODEL_CONFIGS[family]
+  hints = typing.get_type_hints(cls)
+  fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+  kwargs = {}
+  for key, value in data.items():
+    if key not in fields:
+      raise ConfigError(_unknown(key, fields, cls.__name__))
+    hint = hints[key]
+    if hint is ModelConfig or (isinstance(hint, type) and dataclasses.is_dataclass(hint)):
+      value = from_dict(hint, value)
+    elif isinstance(value, list):
+      value = tuple(value)
+    kwargs[key] = value
+  return cls(**kwargs)
+
+
+def override(config: Any, path: str, value: Any) -> Any:
+  """Returns `config` with the field at dotted `path` (e.g. "model.num_layers") replaced."""
+  head, _, rest = path.partition(".")
+  fields = {f.name for f in dataclasses.fields(config) if f.init}
+  if head not in fields:
+    raise ConfigError(_unknown(path, fields, type(config).__name__))
+  if rest:
+    child = getattr(config, head)
+    if not dataclasses.is_dataclass(child):
+      raise ConfigError(f"{type(config).__name__}.{head} has no field {rest!r}")
+    try:
+      value = override(child, rest, value)
+    except ConfigError as e:
+      raise ConfigError(f"in {head}: {e}") from None
+  return dataclasses.replace(config, **{head: value})
+
+
+def _unknown(key: str, known: Any, where: str) -> str:
+  close = difflib.get_close_matches(key.split(".")[0], sorted(known), n=3)
+  hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(known))}"
+  return f"unknown key {key!r} in {where}{hint}"

@@ -1,0 +1,214 @@
+"""Key and value feature extractors of Memory Mosaics (SPEC §2).
+
+v1 (nanoMosaics): leaky-average keys with a learned per-head scale, and values that mix the next
+token's projection; v2: gated time-varying keys (Eq. 8) and convolutional values (Eq. 9).
+Every recurrence runs in float32 through `kernels_pallas.linear_scan` and restarts at document
+boundaries.
+
+Axis legend: b = batch, t = time, m = model width, h = heads, d = head dim.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+import kernels_pallas
+from mosaics_jax import layers
+
+
+def l2_normalize(z: Float[Array, "... d"], eps: float) -> Float[Array, "... d"]:
+  """Norm(z) = z / (||z||_2 + eps)."""
+  return z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + eps)
+
+
+def next_in_document(
+    v: Float[Array, "b t h d"], segment_ids: Int[Array, "b t"] | None
+) -> Float[Array, "b t h d"]:
+  """v_{t+1}, zero past the last position and past the end of each document."""
+  nxt = jnp.concatenate([v[:, 1:], jnp.zeros_like(v[:, :1])], axis=1)
+  if segment_ids is None:
+    return nxt
+  same_doc = jnp.concatenate(
+      [segment_ids[:, 1:] == segment_ids[:, :-1], jnp.zeros_like(segment_ids[:, :1], bool)], axis=1
+  )
+  return jnp.where(same_doc[:, :, None, None], nxt, 0)
+
+
+def value_mix(
+    v: Float[Array, "b t h d"], weight: Float[Array, "h"], segment_ids: Int[Array, "b t"] | None
+) -> Float[Array, "b t h d"]:
+  """vbar_t = c * v_t + (1 - c) * v_{t+1} with a per-head c: the value looks one step ahead."""
+  c = weight[:, None]
+  return c * v + (1 - c) * next_in_document(v, segment_ids)
+
+
+def _resets(segment_ids: Int[Array, "b t"] | None) -> jax.Array | None:
+  return None if segment_ids is None else kernels_pallas.segment_starts(segment_ids)
+
+
+class LeakyAverage(nn.Module):
+  """v1 leaky average kbar_t = k_t + lambda * kbar_{t-1}, lambda = exp(-|b| * exp_scaling).
+
+  The parameter `leaky_key_beta` is nanoMosaics' b, stored divided by exp_scaling.
+  """
+
+  num_heads: int
+  exp_scaling: float
+  init_range: tuple[float, float]
+  scan_impl: str
+
+  @nn.compact
+  def __call__(
+      self, k: Float[Array, "b t h d"], segment_ids: Int[Array, "b t"] | None
+  ) -> Float[Array, "b t h d"]:
+    low, high = self.init_range
+    b = self.param(
+        "leaky_key_beta",
+        lambda _, n: jnp.linspace(low, high, n) / self.exp_scaling,
+        self.num_heads,
+    )
+    decay = jnp.exp(-jnp.abs(b) * self.exp_scaling)
+    return kernels_pallas.linear_scan(
+        decay, k.astype(jnp.float32), reset=_resets(segment_ids), impl=self.scan_impl
+    )
+
+
+class KeyFeatureExtractorV1(nn.Module):
+  """v1 keys: k_t = Norm(LeakyAverage(W_k x)_t) * exp(min(p * exp_scaling * s_k, key_scale_max)).
+
+  `scale_pow` p is 1 for the contextual memory and 2 for the persistent memory, whose stored keys
+  carry no scale. The result is float32.
+  """
+
+  num_heads: int
+  bias: bool
+  init_std: float
+  exp_scaling: float
+  key_scale_init: float
+  key_scale_max: float
+  leaky_init: tuple[float, float]
+  eps: float
+  scan_impl: str
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self, x: Float[Array, "b t m"], segment_ids: Int[Array, "b t"] | None, scale_pow: int
+  ) -> Float[Array, "b t h d"]:
+    k = nn.Dense(
+        x.shape[-1],
+        use_bias=self.bias,
+        kernel_init=nn.initializers.normal(self.init_std),
+        dtype=self.dtype,
+        name="W_k",
+    )(x)
+    k = LeakyAverage(
+        self.num_heads, self.exp_scaling, self.leaky_init, self.scan_impl, name="leaky_avg"
+    )(layers.split_heads(k, self.num_heads), segment_ids)
+    scale = self.param(
+        "key_scale", nn.initializers.constant(self.key_scale_init), (self.num_heads,)
+    )
+    log_scale = jnp.minimum(scale_pow * self.exp_scaling * scale, self.key_scale_max)
+    return l2_normalize(k, self.eps) * jnp.exp(log_scale)[:, None]
+
+
+class ValueFeatureExtractorV1(nn.Module):
+  """v1 values: v_t = Norm(c * v~_t + (1 - c) * v~_{t+1}) * exp(exp_scaling * s_v), v~ = W_v x."""
+
+  num_heads: int
+  bias: bool
+  init_std: float
+  exp_scaling: float
+  val_scale_init: float
+  eps: float
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self, x: Float[Array, "b t m"], segment_ids: Int[Array, "b t"] | None
+  ) -> Float[Array, "b t h d"]:
+    v = nn.Dense(
+        x.shape[-1],
+        use_bias=self.bias,
+        kernel_init=nn.initializers.normal(self.init_std),
+        dtype=self.dtype,
+        name="W_v",
+    )(x)
+    coef = self.param("coef", nn.initializers.uniform(1.0), (self.num_heads,))
+    scale = self.param(
+        "val_scale", nn.initializers.constant(self.val_scale_init), (self.num_heads,)
+    )
+    v = value_mix(layers.split_heads(v, self.num_heads).astype(jnp.float32), coef, segment_ids)
+    return l2_normalize(v, self.eps) * jnp.exp(self.exp_scaling * scale)[:, None]
+
+
+class GatedKeyExtractor(nn.Module):
+  """v2 keys (Eq. 8): kbar_t = g_t * W_phi x_t + lambda_t * kbar_{t-1}, k_t = Norm(kbar_t).
+
+  g_t = exp(w_g . x_t) and lambda_t = exp(-|w_lambda . x_t|) are one scalar per head and time.
+  The result is float32 and unit-norm.
+  """
+
+  num_heads: int
+  layer_index: int
+  gate_bias: bool
+  eps: float
+  scan_impl: str
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self, x: Float[Array, "b t m"], segment_ids: Int[Array, "b t"] | None
+  ) -> Float[Array, "b t h d"]:
+    width = x.shape[-1]
+    init = layers.truncated_normal(layers.depth_scaled_std(width, self.layer_index))
+    k = nn.Dense(width, use_bias=False, kernel_init=init, dtype=self.dtype, name="W_phi")(x)
+    # Gates stay float32: g_t is unbounded and the recurrence sums many of them.
+    gate = nn.Dense(
+        self.num_heads, use_bias=self.gate_bias, kernel_init=init, dtype=jnp.float32, name="w_g"
+    )(x)
+    forget = nn.Dense(
+        self.num_heads,
+        use_bias=self.gate_bias,
+        kernel_init=init,
+        dtype=jnp.float32,
+        name="w_lambda",
+    )(x)
+    k = layers.split_heads(k, self.num_heads).astype(jnp.float32)
+    kbar = kernels_pallas.linear_scan(
+        jnp.exp(-jnp.abs(forget)),
+        jnp.exp(gate)[..., None] * k,
+        reset=_resets(segment_ids),
+        impl=self.scan_impl,
+    )
+    return l2_normalize(kbar, self.eps)
+
+
+class ConvValueExtractor(nn.Module):
+  """v2 values (Eq. 9): v_t = alpha * Norm(gamma * v~_t + (1 - gamma) * v~_{t+1}), v~ = W_psi x.
+
+  alpha = exp(min(|theta|, value_scale_max)); gamma ~ U(0, 1) per head (ASSUMED per head).
+  """
+
+  num_heads: int
+  layer_index: int
+  eps: float
+  scale_init: float
+  scale_max: float
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self, x: Float[Array, "b t m"], segment_ids: Int[Array, "b t"] | None
+  ) -> Float[Array, "b t h d"]:
+    width = x.shape[-1]
+    init = layers.truncated_normal(layers.depth_scaled_std(width, self.layer_index))
+    v = nn.Dense(width, use_bias=False, kernel_init=init, dtype=self.dtype, name="W_psi")(x)
+    gamma = self.param("gamma", nn.initializers.uniform(1.0), (self.num_heads,))
+    theta = self.param("theta", nn.initializers.constant(self.scale_init), (self.num_heads,))
+    alpha = jnp.exp(jnp.minimum(jnp.abs(theta), self.scale_max))
+    v = value_mix(layers.split_heads(v, self.num_heads).astype(jnp.float32), gamma, segment_ids)
+    return alpha[:, None] * l2_normalize(v, self.eps)

@@ -1,0 +1,220 @@
+"""Language models of the zoo: Memory Mosaics v1, Memory Mosaics v2, and the Llama baseline.
+
+Every model maps (tokens, segment_ids) to logits and is functional: `init` gives a plain params
+pytree, `apply` is pure. Packed sequences carry `segment_ids` (one id per document, documents are
+contiguous runs); no memory, recurrence or attention ever crosses a document boundary.
+
+    model = build_model(config)
+    params = model.init(rng, tokens)["params"]
+    logits = model.apply({"params": params}, tokens, segment_ids)
+
+Axis legend: b = batch, t = time, m = model width, v = vocabulary.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from mosaics_jax import attention, config as config_lib, layers, memories
+
+
+def _check_inputs(tokens: jax.Array, segment_ids: jax.Array | None, vocab_size: int) -> None:
+  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(
+        f"tokens must be an integer array [batch, seq], got {tokens.dtype} {tokens.shape}"
+    )
+  if segment_ids is not None and (
+      segment_ids.shape != tokens.shape or not jnp.issubdtype(segment_ids.dtype, jnp.integer)
+  ):
+    raise ValueError(
+        f"segment_ids must be an integer array of the tokens' shape {tokens.shape}, got"
+        f" {segment_ids.dtype} {segment_ids.shape}"
+    )
+  del vocab_size  # Out-of-range ids cannot be checked under jit; the data pipeline checks them.
+
+
+def _maybe_remat(block: type[nn.Module], remat: bool) -> type[nn.Module]:
+  """The block, rematerialised in the backward pass if asked; `deterministic` (last) stays static."""
+  if not remat:
+    return block
+  # static_argnums counts the module as argument 0.
+  return nn.remat(block, static_argnums=(len(inspect.signature(block.__call__).parameters) - 1,))
+
+
+class MosaicV1Block(nn.Module):
+  """nanoMosaics Block: x += ContextMem(LN1 x); x += PersistentMem(LN2 x) (pre-LayerNorm)."""
+
+  config: config_lib.MosaicV1Config
+
+  @nn.compact
+  def __call__(self, x, segment_ids, deterministic: bool):
+    cfg = self.config
+    ln = lambda name: nn.LayerNorm(cfg.layer_norm_eps, use_bias=cfg.bias, name=name)
+    drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
+    x = x + drop(memories.ContextMemory(cfg, name="attn")(ln("ln_1")(x), segment_ids))
+    x = x + drop(memories.PersistentMemoryV1(cfg, name="mlp")(ln("ln_2")(x), segment_ids))
+    return x
+
+
+class MosaicV1(nn.Module):
+  """Memory Mosaics v1 with nanoMosaics' parameter names: wte (tied LM head), h_{i}, ln_f."""
+
+  config: config_lib.MosaicV1Config
+
+  @nn.compact
+  def __call__(
+      self,
+      tokens: Int[Array, "b t"],
+      segment_ids: Int[Array, "b t"] | None = None,
+      *,
+      deterministic: bool = True,
+  ) -> Float[Array, "b t v"]:
+    cfg = self.config
+    _check_inputs(tokens, segment_ids, cfg.vocab_size)
+    if tokens.shape[1] > cfg.block_size:
+      raise ValueError(
+          f"sequence length {tokens.shape[1]} exceeds the model's block_size {cfg.block_size}"
+      )
+    wte = nn.Embed(
+        cfg.vocab_size,
+        cfg.width,
+        embedding_init=nn.initializers.normal(cfg.init_std),
+        dtype=jnp.dtype(cfg.dtype),
+        name="wte",
+    )
+    x = nn.Dropout(cfg.dropout, deterministic=deterministic)(wte(tokens))
+    block = _maybe_remat(MosaicV1Block, cfg.remat)
+    for i in range(cfg.num_layers):
+      x = block(cfg, name=f"h_{i}")(x, segment_ids, deterministic)
+    x = nn.LayerNorm(cfg.layer_norm_eps, use_bias=cfg.bias, name="ln_f")(x)
+    return wte.attend(x).astype(jnp.float32)
+
+
+class MosaicV2Block(nn.Module):
+  """x += W_o [ShortTerm(N1 x); LongTerm(N1 x)];  x += SwiGLU(N2 x)   (SPEC §3)."""
+
+  config: config_lib.MosaicV2Config
+  layer_index: int
+
+  @nn.compact
+  def __call__(self, x, segment_ids, ltm_delay, deterministic: bool):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
+    h = nn.RMSNorm(cfg.norm_eps, dtype=dtype, name="norm1")(x)
+    outputs = [
+        memories.AssociativeMemory(
+            cfg, self.layer_index, hi=cfg.short_term_window - 1, name="short_term"
+        )(h, segment_ids, 1)
+    ]
+    if cfg.long_term_memory:
+      y = memories.AssociativeMemory(cfg, self.layer_index, hi=None, name="long_term")(
+          h, segment_ids, ltm_delay
+      )
+      outputs.append(jnp.zeros_like(y) if cfg.drop_long_term_memory else y)
+    y = jnp.concatenate([layers.merge_heads(o) for o in outputs], axis=-1)
+    init = layers.truncated_normal(layers.depth_scaled_std(cfg.width, self.layer_index))
+    w_o = nn.Dense(cfg.width, use_bias=False, kernel_init=init, dtype=dtype, name="w_o")
+    x = x + drop(w_o(y))
+    h = nn.RMSNorm(cfg.norm_eps, dtype=dtype, name="norm2")(x)
+    ffn = layers.SwiGLU(cfg.ffn_width, self.layer_index, dtype=dtype, name="ffn")
+    return x + drop(ffn(h))
+
+
+class MosaicV2(nn.Module):
+  """Memory Mosaics v2: untied embedding and classifier, RMSNorm pre-norm blocks."""
+
+  config: config_lib.MosaicV2Config
+
+  @nn.compact
+  def __call__(
+      self,
+      tokens: Int[Array, "b t"],
+      segment_ids: Int[Array, "b t"] | None = None,
+      *,
+      ltm_delay: int | jax.Array | None = None,
+      deterministic: bool = True,
+  ) -> Float[Array, "b t v"]:
+    """`ltm_delay` is the long-term delay m (may be traced); None uses config.long_term_delay."""
+    cfg = self.config
+    _check_inputs(tokens, segment_ids, cfg.vocab_size)
+    dtype = jnp.dtype(cfg.dtype)
+    ltm_delay = cfg.long_term_delay if ltm_delay is None else ltm_delay
+    init = layers.truncated_normal(layers.depth_scaled_std(cfg.width, 0))
+    x = nn.Embed(cfg.vocab_size, cfg.width, embedding_init=init, dtype=dtype, name="embed")(
+        tokens
+    )
+    x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
+    block = _maybe_remat(MosaicV2Block, cfg.remat)
+    for i in range(cfg.num_layers):
+      x = block(cfg, i, name=f"layer_{i}")(x, segment_ids, ltm_delay, deterministic)
+    x = nn.RMSNorm(cfg.norm_eps, dtype=dtype, name="final_norm")(x)
+    logits = nn.Dense(
+        cfg.vocab_size, use_bias=False, kernel_init=init, dtype=dtype, name="classifier"
+    )(x)
+    return logits.astype(jnp.float32)
+
+
+class LlamaBlock(nn.Module):
+  """x += Attention(N1 x); x += SwiGLU(N2 x)."""
+
+  config: config_lib.LlamaConfig
+  layer_index: int
+
+  @nn.compact
+  def __call__(self, x, segment_ids, deterministic: bool):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
+    h = nn.RMSNorm(cfg.norm_eps, dtype=dtype, name="attn_norm")(x)
+    x = x + drop(attention.Attention(cfg, self.layer_index, name="attention")(h, segment_ids))
+    h = nn.RMSNorm(cfg.norm_eps, dtype=dtype, name="ffn_norm")(x)
+    return x + drop(layers.SwiGLU(cfg.ffn_width, self.layer_index, dtype=dtype, name="ffn")(h))
+
+
+class Llama(nn.Module):
+  """The Transformer baseline: Llama blocks, untied embedding and classifier.
+
+  Initialisation follows the v2 paper's Table 6 like the Memory Mosaics it is compared with
+  (ASSUMED: the paper does not give the baseline's).
+  """
+
+  config: config_lib.LlamaConfig
+
+  @nn.compact
+  def __call__(
+      self,
+      tokens: Int[Array, "b t"],
+      segment_ids: Int[Array, "b t"] | None = None,
+      *,
+      deterministic: bool = True,
+  ) -> Float[Array, "b t v"]:
+    cfg = self.config
+    _check_inputs(tokens, segment_ids, cfg.vocab_size)
+    dtype = jnp.dtype(cfg.dtype)
+    init = layers.truncated_normal(layers.depth_scaled_std(cfg.width, 0))
+    x = nn.Embed(cfg.vocab_size, cfg.width, embedding_init=init, dtype=dtype, name="embed")(
+        tokens
+    )
+    x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
+    block = _maybe_remat(LlamaBlock, cfg.remat)
+    for i in range(cfg.num_layers):
+      x = block(cfg, i, name=f"layer_{i}")(x, segment_ids, deterministic)
+    x = nn.RMSNorm(cfg.norm_eps, dtype=dtype, name="final_norm")(x)
+    logits = nn.Dense(
+        cfg.vocab_size, use_bias=False, kernel_init=init, dtype=dtype, name="classifier"
+    )(x)
+    return logits.astype(jnp.float32)
+
+
+MODELS: dict[str, type[nn.Module]] = {"mm1": MosaicV1, "mm2": MosaicV2, "llama": Llama}
+
+
+def build_model(config: config_lib.ModelConfig) -> nn.Module:
+  """The Flax module of a model config."""
+  return MODELS[config.family](config)
