@@ -1,0 +1,353 @@
+"""Models: causality, document isolation, the v2 memory equations against a numpy reference, the
+long-term switch-off, remat, bfloat16, dropout and input errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mosaics_jax import build_model, config as config_lib, memories
+
+TINY = dict(vocab_size=50, num_layers=2, width=32, num_heads=4)
+CONFIGS = {
+    "mm1": config_lib.MosaicV1Config(**TINY, block_size=64, pmem_size=16),
+    "mm2": config_lib.MosaicV2Config(
+        **TINY, ffn_width=48, short_term_window=6, long_term_delay=3, long_term_delay_range=(2, 5)
+    ),
+    "llama": config_lib.LlamaConfig(**TINY, ffn_width=48),
+}
+T = 23  # Not a multiple of anything.
+
+
+def _tokens(seed: int, batch: int = 2, length: int = T) -> jax.Array:
+  return jax.random.randint(jax.random.key(seed), (batch, length), 0, TINY["vocab_size"])
+
+
+class _Jitted:
+  """A model whose init and apply are jitted: eager dispatch would dominate the test time."""
+
+  def __init__(self, cfg):
+    self.module = build_model(cfg)
+    self.init = jax.jit(self.module.init)
+    self.apply = jax.jit(self.module.apply, static_argnames=("deterministic",))
+
+
+def _init(cfg):
+  model = _Jitted(cfg)
+  return model, model.init(jax.random.key(0), _tokens(0))["params"]
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def family(request):
+  cfg = CONFIGS[request.param]
+  model, params = _init(cfg)
+  return cfg, model, params
+
+
+def test_causal(family):
+  """Changing tokens after position t never changes the logits at positions <= t."""
+  cfg, model, params = family
+  tokens = _tokens(1)
+  base = model.apply({"params": params}, tokens)
+  for t in (0, 5, 11, T - 2):
+    changed = tokens.at[:, t + 1 :].set((tokens[:, t + 1 :] + 7) % cfg.vocab_size)
+    out = model.apply({"params": params}, changed)
+    np.testing.assert_allclose(out[:, : t + 1], base[:, : t + 1], atol=1e-6, rtol=0)
+    assert not np.allclose(out[:, t + 1 :], base[:, t + 1 :])
+
+
+def test_packed_documents_equal_separate_runs(family):
+  """A packed document gives the logits it gives alone: nothing crosses a boundary."""
+  cfg, model, params = family
+  lengths = (9, 1, 13)
+  tokens = _tokens(2, batch=1)
+  segment_ids = jnp.asarray(np.repeat(np.arange(3), lengths)[None] + 10, jnp.int32)
+  packed = model.apply({"params": params}, tokens, segment_ids)
+  start = 0
+  for n in lengths:
+    alone = model.apply({"params": params}, tokens[:, start : start + n])
+    np.testing.assert_allclose(packed[:, start : start + n], alone, atol=2e-5, rtol=1e-5)
+    start += n
+
+
+def test_remat_gives_same_logits_and_gradients(family):
+  cfg, model, params = family
+  remat_model = _Jitted(dataclasses.replace(cfg, remat=True))
+  tokens = _tokens(3)
+  loss = lambda m: lambda p: m.apply({"params": p}, tokens).mean()
+  g1 = jax.grad(loss(model))(params)
+  g2 = jax.grad(loss(remat_model))(params)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_bfloat16_compute_stays_close(family):
+  cfg, model, params = family
+  bf16 = _Jitted(dataclasses.replace(cfg, dtype="bfloat16"))
+  tokens = _tokens(4)
+  ref = model.apply({"params": params}, tokens)
+  out = bf16.apply({"params": params}, tokens)
+  assert out.dtype == jnp.float32 and bool(jnp.isfinite(out).all())
+  assert float(jnp.abs(out - ref).max()) < 0.1 * float(jnp.abs(ref).max()) + 0.05
+
+
+def test_dropout_only_when_not_deterministic(family):
+  cfg, _, params = family
+  model = _Jitted(dataclasses.replace(cfg, dropout=0.5))
+  tokens = _tokens(5)
+  a = model.apply({"params": params}, tokens)
+  b = model.apply({"params": params}, tokens, deterministic=True)
+  np.testing.assert_array_equal(a, b)
+  c = model.apply(
+      {"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(1)}
+  )
+  assert not np.allclose(a, c)
+
+
+def test_gradients_are_finite_with_empty_rows(family):
+  """Position 0 (and the first m positions for the long-term memory) read nothing."""
+  _, model, params = family
+  tokens = _tokens(6, length=4)
+  grads = jax.grad(lambda p: model.apply({"params": p}, tokens).sum())(params)
+  assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
+def test_bad_inputs_are_named(family):
+  _, model, params = family
+  model = model.module  # Shape errors are raised while tracing.
+  with pytest.raises(ValueError, match="integer array"):
+    model.apply({"params": params}, jnp.zeros((2, 5), jnp.float32))
+  with pytest.raises(ValueError, match="integer array"):
+    model.apply({"params": params}, jnp.zeros((5,), jnp.int32))
+  with pytest.raises(ValueError, match="segment_ids"):
+    model.apply({"params": params}, _tokens(0), jnp.zeros((2, 3), jnp.int32))
+
+
+def test_v1_refuses_sequences_longer_than_block_size():
+  cfg = CONFIGS["mm1"]
+  model, params = _init(cfg)
+  with pytest.raises(ValueError, match="block_size 64"):
+    model.apply({"params": params}, _tokens(0, length=65))
+
+
+def test_config_errors_are_clear():
+  with pytest.raises(config_lib.ConfigError, match="not divisible by num_heads"):
+    config_lib.LlamaConfig(vocab_size=10, num_layers=1, width=30, num_heads=4, ffn_width=8)
+  with pytest.raises(config_lib.ConfigError, match="long_term_delay_range"):
+    dataclasses.replace(CONFIGS["mm2"], long_term_delay_range=(5, 2))
+  with pytest.raises(config_lib.ConfigError, match="needs long_term_memory"):
+    dataclasses.replace(CONFIGS["mm2"], long_term_memory=False, drop_long_term_memory=True)
+
+
+# --- Memory Mosaics v2 ------------------------------------------------------------------------
+
+
+def _np_v2_memory(p, x, lo, hi, cfg):
+  """SPEC §2 v2 equations, one position at a time in float64: the oracle of AssociativeMemory."""
+  x = np.asarray(x, np.float64)[0]  # [t m]
+  n_t, width = x.shape
+  h, d = cfg.num_heads, cfg.head_dim
+  k_raw = (x @ np.asarray(p["key"]["W_phi"]["kernel"], np.float64)).reshape(n_t, h, d)
+  g = np.exp(x @ np.asarray(p["key"]["w_g"]["kernel"], np.float64))
+  lam = np.exp(-np.abs(x @ np.asarray(p["key"]["w_lambda"]["kernel"], np.float64)))
+  kbar = np.zeros((n_t, h, d))
+  for t in range(n_t):
+    kbar[t] = g[t, :, None] * k_raw[t] + (lam[t, :, None] * kbar[t - 1] if t else 0)
+  norm = lambda z: z / (np.linalg.norm(z, axis=-1, keepdims=True) + cfg.feature_eps)
+  k = norm(kbar)
+  v_raw = (x @ np.asarray(p["value"]["W_psi"]["kernel"], np.float64)).reshape(n_t, h, d)
+  v_next = np.concatenate([v_raw[1:], np.zeros_like(v_raw[:1])])
+  gamma = np.asarray(p["value"]["gamma"], np.float64)[:, None]
+  alpha = np.exp(np.minimum(np.abs(np.asarray(p["value"]["theta"], np.float64)), 15))[:, None]
+  v = alpha * norm(gamma * v_raw + (1 - gamma) * v_next)
+  th = {k_: np.asarray(p["bandwidth"][k_], np.float64) for k_ in ("theta0", "theta1", "theta_a")}
+  beta0, beta1 = np.exp(np.minimum(th["theta0"], 10)), np.exp(np.minimum(th["theta1"], 10))
+  a = np.minimum(np.abs(th["theta_a"]), 1)
+  y = np.zeros((n_t, h, d))
+  for t in range(n_t):
+    visible = [s for s in range(n_t) if lo <= t - s and (hi is None or t - s <= hi)]
+    if not visible:
+      continue
+    beta = beta1 * len(visible) ** a + beta0
+    for head in range(h):
+      scores = np.array([beta[head] * k[t, head] @ k[s, head] for s in visible])
+      w = np.exp(scores - scores.max())
+      y[t, head] = (w / w.sum()) @ v[visible, head]
+  return y
+
+
+@pytest.mark.parametrize("lo, hi", [(1, 5), (3, None), (1, None)])
+def test_v2_memory_matches_the_equations(lo, hi):
+  """AssociativeMemory = gated keys (Eq. 8), conv values (Eq. 9), adaptive beta (Eq. 6), band."""
+  cfg = dataclasses.replace(CONFIGS["mm2"], bandwidth_init=(0.3, -0.2, 0.6))
+  mem = memories.AssociativeMemory(cfg, layer_index=1, hi=hi)
+  x = jax.random.normal(jax.random.key(7), (1, 17, cfg.width))
+  params = mem.init(jax.random.key(8), x, None, lo)["params"]
+  # Make the value scale and the gates non-trivial so every term is exercised.
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, v: v + 0.3 if path[-1].key in ("theta", "gamma") else v, params
+  )
+  out = mem.apply({"params": params}, x, None, lo)
+  np.testing.assert_allclose(out[0], _np_v2_memory(params, x, lo, hi, cfg), atol=2e-5, rtol=1e-4)
+
+
+def test_v2_long_term_delay_can_be_traced_without_recompiling():
+  cfg = CONFIGS["mm2"]
+  model, params = _init(cfg)
+  traces = []
+
+  @jax.jit
+  def logits(params, m):
+    traces.append(m)
+    return model.module.apply({"params": params}, _tokens(1), ltm_delay=m)
+
+  outs = [logits(params, jnp.int32(m)) for m in (2, 3, 5)]
+  assert len(traces) == 1
+  assert not np.allclose(outs[0], outs[2])
+  np.testing.assert_allclose(
+      outs[1], model.apply({"params": params}, _tokens(1), ltm_delay=3), atol=1e-5
+  )
+
+
+def test_v2_dropping_long_term_memory_zeroes_its_output():
+  """The Table 2 switch keeps the parameters and equals zeroing the long-term half of W_o."""
+  cfg = CONFIGS["mm2"]
+  model, params = _init(cfg)
+  dropped = _Jitted(dataclasses.replace(cfg, drop_long_term_memory=True))
+  tokens = _tokens(9)
+  assert jax.tree.structure(dropped.init(jax.random.key(0), tokens)) == jax.tree.structure(
+      {"params": params}
+  )
+  zeroed = jax.tree_util.tree_map_with_path(
+      lambda path, v: v.at[cfg.width :].set(0) if "w_o" in str(path) else v, params
+  )
+  np.testing.assert_allclose(
+      dropped.apply({"params": params}, tokens),
+      model.apply({"params": zeroed}, tokens),
+      atol=1e-6,
+  )
+  assert not np.allclose(
+      dropped.apply({"params": params}, tokens), model.apply({"params": params}, tokens)
+  )
+
+
+def test_v2_without_long_term_memory_has_no_long_term_parameters():
+  cfg = dataclasses.replace(CONFIGS["mm2"], long_term_memory=False)
+  _, params = _init(cfg)
+  assert "long_term" not in params["layer_0"]
+  assert params["layer_0"]["w_o"]["kernel"].shape == (cfg.width, cfg.width)
+  assert params["layer_0"]["short_term"]["key"]["W_phi"]["kernel"].shape == (cfg.width, cfg.width)
+
+
+def test_v2_initialisation_follows_table_6():
+  cfg = config_lib.MosaicV2Config(
+      vocab_size=64, num_layers=3, width=256, num_heads=4, ffn_width=512
+  )
+  _, params = _init(cfg)
+  for layer in (0, 2):
+    p = params[f"layer_{layer}"]
+    for w, fan_in in (
+        (p["short_term"]["key"]["W_phi"]["kernel"], cfg.width),
+        (p["long_term"]["value"]["W_psi"]["kernel"], cfg.width),
+        (p["w_o"]["kernel"], cfg.width),
+        (p["ffn"]["w1"]["kernel"], cfg.width),
+        (p["ffn"]["w2"]["kernel"], cfg.ffn_width),
+    ):
+      sigma = 1 / np.sqrt(2 * fan_in * (layer + 1))
+      assert float(jnp.abs(w).max()) <= 3 * sigma
+      # A normal truncated at 3 sigma has standard deviation 0.9866 sigma.
+      assert abs(float(w.std()) / (0.9866 * sigma) - 1) < 0.05
+    bw = p["short_term"]["bandwidth"]
+    np.testing.assert_allclose(bw["theta0"], 1.5)
+    np.testing.assert_allclose(bw["theta_a"], 1 / 3, rtol=1e-6)
+    gamma = p["long_term"]["value"]["gamma"]
+    assert bool(((gamma >= 0) & (gamma < 1)).all())
+  sigma = 1 / np.sqrt(2 * cfg.width)
+  assert abs(float(params["embed"]["embedding"].std()) / (0.9866 * sigma) - 1) < 0.05
+
+
+# --- Memory Mosaics v1 ------------------------------------------------------------------------
+
+
+def _np_v1_keys(p, x, cfg, scale_pow):
+  """nanoMosaics KeyFeatureExtractor with its dense T x T leaky-average matrix, float64."""
+  x = np.asarray(x, np.float64)
+  n_t = x.shape[1]
+  k = x @ np.asarray(p["W_k"]["kernel"], np.float64) + np.asarray(p["W_k"]["bias"], np.float64)
+  k = k.reshape(*x.shape[:2], cfg.num_heads, cfg.head_dim)
+  lam = np.exp(-np.abs(np.asarray(p["leaky_avg"]["leaky_key_beta"], np.float64)) * 10)
+  lag = np.arange(n_t)[:, None] - np.arange(n_t)[None, :]
+  coef = np.where(lag >= 0, lam[:, None, None] ** np.maximum(lag, 0), 0)  # [h t s]
+  k = np.einsum("hts,bshd->bthd", coef, k)
+  k = k / (np.linalg.norm(k, axis=-1, keepdims=True) + 1e-10)
+  scale = np.minimum(scale_pow * 10 * np.asarray(p["key_scale"], np.float64), np.log(65535))
+  return k * np.exp(scale)[:, None]
+
+
+def test_v1_memories_match_nanomosaics_equations():
+  cfg = CONFIGS["mm1"]
+  x = jax.random.normal(jax.random.key(3), (2, 19, cfg.width))
+  ctx = memories.ContextMemory(cfg)
+  params = ctx.init(jax.random.key(4), x, None)["params"]
+  out = np.asarray(ctx.apply({"params": params}, x, None), np.float64)
+
+  k = _np_v1_keys(params["k_featurizer"], x, cfg, 1)
+  pv = params["v_featurizer"]
+  v = np.asarray(x, np.float64) @ np.asarray(pv["W_v"]["kernel"]) + np.asarray(pv["W_v"]["bias"])
+  v = v.reshape(k.shape)
+  c = np.asarray(pv["coef"], np.float64)[:, None]
+  v = c * v + (1 - c) * np.concatenate([v[:, 1:], np.zeros_like(v[:, :1])], axis=1)
+  v = v / (np.linalg.norm(v, axis=-1, keepdims=True) + 1e-10) * np.exp(
+      10 * np.asarray(pv["val_scale"], np.float64)
+  )[:, None]
+  scores = np.einsum("bthd,bshd->bhts", k, k)
+  n_t = x.shape[1]
+  scores = np.where(np.tril(np.ones((n_t, n_t)), -1) > 0, scores, -np.inf)
+  y = np.zeros_like(v)
+  w = np.exp(scores[:, :, 1:] - scores[:, :, 1:].max(-1, keepdims=True))
+  y[:, 1:] = np.einsum("bhts,bshd->bthd", w / w.sum(-1, keepdims=True), v)
+  y = y.reshape(*y.shape[:2], -1) @ np.asarray(params["c_proj"]["kernel"]) + np.asarray(
+      params["c_proj"]["bias"]
+  )
+  np.testing.assert_allclose(out, y, atol=2e-5, rtol=1e-4)
+
+  pmem_cfg = dataclasses.replace(cfg, pmem_count=2)
+  pmem = memories.PersistentMemoryV1(pmem_cfg)
+  params = pmem.init(jax.random.key(5), x, None)["params"]
+  out = np.asarray(pmem.apply({"params": params}, x, None), np.float64)
+  k = _np_v1_keys(params["k_featurizer"], x, pmem_cfg, 2)
+  y = 0
+  for i in range(2):
+    s = np.einsum("bthd,hpd->bthp", k, np.asarray(params["P_k"][i], np.float64))
+    w = np.exp(s - s.max(-1, keepdims=True))
+    y = y + np.einsum("bthp,hpd->bthd", w / w.sum(-1, keepdims=True), np.asarray(params["P_v"][i]))
+  y = y / 2 * np.exp(10 * np.asarray(params["out_scale"], np.float64))[:, None]
+  y = y.reshape(*y.shape[:2], -1) @ np.asarray(params["c_proj"]["kernel"]) + np.asarray(
+      params["c_proj"]["bias"]
+  )
+  np.testing.assert_allclose(out, y, atol=2e-5, rtol=1e-4)
+
+
+def test_v1_initialisation_matches_nanomosaics():
+  cfg = config_lib.MosaicV1Config(
+      vocab_size=64, num_layers=4, width=256, num_heads=8, block_size=32, pmem_size=64
+  )
+  _, params = _init(cfg)
+  attn = params["h_1"]["attn"]
+  np.testing.assert_allclose(
+      attn["k_featurizer"]["leaky_avg"]["leaky_key_beta"], np.linspace(0.5, 5, 8) / 10, rtol=1e-6
+  )
+  np.testing.assert_allclose(attn["k_featurizer"]["key_scale"], 0.1)
+  np.testing.assert_allclose(attn["v_featurizer"]["val_scale"], -0.05)
+  np.testing.assert_allclose(params["h_1"]["mlp"]["out_scale"], -0.05)
+  assert abs(float(attn["k_featurizer"]["W_k"]["kernel"].std()) / 0.02 - 1) < 0.05
+  assert abs(float(attn["c_proj"]["kernel"].std()) / (0.02 / np.sqrt(8)) - 1) < 0.05
+  p_k = params["h_1"]["mlp"]["P_k"]
+  assert p_k.shape == (1, 8, 64, 32)
+  assert abs(float(p_k.std()) * np.sqrt(32) - 1) < 0.05
+  assert "lm_head" not in params  # Tied to wte.
+
