@@ -109,9 +109,11 @@ def count(config: config_lib.ModelConfig, context: int = 256) -> Report:
     paper_extra[label] = config.num_layers * per_layer * context / 2
     exact_extra[label] = config.num_layers * per_layer * mean_visible(context, lo, hi)
 
+  # Input to output: the embedding first, then the layers' components, the classifier last.
+  order = lambda name: (name != _LABELS["embed"] and name != _LABELS["wte"], name == "classifier")
   components = tuple(
       Component(name, params[name], flops.get(name, 0.0) + paper_extra.get(name, 0.0))
-      for name in params
+      for name in sorted(params, key=order)
   )
   weight_flops = sum(flops.values())
   return Report(

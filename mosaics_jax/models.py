@@ -23,7 +23,8 @@ from jaxtyping import Array, Float, Int
 from mosaics_jax import attention, config as config_lib, layers, memories
 
 
-def _check_inputs(tokens: jax.Array, segment_ids: jax.Array | None, vocab_size: int) -> None:
+def _check_inputs(tokens: jax.Array, segment_ids: jax.Array | None) -> None:
+  # Out-of-range token ids cannot be checked under jit; the data pipeline checks them.
   if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(
         f"tokens must be an integer array [batch, seq], got {tokens.dtype} {tokens.shape}"
@@ -35,7 +36,6 @@ def _check_inputs(tokens: jax.Array, segment_ids: jax.Array | None, vocab_size: 
         f"segment_ids must be an integer array of the tokens' shape {tokens.shape}, got"
         f" {segment_ids.dtype} {segment_ids.shape}"
     )
-  del vocab_size  # Out-of-range ids cannot be checked under jit; the data pipeline checks them.
 
 
 def _maybe_remat(block: type[nn.Module], remat: bool) -> type[nn.Module]:
@@ -75,7 +75,7 @@ class MosaicV1(nn.Module):
       deterministic: bool = True,
   ) -> Float[Array, "b t v"]:
     cfg = self.config
-    _check_inputs(tokens, segment_ids, cfg.vocab_size)
+    _check_inputs(tokens, segment_ids)
     if tokens.shape[1] > cfg.block_size:
       raise ValueError(
           f"sequence length {tokens.shape[1]} exceeds the model's block_size {cfg.block_size}"
@@ -142,7 +142,7 @@ class MosaicV2(nn.Module):
   ) -> Float[Array, "b t v"]:
     """`ltm_delay` is the long-term delay m (may be traced); None uses config.long_term_delay."""
     cfg = self.config
-    _check_inputs(tokens, segment_ids, cfg.vocab_size)
+    _check_inputs(tokens, segment_ids)
     dtype = jnp.dtype(cfg.dtype)
     ltm_delay = cfg.long_term_delay if ltm_delay is None else ltm_delay
     init = layers.truncated_normal(layers.depth_scaled_std(cfg.width, 0))
@@ -195,7 +195,7 @@ class Llama(nn.Module):
       deterministic: bool = True,
   ) -> Float[Array, "b t v"]:
     cfg = self.config
-    _check_inputs(tokens, segment_ids, cfg.vocab_size)
+    _check_inputs(tokens, segment_ids)
     dtype = jnp.dtype(cfg.dtype)
     init = layers.truncated_normal(layers.depth_scaled_std(cfg.width, 0))
     x = nn.Embed(cfg.vocab_size, cfg.width, embedding_init=init, dtype=dtype, name="embed")(

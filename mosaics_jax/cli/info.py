@@ -21,11 +21,29 @@ def _parser() -> argparse.ArgumentParser:
       "--context", type=int, default=256, help="context of the FLOP count (paper: 256)"
   )
   parser.add_argument("--json", action="store_true", help="print one JSON object")
+  parser.add_argument(
+      "--markdown", action="store_true", help="with --list: the zoo table of README.md"
+  )
   return parser
 
 
 def _billions(x: float) -> str:
   return f"{x / 1e9:.3f}B" if x >= 1e8 else f"{x / 1e6:.2f}M"
+
+
+def zoo_table(context: int = 256) -> str:
+  """The README's model zoo: one row per experiment with its size and cost."""
+  rows = [
+      f"| experiment | family | params | FLOPs/token (context {context}) | train context |",
+      "|---|---|---:|---:|---:|",
+  ]
+  for name, e in registry.all_experiments().items():
+    report = flops.count(e.model, context)
+    rows.append(
+        f"| `{name}` | {e.model.family} | {_billions(report.params)} |"
+        f" {_billions(report.flops_per_token)} | {e.data.seq_len} |"
+    )
+  return "\n".join(rows)
 
 
 def _list(as_json: bool) -> str:
@@ -74,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
   if args.context < 1:
     _parser().error(f"--context must be >= 1, got {args.context}")
   try:
-    if args.list:
+    if args.list and args.markdown:
+      print(zoo_table(args.context))
+    elif args.list:
       print(_list(args.json))
     elif args.experiment:
       print(_describe(args.experiment, args.context, args.json))
