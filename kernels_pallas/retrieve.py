@@ -1,0 +1,137 @@
+"""The retrieval op of every associative memory (SPEC §1): validation and dispatch.
+
+    y[b, t, h] = sum_{s in S(t)} softmax_s(q[b, t, h] . k[b, s, h]) v[b, s, h]
+    S(t) = { s : t - hi <= s <= t - lo,  segment_ids[b, s] == segment_ids[b, t] }
+
+q is the query key already multiplied by its bandwidth beta; there is no other scaling. A row whose
+band is empty outputs exactly 0, with finite gradients.
+
+Axis legend: b = batch, t = query time, s = key time, h = heads, d = head dim of q and k,
+e = head dim of v.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from kernels_pallas import bands, reference, xla
+
+RetrieveFn = Callable[..., Float[Array, "b t h e"]]
+
+# Every implementation takes (q, k, v, *, lo, hi, segment_ids, block_size) as validated below.
+IMPLEMENTATIONS: dict[str, RetrieveFn] = {
+    "reference": reference.retrieve_reference,
+    "xla": xla.retrieve_xla,
+}
+
+
+def _resolve_impl(impl: str) -> RetrieveFn:
+  """The implementation named `impl`; "auto" picks the best one for the platform."""
+  if impl == "auto":
+    # The XLA implementation is the only one so far, and it runs on every backend.
+    impl = "xla"
+  if impl not in IMPLEMENTATIONS:
+    valid = ", ".join(repr(name) for name in ["auto", *sorted(IMPLEMENTATIONS)])
+    raise ValueError(f"unknown retrieve impl {impl!r}; valid names are {valid}")
+  return IMPLEMENTATIONS[impl]
+
+
+def _check_arrays(q: Array, k: Array, v: Array, segment_ids: Array | None) -> None:
+  """Raises if q, k, v or segment_ids have the wrong rank, shape or dtype."""
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if x.ndim != 4:
+      raise ValueError(f"{name} must have rank 4 [b, t, h, d], got shape {x.shape}")
+  if q.shape != k.shape:
+    raise ValueError(f"q and k must have the same shape, got q {q.shape} and k {k.shape}")
+  if v.shape[:3] != k.shape[:3]:
+    raise ValueError(f"v must match k in [b, t, h], got v {v.shape} and k {k.shape}")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+  if not q.dtype == k.dtype == v.dtype:
+    raise TypeError(
+        f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype} and v {v.dtype}"
+    )
+  if segment_ids is not None:
+    if segment_ids.shape != q.shape[:2]:
+      raise ValueError(
+          f"segment_ids must have shape [b, t] = {q.shape[:2]}, got {segment_ids.shape}"
+      )
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+      raise TypeError(f"segment_ids must have an integer dtype, got {segment_ids.dtype}")
+
+
+def _check_band(lo: object, hi: object) -> bands.IntLike:
+  """Raises if (lo, hi) is not a valid band; returns lo as a Python int or an int32 scalar."""
+  if hi is not None and (isinstance(hi, bool) or not isinstance(hi, (int, np.integer))):
+    raise TypeError(f"hi must be a Python int or None, got {hi!r}")
+  if hi is not None and hi < 1:
+    raise ValueError(f"hi must be >= 1, got {hi}")
+  if isinstance(lo, (int, np.integer)) and not isinstance(lo, bool):
+    lo = int(lo)
+    if lo < 1:
+      # The pair (k_s, v_s) is complete only at time s + 1 (SPEC §1).
+      raise ValueError(f"lo must be >= 1, got {lo}")
+    if hi is not None and hi < lo:
+      raise ValueError(f"hi must be >= lo, got lo={lo} and hi={hi}")
+    return lo
+  if not isinstance(lo, (jax.Array, np.ndarray)):
+    raise TypeError(f"lo must be an int or an integer scalar array, got {lo!r}")
+  if lo.shape != () or not jnp.issubdtype(lo.dtype, jnp.integer):
+    raise TypeError(
+        f"an array lo must be an integer scalar, got shape {lo.shape} and dtype {lo.dtype}"
+    )
+  return jnp.asarray(lo, jnp.int32)
+
+
+def retrieve(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b s h d"],
+    v: Float[Array, "b s h e"],
+    *,
+    lo: bands.IntLike,
+    hi: int | None = None,
+    segment_ids: Int[Array, "b t"] | None = None,
+    impl: str = "auto",
+    block_size: int | None = None,
+) -> Float[Array, "b t h e"]:
+  """Band-masked kernel regression of v on k at the queries q (see the module docstring).
+
+  Args:
+    q: query keys, already scaled by their bandwidth.
+    k: stored keys, same shape and dtype as q.
+    v: stored values, same [b, t, h] and dtype as k.
+    lo: smallest delay t - s, >= 1. A Python int or an int32 scalar that may be traced (one
+      compilation serves every value; it is then not checked to be >= 1).
+    hi: largest delay t - s, a Python int >= lo, or None for unbounded.
+    segment_ids: document id of every position, or None for one document per row.
+    impl: "auto", or a name in IMPLEMENTATIONS.
+    block_size: time block of the blocked implementations; None picks a default.
+
+  Returns:
+    y in the dtype of the inputs, computed with float32 softmax and sums.
+  """
+  fn = _resolve_impl(impl)
+  q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+  if segment_ids is not None:
+    segment_ids = jnp.asarray(segment_ids)
+  _check_arrays(q, k, v, segment_ids)
+  lo = _check_band(lo, hi)
+  if block_size is not None and (
+      isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1
+  ):
+    raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+  return fn(
+      q,
+      k,
+      v,
+      lo=lo,
+      hi=None if hi is None else int(hi),
+      segment_ids=segment_ids,
+      block_size=block_size,
+  )
