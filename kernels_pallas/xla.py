@@ -141,10 +141,12 @@ def _forward(
   row_max, row_sum, acc = jax.lax.fori_loop(first, last, fold_offset, init)
   nonempty = row_sum > 0
   safe_sum = jnp.where(nonempty, row_sum, 1.0)
-  # Empty rows have acc = 0, hence y = 0 exactly; their lse is never used (their mask is empty).
+  # Empty rows have acc = 0, hence y = 0 exactly; their stats are never used (their mask is empty).
   y = (acc / safe_sum[..., None]).astype(v.dtype)
-  lse = jnp.where(nonempty, row_max + jnp.log(safe_sum), 0.0)
-  return y, lse
+  # Row max and row sum are kept apart: q . k reaches ~4e9 in v1 (key scales up to 65535), where
+  # row_max + log(row_sum) would round log(row_sum) away and the backward's p would not sum to 1.
+  stats = (jnp.where(nonempty, row_max, 0.0), safe_sum)
+  return y, stats
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -161,24 +163,35 @@ def _blocked_retrieve(
 
 
 def _blocked_retrieve_fwd(band, q, k, v, segments, lo):
-  y, lse = _forward(band, q, k, v, segments, lo)
-  return y, (q, k, v, segments, lo, y, lse)
+  y, stats = _forward(band, q, k, v, segments, lo)
+  return y, (q, k, v, segments, lo, stats)
 
 
 def _blocked_retrieve_bwd(band, residuals, dy):
-  q, k, v, segments, lo, y, lse = residuals
+  q, k, v, segments, lo, (row_max, row_sum) = residuals
   num_blocks = q.shape[1]
   f32 = jnp.float32
-  # D_i = sum_e dy * y = sum_j p_ij dp_ij: the softmax Jacobian's correction term, per row.
-  correction = jnp.einsum("bnhie,bnhie->bnhi", dy.astype(f32), y.astype(f32))
+  first, last = _offset_range(band, lo, num_blocks)
 
-  def unfold_offset(offset, carry):
-    dq, dk, dv = carry
+  def probs(offset):
     mask = _offset_mask(band, lo, offset, num_blocks, segments)
     k_r, v_r = _roll_blocks(k, offset), _roll_blocks(v, offset)
     scores = jnp.einsum("bnhid,bnhjd->bnhij", q, k_r, preferred_element_type=f32)
-    p = jnp.exp(jnp.where(mask, scores - lse[..., None], -jnp.inf))
+    p = jnp.exp(jnp.where(mask, scores - row_max[..., None], -jnp.inf)) / row_sum[..., None]
     dp = jnp.einsum("bnhie,bnhje->bnhij", dy, v_r, preferred_element_type=f32)
+    return k_r, v_r, p, dp
+
+  # D_i = sum_j p_ij dp_ij, summed from the same p and dp the gradient uses (a first pass). The
+  # shortcut D_i = dy_i . y_i differs by rounding, which q and k of norm up to 65535 amplify.
+  def add_correction(offset, acc):
+    _, _, p, dp = probs(offset)
+    return acc + jnp.sum(p * dp, axis=-1)
+
+  correction = jax.lax.fori_loop(first, last, add_correction, jnp.zeros(row_max.shape, f32))
+
+  def unfold_offset(offset, carry):
+    dq, dk, dv = carry
+    k_r, v_r, p, dp = probs(offset)
     ds = p * (dp - correction[..., None])
     ds_k, ds_q = ds.astype(k.dtype), ds.astype(q.dtype)
     dq = dq + jnp.einsum("bnhij,bnhjd->bnhid", ds_k, k_r, preferred_element_type=f32)
@@ -190,7 +203,6 @@ def _blocked_retrieve_bwd(band, residuals, dy):
     return dq, dk, dv
 
   init = (jnp.zeros(q.shape, f32), jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32))
-  first, last = _offset_range(band, lo, num_blocks)
   dq, dk, dv = jax.lax.fori_loop(first, last, unfold_offset, init)
   # Integer inputs take float0 cotangents.
   d_segments = None if segments is None else np.zeros(segments.shape, jax.dtypes.float0)
