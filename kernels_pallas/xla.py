@@ -9,8 +9,9 @@ With hi = None it is every offset from lo // B on; the query blocks n < r, which
 at offset r, are computed and masked away (about twice the useful work, which Pallas kernels skip).
 
 The backward pass (jax.custom_vjp) recomputes each offset's probabilities from the saved per-row
-log-sum-exp instead of storing them, so neither pass keeps more than one offset's [b, n, h, B, B]
-scores alive: memory is O(T * B), never O(T^2).
+max and sum instead of storing them, so neither pass keeps more than one offset's [b, n, h, B, B]
+scores alive: memory is O(T * B), never O(T^2). Its first loop sums the softmax correction
+D = sum_j p dp, its second the gradients.
 
 Axis legend: b = batch, t = query time, s = key time, h = heads, d = head dim of q and k,
 e = head dim of v, n = blocks, i = position inside a query block, j = position inside a key block.
