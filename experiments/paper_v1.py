@@ -26,9 +26,9 @@ EXPERIMENTS = (
         data=DataConfig(
             source="tokens",
             name="BabiStories (github.com/facebookresearch/MemoryMosaics, GPT-2 tokens)",
-            tokenizer="gpt2",
+            token_dtype="uint16",
+            eot_id=50256,  # GPT-2's <|endoftext|>, which closes every story.
             seq_len=512,
-            packed_documents=True,
         ),
         train=TrainConfig(
             batch_size=512,

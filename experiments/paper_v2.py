@@ -44,9 +44,9 @@ def _data(context: int) -> DataConfig:
   return DataConfig(
       source="tokens",
       name="v2 paper pretraining mix (not public: point data.path at your own token file)",
-      tokenizer="llama3",
+      token_dtype="uint32",  # Llama 3 ids exceed 65535.
+      eot_id=128001,  # Llama 3's <|end_of_text|>.
       seq_len=context,
-      packed_documents=True,
   )
 
 

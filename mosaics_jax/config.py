@@ -132,33 +132,66 @@ MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
-  """What the model reads. The Training issue adds the loaders; these fields name the source."""
+  """What the model reads (`mosaics_jax.data` builds the Grain pipelines)."""
 
-  source: Literal["synthetic_induction", "synthetic_mqar", "text", "tokens", "none"] = "none"
+  # synthetic_induction: "... a b ... a -> b"; synthetic_mqar: multi-query associative recall;
+  # text: a UTF-8 file and a tokenizer; tokens: a flat binary file of token ids (nanoGPT's .bin).
+  source: Literal["synthetic_induction", "synthetic_mqar", "text", "tokens"] = "synthetic_induction"
   name: str = ""  # Human-readable dataset name, e.g. "BabiStories".
-  path: str | None = None
-  tokenizer: Literal["char", "byte", "gpt2", "llama3", "none"] = "none"
+  path: str | None = None  # The text or token file.
+  # For text: "char" (the file's distinct characters), "byte" (256 ids), or "hf" (a Hugging Face
+  # tokenizers JSON at tokenizer_path). Token files are already tokenised: "none".
+  tokenizer: Literal["char", "byte", "hf", "none"] = "none"
+  tokenizer_path: str | None = None
+  token_dtype: Literal["uint16", "uint32"] = "uint16"  # Of token files.
+  # End-of-text id: it closes a document, so packed sequences get segment ids (document masks).
+  eot_id: int | None = None
   seq_len: int = 256  # Training context.
-  # Documents are packed with begin/end-of-text tokens and document-wise masks (segment ids).
-  packed_documents: bool = False
+  val_fraction: float = 0.1  # The file's tail is the validation split.
+  # Synthetic tasks: the number of distinct symbols, and key-value pairs per MQAR sequence.
+  task_vocab: int = 64
+  task_pairs: int = 8
+
+  def __post_init__(self):
+    if self.seq_len < 2:
+      raise ConfigError(f"data.seq_len must be >= 2, got {self.seq_len}")
+    if not 0.0 < self.val_fraction < 1.0:
+      raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-  """The optimisation recipe (SPEC §4 for the paper experiments)."""
+  """The optimisation recipe (SPEC §4 for the paper experiments) and the run's bookkeeping."""
 
-  batch_size: int = 8  # Sequences per step.
-  steps: int = 1000
+  batch_size: int = 8  # Sequences per optimizer step, over all processes.
+  steps: int = 1000  # Optimizer steps.
   learning_rate: float = 1e-3  # Peak.
-  warmup_steps: int = 100
+  warmup_steps: int = 100  # Linear warm-up from 0, then cosine decay.
   min_lr_ratio: float = 0.01  # Cosine decay ends at learning_rate * min_lr_ratio.
   b1: float = 0.9
   b2: float = 0.95
-  weight_decay: float = 0.1
-  grad_clip: float = 1.0
-  grad_accum: int = 1
-  seed: int = 0
+  eps: float = 1e-8
+  weight_decay: float = 0.1  # Decoupled (AdamW), on matrices only: not on norms, biases, scalars.
+  grad_clip: float = 1.0  # Global norm.
+  grad_accum: int = 1  # Micro-batches per step; batch_size must be a multiple.
+  seed: int = 0  # Parameters, data order, dropout and the long-term delays all derive from it.
   tokens: int | None = None  # Token budget of the paper run, for the record.
+  log_every: int = 10
+  eval_every: int = 250
+  eval_batches: int = 10  # Validation batches per evaluation.
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+
+  def __post_init__(self):
+    for name in ("batch_size", "steps", "grad_accum", "log_every", "eval_every",
+                 "eval_batches", "checkpoint_every", "keep_checkpoints"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+    if self.batch_size % self.grad_accum:
+      raise ConfigError(
+          f"train.batch_size {self.batch_size} is not a multiple of train.grad_accum"
+          f" {self.grad_accum}"
+      )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,51 @@
+"""`mosaics-plot`: the train and val loss of training runs on one figure.
+
+    mosaics-plot runs/mm2-tiny runs/llama-tiny -o loss.png [--log-y] [--title T] [--smooth 0.9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="mosaics-plot", description=__doc__.splitlines()[0])
+  parser.add_argument("dirs", nargs="+", metavar="DIR", help="run directory with metrics.jsonl")
+  parser.add_argument(
+      "-o", "--output", required=True, metavar="FILE", help="image file (.png, .pdf, .svg)"
+  )
+  parser.add_argument("--log-y", action="store_true", help="logarithmic loss axis")
+  parser.add_argument("--title", help="figure title")
+  parser.add_argument(
+      "--smooth", type=float, default=0.0, metavar="A",
+      help="EMA weight of the past in [0, 1) for the train loss (default 0: raw)",
+  )
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = _parser()
+  args = parser.parse_args(argv)
+  if not 0 <= args.smooth < 1:
+    parser.error(f"--smooth must be in [0, 1), got {args.smooth}")
+  try:
+    # matplotlib is the optional `plots` extra: without it only this command fails.
+    from mosaics_jax import plots
+  except ImportError as e:
+    print(f"mosaics-plot: error: {e}; install the plots extra: pip install"
+          " 'mosaics-jax[plots]'", file=sys.stderr)
+    return 1
+  try:
+    path = plots.plot_runs(
+        args.dirs, args.output, log_y=args.log_y, title=args.title, smoothing=args.smooth
+    )
+  except (FileNotFoundError, ValueError) as e:
+    print(f"mosaics-plot: error: {e}", file=sys.stderr)
+    return 2
+  print(path)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

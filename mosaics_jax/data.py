@@ -1,0 +1,397 @@
+"""Grain input pipelines: synthetic recall tasks, tokenised text files and token files.
+
+Every source yields the same batches, dicts of numpy arrays of shape [b, t] with
+b = batch_size // process_count (this process's share of the global batch) and t = seq_len:
+
+  tokens       int32    the inputs.
+  targets      int32    the next tokens.
+  segment_ids  int32    the document of each position, counted from 0 in every row.
+  loss_mask    float32  1 where the target counts for the loss.
+  answer_mask  float32  1 on the answers of the synthetic tasks, where accuracy is measured.
+
+A pipeline is a Grain `MapDataset` over example indices: shuffled (anew every epoch), repeated,
+mapped to examples, sharded by process index and batched. Process p of P reads global examples
+p, p + P, p + 2P, ..., so one step's batches of all processes together are the global batch that a
+single process would read: the data do not depend on how many hosts share them. The iterator is
+Grain's `DatasetIterator`: `get_state()` is a small JSON-ready dict, and `set_state` on a fresh
+iterator built with the same arguments resumes the stream exactly.
+
+Sources (`DataConfig.source`):
+
+  synthetic_induction, synthetic_mqar: drawn on the fly by `induction_example` and `mqar_example`
+    from a generator seeded by (seed, index). Validation sequences use a fixed seed of their own,
+    so every run is scored on the same ones.
+  text: a UTF-8 file, tokenised whole in memory ("char", "byte" or "hf").
+  tokens: a flat binary file of token ids (nanoGPT's .bin), read through a memmap.
+
+Files are split into train = the first (1 - val_fraction) of the tokens and val = the rest. An
+example is a window of seq_len + 1 tokens inside one split: tokens = window[:-1] and
+targets = window[1:]. Training windows start at every offset; validation windows do not overlap
+(stride seq_len), so one pass scores every validation target once. With repeat=False a pass is
+padded to whole global batches with rows whose masks are 0, so every process reads the same number
+of batches and nothing is dropped. With `eot_id`, the end-of-text token closes its document: the
+next position starts a new segment id and no loss is taken on predicting across the boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Literal
+
+import grain
+import numpy as np
+from jaxtyping import Bool, Int
+
+from mosaics_jax import tokenizers as tokenizers_lib
+from mosaics_jax.config import DataConfig
+
+Split = Literal["train", "val"]
+Example = dict[str, np.ndarray]  # The fields of the module docstring, each of shape [t].
+
+SOURCES = ("synthetic_induction", "synthetic_mqar", "text", "tokens")
+TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+# Sequences in one epoch of a synthetic task: what a finite pass (repeat=False) reads.
+SYNTHETIC_SEQUENCES = {"train": 2**20, "val": 1024}
+# Seed of the synthetic validation sequences. A training run with this very seed would train on
+# them; any other seed draws independent sequences.
+SYNTHETIC_VAL_SEED = 2**32 - 1
+
+
+class DataError(ValueError):
+  """Data that cannot be read, or arguments that do not fit them; the message names the file."""
+
+
+def vocab_size(cfg: DataConfig) -> int:
+  """The number of token ids the data can produce; a model needs at least this vocab_size."""
+  _check_config(cfg)
+  if cfg.source == "synthetic_induction":
+    return cfg.task_vocab
+  if cfg.source == "synthetic_mqar":
+    return cfg.task_vocab + 1  # The pad id is task_vocab.
+  if cfg.source == "text":
+    return load_tokenizer(cfg).vocab_size
+  return int(_token_file(cfg).max()) + 1
+
+
+def load_tokenizer(cfg: DataConfig) -> tokenizers_lib.Tokenizer:
+  """The tokenizer of a text source; the "char" vocabulary is the file's distinct characters."""
+  _check_config(cfg)
+  if cfg.source != "text":
+    raise DataError(f"source {cfg.source!r} has no tokenizer; only 'text' sources do")
+  return _tokenizer(cfg, _read_text(cfg) if cfg.tokenizer == "char" else "")
+
+
+def make_iterator(
+    cfg: DataConfig,
+    *,
+    split: Split,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    repeat: bool = True,
+) -> grain.DatasetIterator:
+  """This process's batches of `batch_size // process_count` examples of `split`.
+
+  Args:
+    cfg: the data to read.
+    split: "train" or "val".
+    batch_size: the global batch, over all processes.
+    seed: orders the windows of files and draws the synthetic training sequences, in [0, 2**32).
+    process_index: this process, in [0, process_count).
+    process_count: the processes sharing each global batch; each reads a disjoint share.
+    repeat: True: an endless stream, reshuffled every epoch (training). False: one finite,
+      deterministic pass (evaluation), padded with masked rows to whole batches.
+
+  Returns:
+    A checkpointable Grain iterator of dicts of [b, t] numpy arrays (the module docstring).
+  """
+  _check_config(cfg)
+  local_batch = _local_batch(batch_size, process_index, process_count)
+  if split not in ("train", "val"):
+    raise DataError(f"split must be 'train' or 'val', got {split!r}")
+  if not 0 <= seed < 2**32:
+    raise DataError(f"seed must be in [0, 2**32), got {seed}")
+  if cfg.source in ("synthetic_induction", "synthetic_mqar"):
+    count = SYNTHETIC_SEQUENCES[split]
+    ds = grain.MapDataset.range(_epoch_length(count, batch_size, repeat))
+    if repeat:
+      ds = ds.repeat()
+    # After repeat: every epoch draws new sequences (the generator is seeded by the global index).
+    task_seed = seed if split == "train" else SYNTHETIC_VAL_SEED
+    ds = ds.random_map(functools.partial(_synthetic_example, cfg=cfg, count=count), seed=task_seed)
+  else:
+    windows = _windows(cfg, split)
+    ds = grain.MapDataset.range(_epoch_length(windows.count, batch_size, repeat))
+    if split == "train" or repeat:
+      ds = ds.shuffle(seed)  # Before repeat: a new order every epoch.
+    if repeat:
+      ds = ds.repeat()
+    ds = ds.map(windows)
+  ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
+  # Examples are cut from memory or a memmap: a few threads and batches of read-ahead suffice.
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)))
+
+
+def induction_example(rng: np.random.Generator, *, seq_len: int, task_vocab: int) -> Example:
+  """A random context, then recalls "a b" of random pairs of neighbours in it: "... a b ... a -> b".
+
+  The context holds h = seq_len // 2 + 1 symbols of range(task_vocab), drawn without replacement
+  when task_vocab >= h. The rest of the seq_len + 1 tokens are queries: for a random i < h - 1, the
+  pair (context[i], context[i + 1]), so the target at the query is the symbol that followed its
+  earlier occurrence. The distance back to that occurrence is random, so no position rule solves the
+  task: it takes an induction head. A query is an answer only when every earlier occurrence of its
+  symbol was followed by that same symbol (repeated symbols may make the rule ambiguous). The context
+  is unpredictable noise, so the loss is taken on the answers only.
+
+  Args:
+    rng: the example's generator.
+    seq_len: t.
+    task_vocab: the number of symbols.
+
+  Returns:
+    An example with answer_mask = loss_mask = 1 on the answers, one segment.
+  """
+  half = seq_len // 2 + 1
+  context = rng.choice(task_vocab, half, replace=task_vocab < half)
+  starts = rng.integers(0, half - 1, size=-(-(seq_len + 1 - half) // 2))
+  recalls = np.stack([context[starts], context[starts + 1]], axis=1).reshape(-1)
+  sequence = np.concatenate([context, recalls])[: seq_len + 1]
+  answers = np.zeros(seq_len, bool)
+  for t in range(half, seq_len, 2):
+    earlier = np.flatnonzero(sequence[:t] == sequence[t])
+    answers[t] = np.all(sequence[earlier + 1] == sequence[t + 1])
+  return _example(sequence, answers, answers)
+
+
+def mqar_example(
+    rng: np.random.Generator, *, seq_len: int, task_vocab: int, task_pairs: int
+) -> Example:
+  """Multi-query associative recall (Zoology): key-value pairs, then every key again for recall.
+
+  With n = task_pairs, the sequence is k1 v1 ... kn vn, then the keys in a random order, each
+  followed by its value, then the pad id task_vocab up to seq_len + 1 tokens. Keys are distinct,
+  drawn from [0, task_vocab // 2); values from [task_vocab // 2, task_vocab). The answers (and the
+  loss) are the values of the recall part: targets at the positions of the repeated keys.
+
+  Args:
+    rng: the example's generator.
+    seq_len: t; needs 4 * task_pairs <= seq_len + 1.
+    task_vocab: keys and values; the pad id is task_vocab.
+    task_pairs: n.
+
+  Returns:
+    An example with answer_mask = loss_mask = 1 on the recalled values, one segment.
+  """
+  keys = rng.choice(task_vocab // 2, task_pairs, replace=False)
+  values = rng.integers(task_vocab // 2, task_vocab, task_pairs)
+  order = rng.permutation(task_pairs)
+  sequence = np.full(seq_len + 1, task_vocab)
+  sequence[: 2 * task_pairs] = np.stack([keys, values], axis=1).ravel()
+  sequence[2 * task_pairs : 4 * task_pairs] = np.stack([keys[order], values[order]], axis=1).ravel()
+  answers = np.zeros(seq_len, bool)
+  answers[2 * task_pairs : 4 * task_pairs : 2] = True
+  return _example(sequence, answers, answers)
+
+
+def window_example(window: Int[np.ndarray, "t+1"], eot_id: int | None) -> Example:
+  """The example of seq_len + 1 consecutive tokens, documents delimited by `eot_id`."""
+  if eot_id is None:
+    ones = np.ones(len(window) - 1, bool)
+    return _example(window, ones, ~ones)
+  closes = window[:-1] == eot_id
+  # The eot token belongs to the document it closes; its target starts the next one.
+  segment_ids = np.cumsum(closes) - closes
+  return _example(window, ~closes, np.zeros_like(closes), segment_ids)
+
+
+def _example(
+    sequence: Int[np.ndarray, "t+1"],
+    loss_mask: Bool[np.ndarray, "t"],
+    answer_mask: Bool[np.ndarray, "t"],
+    segment_ids: Int[np.ndarray, "t"] | None = None,
+) -> Example:
+  seq_len = len(sequence) - 1
+  return {
+      "tokens": sequence[:-1].astype(np.int32),
+      "targets": sequence[1:].astype(np.int32),
+      "segment_ids": (
+          np.zeros(seq_len, np.int32) if segment_ids is None else segment_ids.astype(np.int32)
+      ),
+      "loss_mask": loss_mask.astype(np.float32),
+      "answer_mask": answer_mask.astype(np.float32),
+  }
+
+
+def _padding(seq_len: int) -> Example:
+  """A row that counts for nothing: it fills the last batch of a finite pass."""
+  zeros = np.zeros(seq_len, bool)
+  return _example(np.zeros(seq_len + 1, np.int32), zeros, zeros)
+
+
+def _synthetic_example(
+    index: int, rng: np.random.Generator, *, cfg: DataConfig, count: int
+) -> Example:
+  if index >= count:
+    return _padding(cfg.seq_len)
+  if cfg.source == "synthetic_induction":
+    return induction_example(rng, seq_len=cfg.seq_len, task_vocab=cfg.task_vocab)
+  return mqar_example(
+      rng, seq_len=cfg.seq_len, task_vocab=cfg.task_vocab, task_pairs=cfg.task_pairs
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Windows:
+  """Maps example i to the window at begin + i * stride; i >= count gives padding."""
+
+  tokens: Int[np.ndarray, "n"]  # All the file's tokens, possibly a memmap.
+  begin: int
+  stride: int
+  count: int
+  seq_len: int
+  eot_id: int | None
+
+  def __call__(self, index: int) -> Example:
+    if index >= self.count:
+      return _padding(self.seq_len)
+    start = self.begin + index * self.stride
+    return window_example(np.asarray(self.tokens[start : start + self.seq_len + 1]), self.eot_id)
+
+
+def _windows(cfg: DataConfig, split: Split) -> _Windows:
+  tokens = _token_file(cfg) if cfg.source == "tokens" else _text_ids(cfg)
+  begin, end = _split_bounds(cfg, len(tokens), split)
+  window = cfg.seq_len + 1
+  stride = 1 if split == "train" else cfg.seq_len
+  count = (end - begin - window) // stride + 1
+  return _Windows(tokens, begin, stride, count, cfg.seq_len, cfg.eot_id)
+
+
+def _split_bounds(cfg: DataConfig, num_tokens: int, split: Split) -> tuple[int, int]:
+  """The token range [begin, end) of `split`, checked to hold one window."""
+  window = cfg.seq_len + 1
+  if num_tokens < window:
+    raise DataError(
+        f"{cfg.path} has {num_tokens} tokens, fewer than one window of seq_len + 1 = {window}"
+    )
+  boundary = int(num_tokens * (1.0 - cfg.val_fraction))
+  begin, end = (0, boundary) if split == "train" else (boundary, num_tokens)
+  if end - begin < window:
+    share = cfg.val_fraction if split == "val" else 1.0 - cfg.val_fraction
+    raise DataError(
+        f"the {split} split of {cfg.path} ({share:g} of {num_tokens} tokens) has {end - begin}"
+        f" tokens, fewer than one window of seq_len + 1 = {window}: change data.val_fraction or"
+        " data.seq_len"
+    )
+  return begin, end
+
+
+def _epoch_length(count: int, batch_size: int, repeat: bool) -> int:
+  """Examples per epoch; a finite pass is rounded up to whole global batches (with padding)."""
+  return count if repeat else -(-count // batch_size) * batch_size
+
+
+def _local_batch(batch_size: int, process_index: int, process_count: int) -> int:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise DataError(
+        f"need 0 <= process_index < process_count, got {process_index} and {process_count}"
+    )
+  if batch_size < 1 or batch_size % process_count:
+    raise DataError(
+        f"batch_size {batch_size} must be a positive multiple of process_count {process_count}:"
+        " every process reads an equal share"
+    )
+  return batch_size // process_count
+
+
+def _check_config(cfg: DataConfig) -> None:
+  """Refuses sources, tokenizers and task sizes that do not go together."""
+  if cfg.source not in SOURCES:
+    raise DataError(f"unknown data.source {cfg.source!r}; known: {', '.join(SOURCES)}")
+  if cfg.source == "tokens" and cfg.tokenizer != "none":
+    raise DataError(
+        f"source 'tokens' reads ids that are already tokenised ({cfg.path}): set"
+        f" data.tokenizer='none', got {cfg.tokenizer!r}"
+    )
+  if cfg.source == "text" and cfg.tokenizer not in ("char", "byte", "hf"):
+    raise DataError(
+        f"source 'text' ({cfg.path}) needs data.tokenizer 'char', 'byte' or 'hf',"
+        f" got {cfg.tokenizer!r}"
+    )
+  if cfg.source == "synthetic_induction" and cfg.task_vocab < 2:
+    raise DataError(f"synthetic_induction needs task_vocab >= 2, got {cfg.task_vocab}")
+  if cfg.source == "synthetic_mqar":
+    if not 1 <= cfg.task_pairs <= cfg.task_vocab // 2:
+      raise DataError(
+          f"synthetic_mqar needs 1 <= task_pairs <= task_vocab // 2 (distinct keys from half the"
+          f" symbols), got task_pairs {cfg.task_pairs} and task_vocab {cfg.task_vocab}"
+      )
+    if 4 * cfg.task_pairs > cfg.seq_len + 1:
+      raise DataError(
+          f"synthetic_mqar with {cfg.task_pairs} pairs needs seq_len >= {4 * cfg.task_pairs - 1},"
+          f" got {cfg.seq_len}"
+      )
+
+
+def _existing_path(cfg: DataConfig) -> str:
+  if not cfg.path:
+    raise DataError(f"source {cfg.source!r} reads a file: set data.path")
+  if not os.path.isfile(cfg.path):
+    raise DataError(f"data file {cfg.path} does not exist (data.path, {cfg.source!r})")
+  return cfg.path
+
+
+def _read_text(cfg: DataConfig) -> str:
+  path = _existing_path(cfg)
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    raise DataError(f"text file {path} is not UTF-8: {e}") from None
+  if not text:
+    raise DataError(f"text file {path} is empty")
+  return text
+
+
+def _tokenizer(cfg: DataConfig, text: str) -> tokenizers_lib.Tokenizer:
+  """The tokenizer of `cfg`; "char" builds its vocabulary from `text`, the whole file."""
+  if cfg.tokenizer == "char":
+    return tokenizers_lib.CharTokenizer.from_text(text)
+  if cfg.tokenizer == "byte":
+    return tokenizers_lib.ByteTokenizer()
+  if not cfg.tokenizer_path:
+    raise DataError(f"tokenizer 'hf' needs data.tokenizer_path, a tokenizer JSON ({cfg.path})")
+  if not os.path.isfile(cfg.tokenizer_path):
+    raise DataError(f"tokenizer file {cfg.tokenizer_path} does not exist")
+  return tokenizers_lib.HFTokenizer.from_file(cfg.tokenizer_path)
+
+
+def _text_ids(cfg: DataConfig) -> Int[np.ndarray, "n"]:
+  text = _read_text(cfg)
+  return _tokenizer(cfg, text).encode(text)
+
+
+def _token_file(cfg: DataConfig) -> Int[np.memmap, "n"]:
+  """The token file as a read-only memmap: it is never read whole into memory."""
+  if cfg.token_dtype not in TOKEN_DTYPES:
+    raise DataError(
+        f"unknown data.token_dtype {cfg.token_dtype!r} for {cfg.path}: the token id range must be"
+        f" one of {', '.join(TOKEN_DTYPES)}"
+    )
+  dtype = np.dtype(TOKEN_DTYPES[cfg.token_dtype])
+  if cfg.eot_id is not None and not 0 <= cfg.eot_id <= np.iinfo(dtype).max:
+    raise DataError(f"eot_id {cfg.eot_id} is not a {cfg.token_dtype} token id ({cfg.path})")
+  path = _existing_path(cfg)
+  size = os.path.getsize(path)
+  if size == 0:
+    raise DataError(f"token file {path} is empty")
+  if size % dtype.itemsize:
+    raise DataError(
+        f"token file {path} has {size} bytes, not a whole number of {cfg.token_dtype} ids:"
+        " check data.token_dtype"
+    )
+  return np.memmap(path, dtype=dtype, mode="r")
+

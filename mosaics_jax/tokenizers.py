@@ -1,0 +1,102 @@
+"""Tokenizers of text sources: characters, UTF-8 bytes, or a Hugging Face `tokenizers` JSON file.
+
+Each maps a string to a 1-D int32 array of ids and back. Axis legend: t = time (tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+from jaxtyping import Int
+
+Ids = Int[np.ndarray, "t"]
+
+
+class Tokenizer(Protocol):
+  """What the data pipelines and samplers need of a tokenizer."""
+
+  @property
+  def vocab_size(self) -> int: ...
+
+  def encode(self, text: str) -> Ids: ...
+
+  def decode(self, ids: Sequence[int] | Ids) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class CharTokenizer:
+  """Id i is `chars[i]`, the sorted distinct characters of a text (nanoGPT's shakespeare_char)."""
+
+  chars: str
+
+  @classmethod
+  def from_text(cls, text: str) -> CharTokenizer:
+    return cls("".join(sorted(set(text))))
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.chars)
+
+  def encode(self, text: str) -> Ids:
+    # Sorted code points let numpy look up a whole file at once.
+    table = _code_points(self.chars)
+    points = _code_points(text)
+    ids = np.searchsorted(table, points)
+    unknown = table.take(ids, mode="clip") != points
+    if unknown.any():
+      missing = sorted({text[i] for i in np.flatnonzero(unknown)})
+      raise ValueError(f"characters outside the vocabulary of {self.vocab_size}: {missing!r}")
+    return ids.astype(np.int32)
+
+  def decode(self, ids: Sequence[int] | Ids) -> str:
+    return "".join(self.chars[i] for i in np.asarray(ids).tolist())
+
+
+@dataclasses.dataclass(frozen=True)
+class ByteTokenizer:
+  """Ids are the UTF-8 bytes of the text."""
+
+  @property
+  def vocab_size(self) -> int:
+    return 256
+
+  def encode(self, text: str) -> Ids:
+    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+  def decode(self, ids: Sequence[int] | Ids) -> str:
+    # A window may cut a multi-byte character: show it as U+FFFD rather than fail.
+    return bytes(np.asarray(ids).tolist()).decode("utf-8", errors="replace")
+
+
+@dataclasses.dataclass(frozen=True)
+class HFTokenizer:
+  """A Hugging Face `tokenizers.Tokenizer`, special tokens included in the vocabulary."""
+
+  tokenizer: Any
+
+  @classmethod
+  def from_file(cls, path: str) -> HFTokenizer:
+    try:
+      import tokenizers  # pylint: disable=g-import-not-at-top  # Optional: only "hf" needs it.
+    except ImportError as e:
+      raise ImportError(
+          "the 'hf' tokenizer needs the Hugging Face tokenizers package: pip install tokenizers"
+      ) from e
+    return cls(tokenizers.Tokenizer.from_file(str(path)))
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+  def encode(self, text: str) -> Ids:
+    return np.asarray(self.tokenizer.encode(text).ids, np.int32)
+
+  def decode(self, ids: Sequence[int] | Ids) -> str:
+    return self.tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=False)
+
+
+def _code_points(text: str) -> Int[np.ndarray, "t"]:
+  return np.frombuffer(text.encode("utf-32-le"), np.uint32)

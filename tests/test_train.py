@@ -1,0 +1,210 @@
+"""Training: exact resume after SIGKILL, checkpoint fallback, learning, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from mosaics_jax import checkpoints, config as config_lib, registry, train
+from mosaics_jax.cli import train as train_cli
+
+SHAKESPEARE = pathlib.Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
+
+# A small, fast run: 1-layer v2 on the synthetic induction task.
+TINY_SETS = [
+    "model.num_layers=1",
+    "model.width=32",
+    "model.num_heads=2",
+    "model.ffn_width=64",
+    "data.seq_len=32",
+    "train.batch_size=4",
+    "train.log_every=2",
+    "train.eval_every=1000",
+    "train.eval_batches=1",
+]
+
+
+def _tiny(steps: int, **sets) -> config_lib.Experiment:
+  exp = config_lib.override(registry.get("mm2-tiny"), "data", config_lib.DataConfig(
+      source="synthetic_induction", seq_len=32, task_vocab=32))
+  exp = train_cli.apply_overrides(exp, TINY_SETS + [f"train.steps={steps}"])
+  for key, value in sets.items():
+    exp = config_lib.override(exp, key.replace("__", "."), value)
+  return exp
+
+
+def _final_params(workdir: pathlib.Path, experiment) -> dict:
+  """The params of the newest checkpoint, as numpy."""
+  from mosaics_jax import models, optim
+
+  model = models.build_model(experiment.model)
+  tx = optim.make_optimizer(experiment.train)
+  template = train.init_state(experiment, model, tx)
+  ckpts = checkpoints.Checkpoints(workdir / "checkpoints", 3)
+  step, state, _ = ckpts.restore_latest(template)
+  ckpts.close()
+  return step, jax.tree.map(np.asarray, state["params"])
+
+
+def _cli(workdir, *sets, experiment="mm2-tiny"):
+  base = [sys.executable, "-m", "mosaics_jax.cli.train", "--experiment", experiment,
+          "--workdir", str(workdir), "--no-progress", "--set"]
+  return base + list(sets)
+
+
+TRAIN_CLI_SETS = TINY_SETS + [
+    "data.source=synthetic_induction",
+    "data.task_vocab=32",
+    "data.tokenizer=none",
+    "train.checkpoint_every=3",
+    "train.keep_checkpoints=2",
+]
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path):
+  steps = 24
+  sets = TRAIN_CLI_SETS + [f"train.steps={steps}"]
+  straight = tmp_path / "straight"
+  subprocess.run(_cli(straight, *sets), check=True, capture_output=True)
+
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(_cli(killed, *sets), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 300
+  # Kill once a mid-run checkpoint exists: the process is then between steps, or saving.
+  while time.time() < deadline and proc.poll() is None:
+    saved = [p.name for p in (killed / "checkpoints").glob("[0-9]*")]
+    if any(int(s) >= 9 for s in saved if s.isdigit()):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run finished before it could be killed"
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  result = subprocess.run(_cli(killed, *sets), capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+
+  exp = train_cli.apply_overrides(registry.get("mm2-tiny"), sets)
+  step_a, params_a = _final_params(straight, exp)
+  step_b, params_b = _final_params(killed, exp)
+  assert step_a == step_b == steps
+  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    np.testing.assert_array_equal(a, b)
+  # The resumed run's metrics hold each step once.
+  records = [json.loads(l) for l in (killed / "metrics.jsonl").read_text().splitlines()]
+  train_steps = [r["step"] for r in records if "split" not in r]
+  assert train_steps == sorted(set(train_steps)) and train_steps[-1] == steps
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path):
+  exp = _tiny(6, train__checkpoint_every=3)
+  train.train(exp, tmp_path, progress=False)
+  latest = tmp_path / "checkpoints" / "6"
+  for f in latest.rglob("*"):
+    if f.is_file() and f.stat().st_size > 0 and "state" in str(f):
+      f.write_bytes(b"\0garbage" * 8)
+  longer = config_lib.override(exp, "train.steps", 8)
+  with pytest.warns(UserWarning, match="unreadable.*using the previous one"):
+    result = train.train(longer, tmp_path, progress=False)
+  assert result.step == 8
+  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  steps = [r["step"] for r in records if "split" not in r]
+  assert steps == sorted(set(steps))
+
+
+def test_a_short_run_learns_and_writes_metrics(tmp_path):
+  exp = _tiny(40, train__learning_rate=1e-2, train__warmup_steps=4, train__eval_every=40)
+  result = train.train(exp, tmp_path, progress=False)
+  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  train_records = [r for r in records if "split" not in r]
+  for key in ("step", "loss", "lr", "grad_norm", "tokens_per_sec"):
+    assert key in train_records[0]
+  assert train_records[-1]["loss"] < train_records[0]["loss"] - 0.3
+  val = [r for r in records if r.get("split") == "val"]
+  assert val and "accuracy" in val[-1] and result.val["accuracy"] == val[-1]["accuracy"]
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["train"]["steps"] == 40 and saved["model"]["family"] == "mm2"
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  exp = _tiny(4, train__checkpoint_every=2)
+  train.train(exp, tmp_path, progress=False)
+  diverging = config_lib.override(
+      config_lib.override(exp, "train.steps", 10), "train.learning_rate", float("nan")
+  )
+  with pytest.raises(train.TrainingError, match="loss is nan at step 6.*step 4"):
+    train.train(diverging, tmp_path, progress=False)
+  assert checkpoints.Checkpoints(tmp_path / "checkpoints", 3).steps()[-1] == 4
+
+
+def test_workdir_of_a_different_model_is_refused(tmp_path):
+  train.train(_tiny(2), tmp_path, progress=False)
+  other = config_lib.override(_tiny(2), "model.width", 64)
+  with pytest.raises(train.TrainingError, match="different model.*width: 32 there, 64 here"):
+    train.train(other, tmp_path, progress=False)
+
+
+def test_unwritable_workdir(tmp_path):
+  blocker = tmp_path / "a-file"
+  blocker.write_text("")
+  with pytest.raises(train.TrainingError, match="cannot write to workdir"):
+    train.train(_tiny(2), blocker / "run", progress=False)
+
+
+def test_unknown_set_key_suggests_names(tmp_path, capsys):
+  assert train_cli.main(["--workdir", str(tmp_path), "--set", "train.step=3"]) == 2
+  assert "did you mean steps" in capsys.readouterr().err
+  assert train_cli.main(["--workdir", str(tmp_path), "--set", "train.steps"]) == 2
+  assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_set_values_take_the_field_type():
+  exp = train_cli.apply_overrides(
+      registry.get("mm2-tiny"),
+      ["train.learning_rate=1", "model.long_term_delay_range=[3,9]", "data.path=123",
+       "model.dtype=bfloat16"],
+  )
+  assert exp.train.learning_rate == 1.0 and isinstance(exp.train.learning_rate, float)
+  assert exp.model.long_term_delay_range == (3, 9)
+  assert exp.data.path == "123"
+
+
+def test_missing_and_empty_data_files(tmp_path, capsys):
+  sets = ["data.source=text", "data.tokenizer=byte", "train.steps=1"]
+  assert train_cli.main(
+      ["--experiment", "mm2-tiny", "--workdir", str(tmp_path / "a"), "--set", *sets,
+       f"data.path={tmp_path / 'nope.txt'}"]) == 2
+  assert "nope.txt" in capsys.readouterr().err
+  empty = tmp_path / "empty.txt"
+  empty.write_text("")
+  assert train_cli.main(
+      ["--experiment", "mm2-tiny", "--workdir", str(tmp_path / "b"), "--set", *sets,
+       f"data.path={empty}"]) == 2
+  assert "empty" in capsys.readouterr().err
+
+
+def test_data_shorter_than_one_batch(tmp_path, capsys):
+  short = tmp_path / "short.txt"
+  short.write_text("to be or not to be")
+  assert train_cli.main(
+      ["--experiment", "mm2-tiny", "--workdir", str(tmp_path / "run"), "--set",
+       "data.source=text", "data.tokenizer=byte", f"data.path={short}"]) == 2
+  assert "short.txt" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="../shared/data/tinyshakespeare missing")
+def test_tokenizer_vocabulary_larger_than_the_model(tmp_path):
+  exp = config_lib.override(
+      _tiny(1), "data",
+      config_lib.DataConfig(source="text", tokenizer="char", path=str(SHAKESPEARE), seq_len=32),
+  )
+  exp = config_lib.override(exp, "model.vocab_size", 40)
+  with pytest.raises(train.TrainingError, match="65 token ids but model.vocab_size is 40"):
+    train.train(exp, tmp_path, progress=False)
