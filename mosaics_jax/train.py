@@ -179,7 +179,7 @@ def train(
     experiment: config_lib.Experiment, workdir: str | os.PathLike, *, progress: bool = True
 ) -> RunResult:
   """Trains `experiment` in `workdir`, resuming from its newest readable checkpoint."""
-  workdir = pathlib.Path(workdir)
+  workdir = pathlib.Path(workdir).absolute()  # Orbax wants absolute paths.
   cfg = experiment.train
   _prepare_workdir(workdir)
   _check_vocab(experiment)

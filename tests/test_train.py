@@ -151,6 +151,12 @@ def test_workdir_of_a_different_model_is_refused(tmp_path):
     train.train(other, tmp_path, progress=False)
 
 
+def test_relative_workdir(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert train.train(_tiny(2, train__checkpoint_every=1), "runs/a", progress=False).step == 2
+  assert (tmp_path / "runs/a/checkpoints/2").is_dir()
+
+
 def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / "a-file"
   blocker.write_text("")
@@ -208,3 +214,41 @@ def test_tokenizer_vocabulary_larger_than_the_model(tmp_path):
   exp = config_lib.override(exp, "model.vocab_size", 40)
   with pytest.raises(train.TrainingError, match="65 token ids but model.vocab_size is 40"):
     train.train(exp, tmp_path, progress=False)
+
+
+def test_a_partial_checkpoint_is_never_used(tmp_path):
+  """Orbax writes into a temporary directory and renames it when complete: a crash leaves only
+  the temporary one, which restore ignores."""
+  exp = _tiny(4, train__checkpoint_every=2)
+  train.train(exp, tmp_path, progress=False)
+  partial = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1234"
+  partial.mkdir()
+  (partial / "state").mkdir()
+  assert checkpoints.Checkpoints(tmp_path / "checkpoints", 3).steps() == [2, 4]
+  result = train.train(config_lib.override(exp, "train.steps", 6), tmp_path, progress=False)
+  assert result.step == 6
+
+
+@pytest.mark.parametrize("name, learns", [("quickstart", True), ("quickstart-llama", False)])
+def test_quickstart_one_layer_induction(tmp_path, name, learns):
+  """The v1 claim on a shortened schedule: one memory layer solves induction, one attention
+  layer (RoPE) does not."""
+  exp = train_cli.apply_overrides(
+      registry.get(name), ["train.steps=80", "train.eval_every=80", "train.checkpoint_every=80"]
+  )
+  accuracy = train.train(exp, tmp_path, progress=False).val["accuracy"]
+  assert accuracy >= 0.95 if learns else accuracy < 0.2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="../shared/data/tinyshakespeare missing")
+@pytest.mark.parametrize("name", ["mm1-shakespeare-char", "mm2-shakespeare-char",
+                                  "llama-shakespeare-char"])
+def test_shakespeare_experiments_run(tmp_path, name):
+  exp = train_cli.apply_overrides(
+      registry.get(name),
+      [f"data.path={SHAKESPEARE}", "train.steps=3", "train.batch_size=4", "train.eval_every=3",
+       "train.eval_batches=1"],
+  )
+  result = train.train(exp, tmp_path, progress=False)
+  assert result.step == 3 and np.isfinite(result.val["loss"])
