@@ -98,10 +98,10 @@ def _assert_close(actual, expected, tol):
 
 
 @functools.cache
-def _forward_and_grads(impl, case):
+def _forward_and_grads(impl, case, block_size=BLOCK):
   """(y, gradients of sum(y * cotangent) in q, k, v) as one jitted function of (q, k, v, cotangent).
 
-  Cached so that every test of one (impl, case) pair shares a single compilation.
+  Cached so that every test of one (impl, case, block_size) shares a single compilation.
   """
 
   op = functools.partial(
@@ -110,7 +110,7 @@ def _forward_and_grads(impl, case):
       hi=case.hi,
       segment_ids=case.segment_ids,
       impl=impl,
-      block_size=BLOCK,
+      block_size=block_size,
   )
 
   def fn(q, k, v, cotangent):
@@ -154,6 +154,30 @@ def test_xla_gradients_match_reference(name):
     _assert_close(a, e, 2e-4)
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_xla_single_block_matches_reference(name):
+  """A sequence that is one block (T = 37 padded to 40) skips the loops and uses autodiff."""
+  case = CASES[name]
+  q, k, v = _inputs(13)
+  y, actual = _forward_and_grads("xla", case, 40)(q, k, v, _cotangent(14))
+  _assert_close(y, _oracle(q, k, v, case.lo, case.hi, case.segment_ids), 1e-5)
+  _, expected = _forward_and_grads("reference", case)(q, k, v, _cotangent(14))
+  for a, e in zip(actual, expected):
+    assert np.isfinite(np.asarray(a)).all()
+    _assert_close(a, e, 2e-4)
+
+
+def test_xla_default_block_size():
+  from kernels_pallas.xla import default_block_size
+
+  assert default_block_size(256, None) == 256  # Short sequences are a single block...
+  assert default_block_size(37, 255) == 40
+  assert default_block_size(256, 63) == 32  # ...unless the band is much narrower.
+  assert default_block_size(257, None) == 128
+  assert default_block_size(1000, 255) == 128
+  assert default_block_size(4096, 15) == 16
+
+
 @pytest.mark.parametrize("name", ["v1_packed", "short_term", "long_term_packed"])
 def test_reference_gradients_match_finite_differences(name):
   case = CASES[name]
@@ -193,9 +217,9 @@ def test_empty_rows_are_exactly_zero_with_finite_gradients(impl, name):
     assert np.isfinite(np.asarray(g)).all()
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl, block_size", [("reference", BLOCK), ("xla", BLOCK), ("xla", 40)])
 @pytest.mark.parametrize("hi", [None, 30])
-def test_traced_lo_compiles_once(impl, hi):
+def test_traced_lo_compiles_once(impl, block_size, hi):
   q, k, v = _inputs(6)
   traces = []
 
@@ -207,7 +231,9 @@ def test_traced_lo_compiles_once(impl, hi):
         traces.append(lo)
 
       def loss(q, k, v):
-        y = retrieve(q, k, v, lo=lo, hi=hi, segment_ids=SEGMENTS, impl=impl, block_size=BLOCK)
+        y = retrieve(
+            q, k, v, lo=lo, hi=hi, segment_ids=SEGMENTS, impl=impl, block_size=block_size
+        )
         return jnp.sum(y**2), y
 
       (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
@@ -253,8 +279,9 @@ def test_gradient_through_per_row_bandwidth(name):
     _assert_close(a, e, 2e-4)
 
 
+@pytest.mark.parametrize("block_size", [BLOCK, None])  # None: the default, a single block.
 @pytest.mark.parametrize("scale", [30.0, 300.0, 3e3, 6e4])
-def test_xla_gradients_with_huge_key_norms(scale):
+def test_xla_gradients_with_huge_key_norms(scale, block_size):
   """v1 keys are their own queries with norms up to 65535 (q . k ~ 4e9): the backward must not
   amplify rounding (it once saved row_max + log(row_sum) and used D = dy . y, off by up to 1e33)."""
   q, _, v = _inputs(11)
@@ -263,7 +290,7 @@ def test_xla_gradients_with_huge_key_norms(scale):
 
   def grads(impl):
     loss = lambda k, v: jnp.sum(
-        retrieve(k, k, v, lo=1, hi=None, impl=impl, block_size=BLOCK) * cotangent
+        retrieve(k, k, v, lo=1, hi=None, impl=impl, block_size=block_size) * cotangent
     )
     return jax.jit(jax.grad(loss, argnums=(0, 1)))(k, v)
 
