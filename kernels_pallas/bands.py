@@ -4,7 +4,8 @@ A band is the set of key positions a query at time t may read (SPEC §1):
 
     S(t) = { s : t - hi <= s <= t - lo,  segment_ids[s] == segment_ids[t] }
 
-with lo >= 1 (a pair (k_s, v_s) is complete only at time s + 1) and hi >= lo or unbounded (None).
+with hi >= lo or unbounded (None). A memory has lo >= 1 (a pair (k_s, v_s) is complete only at time
+s + 1); lo = 0 is causal self-attention (the Llama baseline).
 
 Axis legend: b = batch, t = query time, s = key time.
 """

@@ -19,26 +19,39 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from kernels_pallas import bands, reference, xla
+from kernels_pallas import bands, pallas_gpu, pallas_tpu, reference, shift, xla
 
 RetrieveFn = Callable[..., Float[Array, "b t h e"]]
 
 # Every implementation takes (q, k, v, *, lo, hi, segment_ids, block_size) as validated below.
+# The Pallas kernels compile on their own platform and run in Pallas's interpreter elsewhere
+# (that is how the CPU test suite runs them); "shift" is library attention (cuDNN, splash, XLA).
 IMPLEMENTATIONS: dict[str, RetrieveFn] = {
     "reference": reference.retrieve_reference,
     "xla": xla.retrieve_xla,
+    "pallas_tpu": pallas_tpu.retrieve_pallas_tpu,
+    "pallas_gpu": pallas_gpu.retrieve_pallas_gpu,
+    "shift": shift.retrieve_shift,
 }
+# Names that stand for an implementation of IMPLEMENTATIONS, chosen by the default backend.
+ALIASES = ("auto", "pallas")
 
 
-def _resolve_impl(impl: str) -> RetrieveFn:
-  """The implementation named `impl`; "auto" picks the best one for the platform."""
-  if impl == "auto":
-    # The XLA implementation is the only one so far, and it runs on every backend.
-    impl = "xla"
+def resolve_impl(impl: str, backend: str | None = None) -> str:
+  """The name in IMPLEMENTATIONS that `impl` runs on `backend` (default: JAX's default backend).
+
+  "auto" is the fastest exact path: the Pallas kernel on TPU and GPU, "xla" elsewhere. "pallas"
+  is the platform's Pallas kernel, and on CPU the GPU kernel in interpret mode (a test path,
+  not a fast one).
+  """
+  if impl in ALIASES:
+    backend = backend or jax.default_backend()
+    kernel = "pallas_tpu" if backend == "tpu" else "pallas_gpu"
+    impl = kernel if impl == "pallas" or backend in ("tpu", "gpu") else "xla"
   if impl not in IMPLEMENTATIONS:
-    valid = ", ".join(repr(name) for name in ["auto", *sorted(IMPLEMENTATIONS)])
+    valid = ", ".join(repr(name) for name in [*ALIASES, *sorted(IMPLEMENTATIONS)])
     raise ValueError(f"unknown retrieve impl {impl!r}; valid names are {valid}")
-  return IMPLEMENTATIONS[impl]
+  return impl
 
 
 def _check_arrays(q: Array, k: Array, v: Array, segment_ids: Array | None) -> None:
@@ -70,13 +83,12 @@ def _check_band(lo: object, hi: object) -> bands.IntLike:
   """Raises if (lo, hi) is not a valid band; returns lo as a Python int or an int32 scalar."""
   if hi is not None and (isinstance(hi, bool) or not isinstance(hi, (int, np.integer))):
     raise TypeError(f"hi must be a Python int or None, got {hi!r}")
-  if hi is not None and hi < 1:
-    raise ValueError(f"hi must be >= 1, got {hi}")
+  if hi is not None and hi < 0:
+    raise ValueError(f"hi must be >= 0, got {hi}")
   if isinstance(lo, (int, np.integer)) and not isinstance(lo, bool):
     lo = int(lo)
-    if lo < 1:
-      # The pair (k_s, v_s) is complete only at time s + 1 (SPEC §1).
-      raise ValueError(f"lo must be >= 1, got {lo}")
+    if lo < 0:
+      raise ValueError(f"lo must be >= 0, got {lo}")
     if hi is not None and hi < lo:
       raise ValueError(f"hi must be >= lo, got lo={lo} and hi={hi}")
     return lo
@@ -106,17 +118,18 @@ def retrieve(
     q: query keys, already scaled by their bandwidth.
     k: stored keys, same shape and dtype as q.
     v: stored values, same [b, t, h] and dtype as k.
-    lo: smallest delay t - s, >= 1. A Python int or an int32 scalar that may be traced (one
-      compilation serves every value; it is then not checked to be >= 1).
-    hi: largest delay t - s, a Python int >= lo, or None for unbounded.
+    lo: smallest delay t - s, >= 0 (>= 1 for a memory, whose pair (k_s, v_s) is complete only at
+      time s + 1; 0 for causal self-attention). A Python int or an int32 scalar that may be
+      traced (one compilation serves every value; it is then not checked to be >= 0).
+    hi: largest delay t - s, a Python int >= max(lo, 0), or None for unbounded.
     segment_ids: document id of every position, or None for one document per row.
-    impl: "auto", or a name in IMPLEMENTATIONS.
+    impl: "auto", "pallas" (see `resolve_impl`) or a name in IMPLEMENTATIONS.
     block_size: time block of the blocked implementations; None picks a default.
 
   Returns:
     y in the dtype of the inputs, computed with float32 softmax and sums.
   """
-  fn = _resolve_impl(impl)
+  fn = IMPLEMENTATIONS[resolve_impl(impl)]
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
   if segment_ids is not None:
     segment_ids = jnp.asarray(segment_ids)

@@ -91,7 +91,7 @@ def linear_scan(
     *,
     reset: Bool[Array, "b t"] | None = None,
     impl: str = "associative",
-    chunk_size: int = 64,
+    chunk_size: int = 16,
 ) -> Float[Array, "b t h d"]:
   """h_t = a_t * h_{t-1} + x_t with h_{-1} = 0, computed in float32.
 

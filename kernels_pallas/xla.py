@@ -269,7 +269,7 @@ def _retrieve_padded(
     hi: int | None,
     block_size: int,
 ) -> Float[Array, "b t h e"]:
-  """Pads T to a multiple of the block size, runs the blocked op and crops the result."""
+  """Pads T to a multiple of the block size, runs the blocked (or single-block) op and crops."""
   batch, seq_len, heads, _ = q.shape
   num_blocks = -(-seq_len // block_size)
   pad = num_blocks * block_size - seq_len

@@ -6,7 +6,6 @@ Axis legend: b = batch, t = query time, s = key time, m = model width, h = heads
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
@@ -15,7 +14,11 @@ from mosaics_jax import config as config_lib, layers
 
 
 class Attention(nn.Module):
-  """softmax(q k^T / sqrt(d)) v over s <= t inside the document, q and k rotated by RoPE."""
+  """softmax(q k^T / sqrt(d)) v over s <= t inside the document, q and k rotated by RoPE.
+
+  It is the retrieval op with the band [0, inf): the same blocked XLA path and kernels as the
+  memories, in O(T) memory, and the library attention through `retrieve_impl="shift"`.
+  """
 
   config: config_lib.LlamaConfig
   layer_index: int
@@ -35,8 +38,8 @@ class Attention(nn.Module):
     positions = jnp.broadcast_to(positions, x.shape[:2])
     q = layers.rope(q, positions, cfg.rope_theta)
     k = layers.rope(k, positions, cfg.rope_theta)
-    mask = None
-    if segment_ids is not None:
-      mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [b 1 t s]
-    y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+    q = q * jnp.asarray(cfg.head_dim**-0.5, q.dtype)
+    y = kernels_pallas.retrieve(
+        q, k, v, lo=0, hi=None, segment_ids=segment_ids, impl=cfg.retrieve_impl
+    )
     return dense("wo")(layers.merge_heads(y))

@@ -1,4 +1,6 @@
-"""Benchmarks: time and peak memory of the retrieval op against a plain matmul in the same process.
+"""Benchmarks against a plain matmul in the same process: the retrieval op (time and peak memory),
+every retrieval implementation side by side, and a whole training step (tokens/s and model FLOP
+utilisation).
 
 Times are medians of several repeats of a compiled function; peak memory is what XLA's buffer
 assignment plans for the compiled program (arguments, outputs and temporaries), which is the peak
@@ -8,15 +10,17 @@ the device sees, independent of other processes on a shared machine.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import kernels_pallas
+from kernels_pallas import shift
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +50,9 @@ def measure(fn: Callable, *args, repeats: int = 5) -> Timing:
   return Timing(statistics.median(times), peak)
 
 
-def matmul_flops_per_second(n: int = 1024, repeats: int = 5) -> float:
-  """The float32 rate of an n^3 matmul on this backend: the yardstick of every ratio."""
-  a = jnp.ones((n, n), jnp.float32)
+def matmul_flops_per_second(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -> float:
+  """The rate of an n^3 matmul in `dtype` on this backend: the yardstick of every ratio."""
+  a = jnp.ones((n, n), dtype)
   return 2 * n**3 / measure(jnp.matmul, a, a, repeats=repeats).seconds
 
 
@@ -125,6 +129,179 @@ def format_ops(rows: list[OpsRow], rate: float, impl: str) -> str:
   return "\n".join(lines)
 
 
+KERNEL_BANDS = {
+    "short": ("short-term (lo=1, hi=255)", 1, 255),
+    "long": ("long-term (lo=256, hi=inf)", 256, None),
+    "v1": ("v1 (lo=1, hi=inf)", 1, None),
+}
+# Implementations that exist for one backend only. Off it they would not run, or (Pallas kernels on
+# CPU) run in interpret mode, which is a correctness tool and not a benchmark.
+_BACKEND_ONLY = {"pallas_tpu": ("tpu",), "pallas_gpu": ("gpu",)}
+# Score-sized float32 buffers alive at the peak of a dense forward+backward: the compiled peak of
+# "reference" is 4.5 and that of "shift" over XLA attention 5.6 of them at T = 512 on CPU.
+DENSE_SCORE_COPIES = 6
+# Memory a dense implementation may plan when the device does not report its own (CPU).
+DEFAULT_MAX_DENSE_GB = 16.0
+
+
+def impl_unavailable_reason(impl: str, backend: str) -> str | None:
+  """Why `impl` is not benchmarked on `backend` ("cpu", "gpu" or "tpu"), or None if it is."""
+  backends = _BACKEND_ONLY.get(impl)
+  if backends is None or backend in backends:
+    return None
+  if backend == "cpu":
+    return "interpret mode on CPU is not a benchmark"
+  return f"runs on {' and '.join(backends)} only"
+
+
+def available_impls(backend: str) -> list[str]:
+  """The names in `kernels_pallas.IMPLEMENTATIONS` benchmarked on `backend`."""
+  names = sorted(kernels_pallas.IMPLEMENTATIONS)
+  return [name for name in names if impl_unavailable_reason(name, backend) is None]
+
+
+def dense_bytes(
+    impl: str, batch: int, heads: int, seq_len: int, dtype, head_dim: int
+) -> int | None:
+  """Estimated peak memory of an implementation that materialises the [b, h, T, T] scores.
+
+  None for the implementations whose memory grows linearly in T.
+  """
+  dense = impl == "reference" or (
+      impl == "shift" and shift.default_implementation(dtype, head_dim, packed=False) == "xla"
+  )
+  if not dense:
+    return None
+  return DENSE_SCORE_COPIES * batch * heads * seq_len**2 * 4
+
+
+def device_memory_bytes() -> int | None:
+  """The memory limit the default device reports, or None (CPU reports none)."""
+  stats = jax.devices()[0].memory_stats()
+  return None if not stats else stats.get("bytes_limit")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelRow:
+  band: str
+  seq_len: int
+  head_dim: int
+  impl: str
+  seconds: float | None  # Median over repeats; None when skipped.
+  useful_tflops: float | None
+  matmul_fraction: float | None
+  peak_mb: float | None
+  skipped: str | None = None  # Why there is no measurement.
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+  message = str(error)
+  return "RESOURCE_EXHAUSTED" in message or "Out of memory" in message
+
+
+def kernels(
+    impls: list[str],
+    *,
+    matmul_rate: float,
+    seq_lens=(4096, 8192, 16384, 32768, 65536),
+    head_dims=(64, 128),
+    bands=("short", "long"),
+    batch: int = 1,
+    heads: int = 16,
+    dtype=jnp.bfloat16,
+    repeats: int = 3,
+    max_dense_bytes: float = DEFAULT_MAX_DENSE_GB * 2**30,
+) -> Iterator[KernelRow]:
+  """Forward+backward of every implementation in `impls` over bands, lengths and head dims.
+
+  The timed function is the gradient of sum(y * cotangent) in q, k and v. Useful FLOPs count only
+  the pairs inside the band: 4 d per pair and head forward (q . k and p . v), backward 2.5 times
+  the forward (the flash-attention convention), 3.5 x 4 d in all; `matmul_rate` (FLOP/s) is the
+  yardstick of the "of matmul" ratio. Dense implementations whose
+  estimated peak exceeds `max_dense_bytes` are skipped, as is any that runs out of memory. Rows
+  are yielded as they are measured, so a long sweep prints as it goes.
+  """
+  for band in bands:
+    name, lo, hi = KERNEL_BANDS[band]
+    for head_dim in head_dims:
+      for t in seq_lens:
+        keys = jax.random.split(jax.random.key(t), 4)
+        q, k, v, cotangent = (
+            jax.random.normal(key, (batch, t, heads, head_dim), dtype) for key in keys
+        )
+        pairs = float(np.asarray(kernels_pallas.visible_counts(None, t, lo, hi)).sum())
+        useful = 3.5 * 4 * head_dim * heads * batch * pairs
+        for impl in impls:
+          row = functools.partial(KernelRow, name, t, head_dim, impl)
+          estimate = dense_bytes(impl, batch, heads, t, dtype, head_dim)
+          if estimate is not None and estimate > max_dense_bytes:
+            yield row(None, None, None, None, skipped=f"does not fit: ~{estimate / 2**30:.3g} GB")
+            continue
+
+          def grads(q, k, v, cotangent, impl=impl):
+            loss = lambda q, k, v: jnp.sum(
+                kernels_pallas.retrieve(q, k, v, lo=lo, hi=hi, impl=impl) * cotangent
+            )
+            return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+          try:
+            timing = measure(grads, q, k, v, cotangent, repeats=repeats)
+          except jax.errors.JaxRuntimeError as e:
+            if not _is_out_of_memory(e):
+              raise
+            yield row(None, None, None, None, skipped="does not fit: out of memory")
+            continue
+          rate = useful / timing.seconds
+          yield row(timing.seconds, rate / 1e12, rate / matmul_rate, timing.peak_bytes / 2**20)
+
+
+def kernels_header(
+    matmul_rate: float, matmul_size: int, dtype_name: str, batch: int, heads: int
+) -> str:
+  lines = [
+      f"retrieve forward+backward, batch {batch}, {heads} heads, {dtype_name};"
+      f" {dtype_name} matmul ({matmul_size}^3) here: {matmul_rate / 1e12:.3g} TFLOP/s",
+      "",
+      "| band | T | head dim | impl | time (ms) | useful TFLOP/s | of matmul | peak memory (MB) |",
+      "|---|---:|---:|---|---:|---:|---:|---:|",
+  ]
+  return "\n".join(lines)
+
+
+def format_kernel_row(r: KernelRow) -> str:
+  cells = [r.band, str(r.seq_len), str(r.head_dim), r.impl]
+  if r.skipped is not None:
+    cells += [f"skipped ({r.skipped})", "", "", ""]
+  else:
+    cells += [
+        f"{r.seconds * 1e3:.2f}",
+        f"{r.useful_tflops:.3g}",
+        f"{r.matmul_fraction:.0%}",
+        f"{r.peak_mb:.0f}",
+    ]
+  return "| " + " | ".join(cells) + " |"
+
+
+def kernels_footer(backend: str, max_dense_bytes: float) -> str:
+  lines = [
+      "",
+      "Useful FLOPs count the pairs inside the band only: 4 d per pair and head forward (q . k and"
+      " p . v), backward = 2.5 x forward (flash-attention convention), so 3.5 x 4 d per pair in"
+      " all. Peak memory: XLA's planned peak of the compiled forward+backward.",
+      f"Dense implementations (T x T scores) run only if ~{DENSE_SCORE_COPIES} float32 score"
+      f" matrices fit in {max_dense_bytes / 2**30:.3g} GB.",
+  ]
+  unavailable = {
+      impl: reason
+      for impl in sorted(kernels_pallas.IMPLEMENTATIONS)
+      if (reason := impl_unavailable_reason(impl, backend))
+  }
+  if unavailable:
+    listed = "; ".join(f"{impl} ({reason})" for impl, reason in unavailable.items())
+    lines.append(f"Not run on {backend}: {listed}.")
+  return "\n".join(lines)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainRow:
   experiment: str
@@ -154,28 +331,43 @@ def _synthetic_batch(experiment, rng: np.random.Generator) -> dict[str, np.ndarr
   }
 
 
-def train_throughput(
-    experiment, steps: int = 5, repeats: int = 3, matmul_size: int = 2048
-) -> TrainRow:
-  """Tokens/s of the jitted training step on synthetic batches, against an fp32 matmul.
-
-  The step is `train.make_train_step` with the experiment's optimizer, compiled once and warmed up
-  by one step; each repeat times `steps` consecutive steps on fresh random batches, then the
-  matmul, so both see the same load on a shared machine. Medians over repeats. Model FLOPs follow
-  the paper convention: 3 x the forward FLOPs of `flops.count(model, context=seq_len)`.
-  """
-  # Imported here: `ops` needs only the kernels, and the model stack is slower to import.
-  from mosaics_jax import flops, models, optim, train
+def _compiled_train_step(experiment, num_batches: int):
+  """(jitted step, state after one warm-up step, `num_batches` distinct synthetic batches)."""
+  from mosaics_jax import models, optim, train
 
   model = models.build_model(experiment.model)
   tx = optim.make_optimizer(experiment.train)
   step_fn = train.make_train_step(experiment, model, tx)
   state = train.init_state(experiment, model, tx)
   rng = np.random.default_rng(0)
-  batches = [jax.device_put(_synthetic_batch(experiment, rng)) for _ in range(steps + 1)]
+  batches = [jax.device_put(_synthetic_batch(experiment, rng)) for _ in range(num_batches)]
   # Compile and warm up; the step donates its state, so always go on from the returned one.
-  state, stats = step_fn(state, batches[-1])
+  state = _run_steps(step_fn, state, batches[-1:])
+  return step_fn, state, batches
+
+
+def _run_steps(step_fn, state, batches):
+  """Runs one training step per batch and waits for the result; returns the new state."""
+  for batch in batches:
+    state, stats = step_fn(state, batch)
   jax.block_until_ready((state, stats))
+  return state
+
+
+def train_throughput(
+    experiment, steps: int = 5, repeats: int = 3, matmul_size: int = 2048
+) -> TrainRow:
+  """Tokens/s of the jitted training step on synthetic batches, against an fp32 matmul.
+
+  The step is `train.make_train_step` with the experiment's optimizer, compiled once and warmed up
+  by one step; each repeat times `steps` consecutive steps on distinct random batches, then the
+  matmul, so both see the same load on a shared machine. Medians over repeats. Model FLOPs follow
+  the paper convention: 3 x the forward FLOPs of `flops.count(model, context=seq_len)`.
+  """
+  # Imported here: `ops` needs only the kernels, and the model stack is slower to import.
+  from mosaics_jax import flops
+
+  step_fn, state, batches = _compiled_train_step(experiment, steps + 1)
   a = jnp.ones((matmul_size, matmul_size), jnp.float32)
   matmul = jax.jit(jnp.matmul).lower(a, a).compile()
   jax.block_until_ready(matmul(a, a))
@@ -183,9 +375,7 @@ def train_throughput(
   step_times, matmul_times = [], []
   for _ in range(repeats):
     start = time.perf_counter()
-    for batch in batches[:steps]:
-      state, stats = step_fn(state, batch)
-    jax.block_until_ready((state, stats))
+    state = _run_steps(step_fn, state, batches[:steps])
     step_times.append((time.perf_counter() - start) / steps)
     for _ in range(3):
       start = time.perf_counter()
@@ -228,4 +418,80 @@ def format_train(row: TrainRow) -> str:
       f" {row.train_flops_per_token / 1e6:.2f}M | {row.model_gflops:.1f} |"
       f" {row.matmul_gflops:.1f} | {row.mfu:.1%} |",
   ]
+  return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileRow:
+  component: str  # The model's submodule, layer indices merged ("h_*/mlp"), or "outside model".
+  direction: str  # "forward" or "backward" (ops of the gradient).
+  kind: str  # "matmul" (dot products and the fusions around them) or "other".
+  seconds_per_step: float  # Summed over the XLA ops of the group, all threads.
+
+
+def train_profile(experiment, trace_dir: str, steps: int = 2) -> list[ProfileRow]:
+  """Where a training step's time goes, by model component, from a JAX profiler trace.
+
+  Traces `steps` steps into `trace_dir` (viewable in TensorBoard or Perfetto), then sums the
+  duration of every XLA op by the Flax module that emitted it, read from the op's metadata in
+  the compiled program; ops of the gradient carry a transpose(...) in their name. Layers are
+  merged (h_3/mlp and h_5/mlp count as h_*/mlp).
+  """
+  import pathlib
+  import re
+
+  from mosaics_jax import models
+
+  model_name = type(models.build_model(experiment.model)).__name__
+  step_fn, state, batches = _compiled_train_step(experiment, steps)
+  with jax.profiler.trace(trace_dir):
+    state = _run_steps(step_fn, state, batches)
+  program = step_fn.lower(state, batches[0]).compile().as_text()
+  op_names = dict(re.findall(r'%?([\w.\-]+) = [^\n]*?op_name="([^"]*)"', program))
+  trace = max(pathlib.Path(trace_dir).rglob("*.xplane.pb"), key=lambda f: f.stat().st_mtime)
+  totals: dict[tuple[str, str, str], float] = {}
+  for plane in jax.profiler.ProfileData.from_file(str(trace)).planes:
+    for line in plane.lines:
+      for event in line.events:
+        hlo_op = dict(event.stats).get("hlo_op")
+        if hlo_op is None:
+          continue
+        key = _op_group(op_names.get(hlo_op, ""), model_name)
+        totals[key] = totals.get(key, 0.0) + event.duration_ns * 1e-9 / steps
+  rows = [ProfileRow(*key, seconds) for key, seconds in totals.items()]
+  return sorted(rows, key=lambda r: -r.seconds_per_step)
+
+
+def _op_group(op_name: str, model_name: str) -> tuple[str, str, str]:
+  """(component, direction, kind) of an XLA op from its metadata op_name."""
+  import re
+
+  direction = "backward" if "transpose(" in op_name else "forward"
+  kind = "matmul" if "dot_general" in op_name else "other"
+  # op_name: jit(step)/.../jvp(MosaicV1)/h_3/mlp/... ; the model is the jvp(<model class>) scope.
+  match = re.search(rf"jvp\({model_name}\)\)?/(.*)", op_name)
+  if match is None:
+    return "outside the model: loss, optimizer", "-", kind
+  parts = [p for p in match.group(1).split("/") if not p.startswith(("jit(", "while", "body"))]
+  parts = [re.sub(r"_\d+$", "_*", p) for p in parts[:2]]
+  if len(parts) == 2 and not parts[0].endswith("_*"):
+    parts = parts[:1]  # A top-level module (wte, ln_f) and the op inside it.
+  return "/".join(parts), direction, kind
+
+
+def format_profile(rows: list[ProfileRow], trace_dir: str) -> str:
+  total = sum(r.seconds_per_step for r in rows)
+  lines = [
+      f"op time per step, summed over threads: {total:.3f} s (trace: {trace_dir})",
+      "",
+      "| component | pass | kind | ms/step | share |",
+      "|---|---|---|---:|---:|",
+  ]
+  for r in rows:
+    if r.seconds_per_step < 0.001 * total:
+      continue
+    lines.append(
+        f"| {r.component} | {r.direction} | {r.kind} | {r.seconds_per_step * 1e3:.0f} |"
+        f" {r.seconds_per_step / total:.1%} |"
+    )
   return "\n".join(lines)

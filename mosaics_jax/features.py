@@ -59,6 +59,7 @@ class LeakyAverage(nn.Module):
   exp_scaling: float
   init_range: tuple[float, float]
   scan_impl: str
+  scan_chunk_size: int
 
   @nn.compact
   def __call__(
@@ -72,7 +73,11 @@ class LeakyAverage(nn.Module):
     )
     decay = jnp.exp(-jnp.abs(b) * self.exp_scaling)
     return kernels_pallas.linear_scan(
-        decay, k.astype(jnp.float32), reset=_resets(segment_ids), impl=self.scan_impl
+        decay,
+        k.astype(jnp.float32),
+        reset=_resets(segment_ids),
+        impl=self.scan_impl,
+        chunk_size=self.scan_chunk_size,
     )
 
 
@@ -92,6 +97,7 @@ class KeyFeatureExtractorV1(nn.Module):
   leaky_init: tuple[float, float]
   eps: float
   scan_impl: str
+  scan_chunk_size: int
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -106,7 +112,12 @@ class KeyFeatureExtractorV1(nn.Module):
         name="W_k",
     )(x)
     k = LeakyAverage(
-        self.num_heads, self.exp_scaling, self.leaky_init, self.scan_impl, name="leaky_avg"
+        self.num_heads,
+        self.exp_scaling,
+        self.leaky_init,
+        self.scan_impl,
+        self.scan_chunk_size,
+        name="leaky_avg",
     )(layers.split_heads(k, self.num_heads), segment_ids)
     scale = self.param(
         "key_scale", nn.initializers.constant(self.key_scale_init), (self.num_heads,)
@@ -157,6 +168,7 @@ class GatedKeyExtractor(nn.Module):
   gate_bias: bool
   eps: float
   scan_impl: str
+  scan_chunk_size: int
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -183,6 +195,7 @@ class GatedKeyExtractor(nn.Module):
         jnp.exp(gate)[..., None] * k,
         reset=_resets(segment_ids),
         impl=self.scan_impl,
+        chunk_size=self.scan_chunk_size,
     )
     return l2_normalize(kbar, self.eps)
 

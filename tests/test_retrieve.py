@@ -1,12 +1,13 @@
 """Tests of `kernels_pallas.retrieve` against a brute-force float64 loop.
 
+The inputs and checks shared with the tests of each implementation are in `kernel_cases`.
+
 Axis legend: b = batch, t = query time, s = key time, h = heads, d = head dim of q and k,
 e = head dim of v.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -14,12 +15,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import kernel_cases as kc
 import kernels_pallas
 from kernels_pallas import IMPLEMENTATIONS, retrieve, visible_counts
+from kernels_pallas.retrieve import resolve_impl
 
-IMPLS = ("reference", "xla")
-B, T, H, D, E = 2, 37, 2, 3, 5
-BLOCK = 8  # T = 37 is not a multiple of it.
+B, H = kc.B, kc.H
+T, D, E = 37, 3, 5
+DIMS = (D, E)
+# Block size of every implementation in these tests: several blocks, T = 37 a multiple of none.
+# The Pallas GPU kernel needs a power of two >= 16; the library attention tiles time itself.
+BLOCKS = {"reference": None, "xla": 8, "pallas_tpu": 8, "pallas_gpu": 16, "shift": None}
+IMPLS = tuple(BLOCKS)
+FAST_IMPLS = IMPLS[1:]  # Every implementation but the reference.
+BLOCK = BLOCKS["xla"]
 
 # Compiled once per static configuration: op-by-op dispatch is slow on CPU.
 _retrieve = jax.jit(retrieve, static_argnames=("lo", "hi", "impl", "block_size"))
@@ -48,123 +57,76 @@ def _oracle(q, k, v, lo, hi, segment_ids):
   return y
 
 
-def _segments(lengths_per_row):
-  """[b, t] document ids from the document lengths of every row."""
-  return np.stack([np.repeat(np.arange(len(ls)), ls) for ls in lengths_per_row]).astype(np.int32)
-
-
 # Row 0 packs four documents, one of a single token; row 1 two.
-SEGMENTS = _segments([[10, 1, 20, 6], [3, 34]])
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-  lo: int
-  hi: int | None
-  packed: bool = False
-
-  @property
-  def segment_ids(self):
-    return SEGMENTS if self.packed else None
-
+SEGMENTS = kc.SEGMENTS[T]
 
 CASES = {
-    "v1": Case(1, None),
-    "short_term": Case(1, 4),
-    "short_term_wider_than_t": Case(1, 100),
-    "long_term": Case(5, None),
-    "long_term_past_end": Case(50, None),
-    "band": Case(3, 20),
-    "v1_packed": Case(1, None, packed=True),
-    "short_term_packed": Case(1, 4, packed=True),
-    "long_term_packed": Case(3, None, packed=True),
+    "v1": kc.Case(T, 1, None),
+    "short_term": kc.Case(T, 1, 4),
+    "short_term_wider_than_t": kc.Case(T, 1, 100),
+    "long_term": kc.Case(T, 5, None),
+    "long_term_past_end": kc.Case(T, 50, None),
+    "band": kc.Case(T, 3, 20),
+    "causal_attention": kc.Case(T, 0, None),
+    "causal_window_packed": kc.Case(T, 0, 5, packed=True),
+    "v1_packed": kc.Case(T, 1, None, packed=True),
+    "short_term_packed": kc.Case(T, 1, 4, packed=True),
+    "long_term_packed": kc.Case(T, 3, None, packed=True),
 }
 
 
-def _inputs(seed, shape=(B, T, H, D), value_dim=E, dtype=jnp.float32):
-  rng = np.random.default_rng(seed)
-  q = rng.normal(size=shape)
-  k = rng.normal(size=shape)
-  v = rng.normal(size=shape[:3] + (value_dim,))
-  return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+def _inputs(seed, dtype=jnp.float32):
+  """(q, k, v, cotangent of the output) of shape [B, T, H, D or E]."""
+  return kc.inputs(seed, T, DIMS, dtype=dtype)
 
 
-def _assert_close(actual, expected, tol):
-  """Max abs error within tol, relative to the scale of `expected` (at least 1)."""
-  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-  assert actual.shape == expected.shape
-  scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
-  np.testing.assert_allclose(actual, expected, rtol=0, atol=tol * scale)
+def _run(impl, case, args, block_size="default"):
+  """retrieve's (y, gradients of sum(y * cotangent) in q, k, v) with `impl` on `case`.
 
-
-@functools.cache
-def _forward_and_grads(impl, case, block_size=BLOCK):
-  """(y, gradients of sum(y * cotangent) in q, k, v) as one jitted function of (q, k, v, cotangent).
-
-  Cached so that every test of one (impl, case, block_size) shares a single compilation.
+  args = (q, k, v, cotangent). Through `kc.forward_and_grads`, cached: every test of one (impl,
+  hi, block_size) shares its compilations.
   """
-
-  op = functools.partial(
-      retrieve,
-      lo=case.lo,
-      hi=case.hi,
-      segment_ids=case.segment_ids,
-      impl=impl,
-      block_size=block_size,
-  )
-
-  def fn(q, k, v, cotangent):
-    y, vjp = jax.vjp(op, q, k, v)
-    return y, vjp(cotangent.astype(y.dtype))
-
-  return jax.jit(fn)
-
-
-def _cotangent(seed):
-  return jax.random.normal(jax.random.key(seed), (B, T, H, E))
+  if block_size == "default":
+    block_size = BLOCKS[impl]
+  return kc.run(retrieve, args, **case.band, static_lo=True, impl=impl, block_size=block_size)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", CASES)
 def test_forward_matches_oracle(impl, name):
   case = CASES[name]
-  q, k, v = _inputs(0)
-  y, _ = _forward_and_grads(impl, case)(q, k, v, _cotangent(0))
+  q, k, v, cotangent = _inputs(0)
+  y, _ = _run(impl, case, (q, k, v, cotangent))
   assert y.dtype == jnp.float32 and y.shape == (B, T, H, E)
-  _assert_close(y, _oracle(q, k, v, case.lo, case.hi, case.segment_ids), 1e-5)
+  kc.assert_close(y, _oracle(q, k, v, case.lo, case.hi, case.segment_ids), 1e-5)
 
 
 @pytest.mark.parametrize("lo, hi", [(1, None), (64, 255)])
 def test_xla_default_blocks_on_long_unaligned_sequence(lo, hi):
   seq_len = 1000
-  segment_ids = _segments([[300, 1, 699]])
-  q, k, v = _inputs(1, shape=(1, seq_len, 1, 4), value_dim=4)
+  segment_ids = kc.segments([[300, 1, 699]])
+  q, k, v, _ = kc.inputs(1, seq_len, (4, 4), batch=1, heads=1)
   y = _retrieve(q, k, v, lo=lo, hi=hi, segment_ids=segment_ids, impl="xla")
-  _assert_close(y, _oracle(q, k, v, lo, hi, segment_ids), 1e-5)
+  kc.assert_close(y, _oracle(q, k, v, lo, hi, segment_ids), 1e-5)
 
 
+@pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("name", CASES)
-def test_xla_gradients_match_reference(name):
+def test_gradients_match_reference(impl, name):
   case = CASES[name]
-  q, k, v = _inputs(2)
-  _, expected = _forward_and_grads("reference", case)(q, k, v, _cotangent(1))
-  _, actual = _forward_and_grads("xla", case)(q, k, v, _cotangent(1))
-  for a, e in zip(actual, expected):
-    assert np.isfinite(np.asarray(a)).all()
-    _assert_close(a, e, 2e-4)
+  args = _inputs(2)
+  kc.assert_gradients_match(_run(impl, case, args), _run("reference", case, args))
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_xla_single_block_matches_reference(name):
   """A sequence that is one block (T = 37 padded to 40) skips the loops and uses autodiff."""
   case = CASES[name]
-  q, k, v = _inputs(13)
-  y, actual = _forward_and_grads("xla", case, 40)(q, k, v, _cotangent(14))
-  _assert_close(y, _oracle(q, k, v, case.lo, case.hi, case.segment_ids), 1e-5)
-  _, expected = _forward_and_grads("reference", case)(q, k, v, _cotangent(14))
-  for a, e in zip(actual, expected):
-    assert np.isfinite(np.asarray(a)).all()
-    _assert_close(a, e, 2e-4)
+  args = _inputs(13)
+  q, k, v, _ = args
+  actual = _run("xla", case, args, 40)
+  kc.assert_close(actual[0], _oracle(q, k, v, case.lo, case.hi, case.segment_ids), 1e-5)
+  kc.assert_gradients_match(actual, _run("reference", case, args))
 
 
 def test_xla_default_block_size():
@@ -181,9 +143,10 @@ def test_xla_default_block_size():
 @pytest.mark.parametrize("name", ["v1_packed", "short_term", "long_term_packed"])
 def test_reference_gradients_match_finite_differences(name):
   case = CASES[name]
-  q, k, v = _inputs(3)
-  cotangent = np.asarray(_cotangent(2), np.float64)
-  _, grads = _forward_and_grads("reference", case)(q, k, v, _cotangent(2))
+  args = _inputs(3)
+  q, k, v, cotangent = args
+  _, grads = _run("reference", case, args)
+  cotangent = np.asarray(cotangent, np.float64)
   primals = [np.asarray(x, np.float64) for x in (q, k, v)]
   rng = np.random.default_rng(4)
   eps = 1e-4
@@ -207,20 +170,17 @@ def test_reference_gradients_match_finite_differences(name):
 @pytest.mark.parametrize("name", ["long_term_past_end", "v1_packed", "long_term_packed"])
 def test_empty_rows_are_exactly_zero_with_finite_gradients(impl, name):
   case = CASES[name]
-  q, k, v = _inputs(5)
-  y, grads = _forward_and_grads(impl, case)(q, k, v, jnp.ones((B, T, H, E)))
-  empty = np.asarray(visible_counts(case.segment_ids, T, case.lo, case.hi) == 0)
-  empty = np.broadcast_to(empty, (B, T))
-  assert empty.any()
-  assert (np.asarray(y)[empty] == 0).all()
-  for g in grads:
-    assert np.isfinite(np.asarray(g)).all()
+  q, k, v, _ = _inputs(5)
+  actual = _run(impl, case, (q, k, v, jnp.ones((B, T, H, E))))
+  kc.assert_empty_rows_are_zero(actual, case.lo, case.segment_ids)
 
 
-@pytest.mark.parametrize("impl, block_size", [("reference", BLOCK), ("xla", BLOCK), ("xla", 40)])
+@pytest.mark.parametrize(
+    "impl, block_size", [*((impl, BLOCKS[impl]) for impl in IMPLS), ("xla", 40)]
+)
 @pytest.mark.parametrize("hi", [None, 30])
 def test_traced_lo_compiles_once(impl, block_size, hi):
-  q, k, v = _inputs(6)
+  q, k, v, _ = _inputs(6)
   traces = []
 
   def forward_and_grads(impl, count_traces):
@@ -245,9 +205,9 @@ def test_traced_lo_compiles_once(impl, block_size, hi):
   expected_fn = forward_and_grads("reference", count_traces=False)
   for lo in (1, 3, 9, 20, 30, 50):
     y, grads = actual_fn(q, k, v, jnp.int32(lo))
-    _assert_close(y, _oracle(q, k, v, lo, hi, SEGMENTS), 1e-5)
+    kc.assert_close(y, _oracle(q, k, v, lo, hi, SEGMENTS), 1e-5)
     for g, e in zip(grads, expected_fn(q, k, v, jnp.int32(lo))[1]):
-      _assert_close(g, e, 2e-4)
+      kc.assert_close(g, e, 2e-4)
   assert len(traces) == 1
 
 
@@ -255,10 +215,9 @@ def test_traced_lo_compiles_once(impl, block_size, hi):
 def test_gradient_through_per_row_bandwidth(name):
   """q = beta * k with beta a function of per-head parameters, as in the v2 memories."""
   case = CASES[name]
-  _, k, v = _inputs(7)
+  _, k, v, cotangent = _inputs(7)
   theta = jnp.array([0.3, -0.2])
   counts = visible_counts(case.segment_ids, T, case.lo, case.hi).astype(jnp.float32)
-  cotangent = _cotangent(4)
 
   def loss(theta, k, v, impl):
     beta = jnp.exp(theta) * (1.0 + counts[..., None]) ** 0.5
@@ -276,45 +235,55 @@ def test_gradient_through_per_row_bandwidth(name):
 
   grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
   for a, e in zip(grad(theta, k, v, "xla"), grad(theta, k, v, "reference")):
-    _assert_close(a, e, 2e-4)
+    kc.assert_close(a, e, 2e-4)
 
 
-@pytest.mark.parametrize("block_size", [BLOCK, None])  # None: the default, a single block.
+@pytest.mark.parametrize(
+    "impl, block_size",
+    # xla with None: the default, a single block. The library attention ("shift") makes no such
+    # promise: it computes the softmax correction as dy . y.
+    [("xla", BLOCK), ("xla", None), ("pallas_tpu", 8), ("pallas_gpu", 16)],
+)
 @pytest.mark.parametrize("scale", [30.0, 300.0, 3e3, 6e4])
-def test_xla_gradients_with_huge_key_norms(scale, block_size):
+def test_gradients_with_huge_key_norms(impl, scale, block_size):
   """v1 keys are their own queries with norms up to 65535 (q . k ~ 4e9): the backward must not
   amplify rounding (it once saved row_max + log(row_sum) and used D = dy . y, off by up to 1e33)."""
-  q, _, v = _inputs(11)
-  k = q / jnp.linalg.norm(q, axis=-1, keepdims=True) * scale
-  cotangent = _cotangent(12)
-
-  def grads(impl):
-    loss = lambda k, v: jnp.sum(
-        retrieve(k, k, v, lo=1, hi=None, impl=impl, block_size=block_size) * cotangent
-    )
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))(k, v)
-
-  for actual, expected in zip(grads("xla"), grads("reference")):
-    assert bool(jnp.isfinite(actual).all())
-    _assert_close(actual, expected, 1e-3)
+  op = functools.partial(retrieve, impl=impl, block_size=block_size)
+  kc.assert_gradients_stable_with_huge_key_norms(op, scale, DIMS, seq_len=T)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bfloat16_inputs(impl):
   case = CASES["v1_packed"]
-  q, k, v = _inputs(8, dtype=jnp.bfloat16)
-  y, grads = _forward_and_grads(impl, case)(q, k, v, _cotangent(3))
-  assert y.dtype == jnp.bfloat16
-  _assert_close(y, _oracle(q, k, v, case.lo, case.hi, case.segment_ids), 3e-2)
-  widened = (x.astype(jnp.float32) for x in (q, k, v))
-  _, expected = _forward_and_grads("reference", case)(*widened, _cotangent(3))
-  for g, e in zip(grads, expected):
-    assert g.dtype == jnp.bfloat16
-    _assert_close(g, e, 5e-2)
+  args = _inputs(8, dtype=jnp.bfloat16)
+  q, k, v, _ = args
+  actual = _run(impl, case, args)
+  assert actual[0].dtype == jnp.bfloat16
+  kc.assert_close(actual[0], _oracle(q, k, v, case.lo, case.hi, case.segment_ids), 3e-2)
+  widened = tuple(x.astype(jnp.float32) for x in args)
+  kc.assert_gradients_match(actual, _run("reference", case, widened), jnp.bfloat16)
 
 
-def test_auto_is_xla():
-  q, k, v = _inputs(9)
+@pytest.mark.parametrize(
+    "impl, backend, expected",
+    [
+        ("auto", "cpu", "xla"),
+        ("auto", "gpu", "pallas_gpu"),
+        ("auto", "tpu", "pallas_tpu"),
+        ("pallas", "cpu", "pallas_gpu"),
+        ("pallas", "gpu", "pallas_gpu"),
+        ("pallas", "tpu", "pallas_tpu"),
+        ("shift", "tpu", "shift"),
+    ],
+)
+def test_resolve_impl(impl, backend, expected):
+  assert resolve_impl(impl, backend) == expected
+
+
+def test_auto_on_cpu_is_xla():
+  if jax.default_backend() != "cpu":
+    pytest.skip("checks the CPU default")
+  q, k, v, _ = _inputs(9)
   auto, xla = (
       _retrieve(q, k, v, lo=2, hi=None, impl=impl, block_size=BLOCK) for impl in ("auto", "xla")
   )
@@ -322,11 +291,11 @@ def test_auto_is_xla():
 
 
 def test_implementations_table():
-  assert {"reference", "xla"} <= set(IMPLEMENTATIONS)
+  assert set(IMPLEMENTATIONS) == set(IMPLS)
   assert kernels_pallas.retrieve is retrieve
 
 
-_Q, _K, _V = _inputs(10)
+_Q, _K, _V, _ = _inputs(10)
 
 
 def _valid_call(**overrides):
@@ -348,16 +317,16 @@ def _valid_call(**overrides):
         (dict(v=_V.astype(jnp.bfloat16)), TypeError, r"share one dtype.*v bfloat16"),
         (dict(segment_ids=SEGMENTS[:, :-1]), ValueError, r"segment_ids must have shape"),
         (dict(segment_ids=SEGMENTS.astype(np.float32)), TypeError, r"integer dtype"),
-        (dict(lo=0), ValueError, r"lo must be >= 1, got 0"),
+        (dict(lo=-1), ValueError, r"lo must be >= 0, got -1"),
         (dict(lo=2.0), TypeError, r"lo must be an int or an integer scalar array"),
         (dict(lo=True), TypeError, r"lo must be an int or an integer scalar array"),
         (dict(lo=jnp.float32(2)), TypeError, r"lo must be an integer scalar"),
         (dict(lo=jnp.array([1, 2])), TypeError, r"lo must be an integer scalar"),
-        (dict(hi=0), ValueError, r"hi must be >= 1, got 0"),
+        (dict(lo=0, hi=-1), ValueError, r"hi must be >= 0, got -1"),
         (dict(lo=5, hi=4), ValueError, r"hi must be >= lo, got lo=5 and hi=4"),
         (dict(hi=2.5), TypeError, r"hi must be a Python int or None"),
         (dict(block_size=0), ValueError, r"block_size must be a positive int"),
-        (dict(impl="pallas"), ValueError, r"unknown retrieve impl 'pallas'.*'auto', 'reference'"),
+        (dict(impl="triton"), ValueError, r"unknown retrieve impl 'triton'.*'auto', 'pallas'"),
     ],
 )
 def test_validation_errors(overrides, error, match):

@@ -1,13 +1,18 @@
 """`mosaics-bench`: benchmarks that print a table.
 
     mosaics-bench ops [--seq-lens 1024 4096 16384] [--impl xla] [--heads 8] [--head-dim 64]
-    mosaics-bench train EXPERIMENT [--set key=value ...] [--steps 5] [--repeats 3]
+    mosaics-bench kernels [--seq-lens 4096 ... 65536] [--impls ...] [--bands short long]
+        [--heads 16] [--head-dims 64 128] [--dtype bfloat16] [--max-dense-gb GB]
+    mosaics-bench train EXPERIMENT [--set key=value ...] [--steps 5] [--repeats 3] [--profile DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+import jax
+import jax.numpy as jnp
 
 import kernels_pallas
 from mosaics_jax import benchmarks, config as config_lib, registry
@@ -24,6 +29,34 @@ def _parser() -> argparse.ArgumentParser:
   ops.add_argument("--heads", type=int, default=8)
   ops.add_argument("--head-dim", type=int, default=64)
   ops.add_argument("--repeats", type=int, default=3)
+  kernels = sub.add_parser(
+      "kernels",
+      help="every retrieval implementation side by side: time, useful TFLOP/s and peak memory",
+  )
+  kernels.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
+  kernels.add_argument(
+      "--impls",
+      nargs="+",
+      choices=sorted(kernels_pallas.IMPLEMENTATIONS),
+      help="default: every implementation this backend runs natively",
+  )
+  kernels.add_argument(
+      "--bands", nargs="+", choices=list(benchmarks.KERNEL_BANDS), default=["short", "long"]
+  )
+  kernels.add_argument("--batch", type=int, default=1)
+  kernels.add_argument("--heads", type=int, default=16)
+  kernels.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+  kernels.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+  kernels.add_argument("--repeats", type=int, default=3)
+  kernels.add_argument(
+      "--max-dense-gb",
+      type=float,
+      help="memory a dense (T x T) implementation may use; default: the device's memory, or"
+      f" {benchmarks.DEFAULT_MAX_DENSE_GB:g} where the device reports none",
+  )
+  kernels.add_argument(
+      "--matmul-size", type=int, default=4096, help="n of the n^3 yardstick matmul in --dtype"
+  )
   train = sub.add_parser(
       "train", help="tokens/s and MFU of an experiment's jitted training step, synthetic data"
   )
@@ -38,7 +71,51 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--steps", type=int, default=5, help="training steps per timed repeat")
   train.add_argument("--repeats", type=int, default=3)
   train.add_argument("--matmul-size", type=int, default=2048, help="n of the fp32 n^3 yardstick")
+  train.add_argument(
+      "--profile",
+      metavar="DIR",
+      help="also trace two steps into DIR and print where the time goes, by model component",
+  )
   return parser
+
+
+def _kernels(args: argparse.Namespace) -> int:
+  """Prints the `kernels` table row by row as the sweep measures it."""
+  sizes = (args.repeats, args.matmul_size, args.batch, args.heads, *args.seq_lens, *args.head_dims)
+  if min(sizes) < 1:
+    print("mosaics-bench: error: sizes and --repeats must be >= 1", file=sys.stderr)
+    return 2
+  backend = jax.default_backend()
+  impls = args.impls or benchmarks.available_impls(backend)
+  for impl in impls:
+    if reason := benchmarks.impl_unavailable_reason(impl, backend):
+      print(f"mosaics-bench: error: {impl} is not benchmarked on {backend}: {reason}",
+            file=sys.stderr)
+      return 2
+  max_dense_bytes = (
+      args.max_dense_gb * 2**30
+      if args.max_dense_gb is not None
+      else benchmarks.device_memory_bytes() or benchmarks.DEFAULT_MAX_DENSE_GB * 2**30
+  )
+  dtype = jnp.dtype(args.dtype)
+  rate = benchmarks.matmul_flops_per_second(args.matmul_size, args.repeats, dtype)
+  print(benchmarks.kernels_header(rate, args.matmul_size, args.dtype, args.batch, args.heads))
+  rows = benchmarks.kernels(
+      impls,
+      matmul_rate=rate,
+      seq_lens=tuple(args.seq_lens),
+      head_dims=tuple(args.head_dims),
+      bands=tuple(args.bands),
+      batch=args.batch,
+      heads=args.heads,
+      dtype=dtype,
+      repeats=args.repeats,
+      max_dense_bytes=max_dense_bytes,
+  )
+  for row in rows:
+    print(benchmarks.format_kernel_row(row), flush=True)
+  print(benchmarks.kernels_footer(backend, max_dense_bytes))
+  return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         repeats=args.repeats,
     )
     print(benchmarks.format_ops(rows, rate, args.impl))
+  elif args.command == "kernels":
+    return _kernels(args)
   elif args.command == "train":
     if min(args.steps, args.repeats, args.matmul_size) < 1:
       print("mosaics-bench: error: --steps, --repeats and --matmul-size must be >= 1",
@@ -67,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         experiment, steps=args.steps, repeats=args.repeats, matmul_size=args.matmul_size
     )
     print(benchmarks.format_train(row))
+    if args.profile:
+      rows = benchmarks.train_profile(experiment, args.profile)
+      print()
+      print(benchmarks.format_profile(rows, args.profile))
   return 0
 
 

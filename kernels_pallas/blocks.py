@@ -1,0 +1,192 @@
+"""Block bookkeeping and the online-softmax update shared by the blocked retrieval kernels.
+
+Time is cut into query blocks of Bq positions and key blocks of Bk positions (the sequence padded
+to a multiple of both). A (query block, key block) tile is *live* when some query of the block may
+read some key of the other: the delays t - s of the tile meet the band [lo, hi], and the two
+blocks share a document id. Kernels visit live tiles only. `schedule` lists them, per batch row,
+as a compact table that both kernels read (scalar-prefetched on TPU, loaded in-kernel on GPU):
+
+    kv_index[b, i, :kv_count[b, i]]   the live key blocks of query block i, ascending;
+    q_index[b, j, :q_count[b, j]]     the live query blocks of key block j, ascending (backward).
+
+Entries past the count repeat the last live block (or 0 if none): a TPU index map that reads them
+asks for the block it already holds, so no DMA is issued for them.
+
+Inside a live tile, `tile_mask` gives the exact band and document mask of its pairs, and
+`online_softmax_update` folds the tile's scores into the running row max, row sum and accumulator
+(all float32). The row max and row sum are kept apart to the end (`finish`): with v1's key scales
+q . k reaches ~4e9, where max + log(sum) would round the log away.
+
+Axis legend: b = batch, t = query time, s = key time, i = query block (or a row in it), j = key
+block (or a column in it), e = head dim of v.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from kernels_pallas import bands
+
+
+class Schedule(NamedTuple):
+  """Live tiles of a blocked retrieval (see the module docstring); all arrays int32."""
+
+  kv_index: Int[Array, "b i k"]
+  kv_count: Int[Array, "b i"]
+  q_index: Int[Array, "b j q"]
+  q_count: Int[Array, "b j"]
+
+
+def max_key_blocks(block_q: int, block_k: int, hi: int | None, num_k_blocks: int) -> int:
+  """A static bound on the live key blocks of one query block, valid for every lo >= 0.
+
+  The tile (i, j) has delays in [i Bq - (j + 1) Bk + 1, (i + 1) Bq - 1 - j Bk]; it meets [0, hi]
+  for at most (Bq + hi - 1) // Bk + 2 consecutive j.
+  """
+  if hi is None:
+    return num_k_blocks
+  return min(num_k_blocks, (block_q + hi - 1) // block_k + 2)
+
+
+def max_query_blocks(block_q: int, block_k: int, hi: int | None, num_q_blocks: int) -> int:
+  """A static bound on the live query blocks of one key block, valid for every lo >= 0."""
+  if hi is None:
+    return num_q_blocks
+  return min(num_q_blocks, (block_k + hi - 1) // block_q + 2)
+
+
+def _compact(live: Bool[Array, "b r c"], width: int) -> tuple[Int[Array, "b r w"], Int[Array, "b r"]]:
+  """The first `width` live columns of every row, ascending, padded by repeating the last one."""
+  count = live.sum(axis=-1, dtype=jnp.int32)
+  columns = jnp.arange(live.shape[-1], dtype=jnp.int32)
+  # Live columns first, each group in ascending order (the sort is stable).
+  order = jnp.argsort(~live, axis=-1, stable=True).astype(jnp.int32)[..., :width]
+  last_live = jnp.take_along_axis(order, jnp.maximum(count - 1, 0)[..., None], axis=-1)
+  last_live = jnp.where(count[..., None] > 0, last_live, 0)
+  slot = columns[:width]
+  index = jnp.where(slot < count[..., None], order, last_live)
+  return index, jnp.minimum(count, width)
+
+
+def schedule(
+    segment_ids: Int[Array, "b t"] | None,
+    *,
+    batch: int,
+    seq_len: int,
+    block_q: int,
+    block_k: int,
+    lo: bands.IntLike,
+    hi: int | None,
+) -> Schedule:
+  """The live tiles for a sequence of `seq_len` positions (padded up to whole blocks).
+
+  A tile is live when its delays meet [lo, hi], both blocks hold at least one real (unpadded)
+  position, and (with segment ids) the ranges of document ids of the two blocks overlap. The last
+  test is exact for packed documents (contiguous runs of increasing ids) and conservative
+  otherwise: `tile_mask` still masks every pair exactly.
+  """
+  num_q = -(-seq_len // block_q)
+  num_k = -(-seq_len // block_k)
+  i = jnp.arange(num_q, dtype=jnp.int32)[:, None]
+  j = jnp.arange(num_k, dtype=jnp.int32)[None, :]
+  max_delay = (i + 1) * block_q - 1 - j * block_k
+  min_delay = i * block_q - (j + 1) * block_k + 1
+  live = max_delay >= lo
+  if hi is not None:
+    live &= min_delay <= hi
+  live = jnp.broadcast_to(live, (batch, num_q, num_k))
+  if segment_ids is not None:
+    q_lo, q_hi = _block_ranges(segment_ids, block_q, num_q)
+    k_lo, k_hi = _block_ranges(segment_ids, block_k, num_k)
+    live &= (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
+  kv_index, kv_count = _compact(live, max_key_blocks(block_q, block_k, hi, num_k))
+  q_index, q_count = _compact(
+      live.transpose(0, 2, 1), max_query_blocks(block_q, block_k, hi, num_q)
+  )
+  return Schedule(kv_index, kv_count, q_index, q_count)
+
+
+def _block_ranges(
+    segment_ids: Int[Array, "b t"], block: int, num_blocks: int
+) -> tuple[Int[Array, "b n"], Int[Array, "b n"]]:
+  """Smallest and largest document id of the real positions of every block."""
+  batch, seq_len = segment_ids.shape
+  pad = num_blocks * block - seq_len
+  ids = segment_ids.astype(jnp.int32)
+  info = jnp.iinfo(jnp.int32)
+  low = jnp.pad(ids, [(0, 0), (0, pad)], constant_values=info.max)
+  high = jnp.pad(ids, [(0, 0), (0, pad)], constant_values=info.min)
+  low = low.reshape(batch, num_blocks, block).min(axis=-1)
+  high = high.reshape(batch, num_blocks, block).max(axis=-1)
+  return low, high
+
+
+def tile_mask(
+    t: Int[Array, "i 1"],
+    s: Int[Array, "1 j"],
+    lo: bands.IntLike,
+    hi: int | None,
+    q_segments: Int[Array, "i 1"] | None = None,
+    k_segments: Int[Array, "1 j"] | None = None,
+) -> Bool[Array, "i j"]:
+  """True where query time t may read key time s: inside the band and the same document.
+
+  Keys past the end of the sequence need no mask of their own: such a key is only in the band of
+  a query past the end too, whose output is cropped (so it adds nothing to any gradient).
+  """
+  mask = bands.band_mask(t, s, lo, hi)
+  if q_segments is not None:
+    mask &= q_segments == k_segments
+  return mask
+
+
+def online_softmax_update(
+    row_max: Float[Array, "i 1"],
+    row_sum: Float[Array, "i 1"],
+    acc: Float[Array, "i e"],
+    scores: Float[Array, "i j"],
+    mask: Bool[Array, "i j"],
+    v: Float[Array, "j e"],
+) -> tuple[Float[Array, "i 1"], Float[Array, "i 1"], Float[Array, "i e"]]:
+  """Folds one tile's float32 scores (masked pairs excluded) into the running softmax state.
+
+  Rows start at max -inf, sum 0 and acc 0; a row that has met no key keeps them (its exp()
+  shift is 0, so nothing is NaN).
+  """
+  scores = jnp.where(mask, scores, -jnp.inf)
+  new_max = jnp.maximum(row_max, scores.max(axis=-1, keepdims=True))
+  shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+  p = jnp.exp(scores - shift)
+  rescale = jnp.exp(row_max - shift)
+  row_sum = row_sum * rescale + p.sum(axis=-1, keepdims=True)
+  pv = jax.lax.dot_general(
+      p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+  )
+  return new_max, row_sum, acc * rescale + pv
+
+
+def finish(
+    row_max: Float[Array, "i 1"], row_sum: Float[Array, "i 1"], acc: Float[Array, "i e"]
+) -> tuple[Float[Array, "i e"], Float[Array, "i 1"], Float[Array, "i 1"]]:
+  """Output rows (float32; exactly 0 for empty rows) and the saved (row max, row sum).
+
+  Empty rows save max 0 and sum 1, so the backward's recomputed p = exp(s - max) / sum is finite;
+  their pairs are all masked, so it is never used.
+  """
+  nonempty = row_sum > 0
+  safe_sum = jnp.where(nonempty, row_sum, 1.0)
+  return acc / safe_sum, jnp.where(nonempty, row_max, 0.0), safe_sum
+
+
+def probabilities(
+    scores: Float[Array, "i j"],
+    mask: Bool[Array, "i j"],
+    row_max: Float[Array, "i 1"],
+    row_sum: Float[Array, "i 1"],
+) -> Float[Array, "i j"]:
+  """The forward's softmax weights of one tile, recomputed from the saved row max and row sum."""
+  return jnp.where(mask, jnp.exp(scores - row_max), 0.0) / row_sum
