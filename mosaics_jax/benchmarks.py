@@ -466,6 +466,9 @@ def _op_group(op_name: str, model_name: str) -> tuple[str, str, str]:
   """(component, direction, kind) of an XLA op from its metadata op_name."""
   import re
 
+  if not op_name:
+    # Some fusions XLA forms late (on CPU, its library fusions) carry no source metadata.
+    return "unattributed: fusions without source metadata", "-", "other"
   direction = "backward" if "transpose(" in op_name else "forward"
   kind = "matmul" if "dot_general" in op_name else "other"
   # op_name: jit(step)/.../jvp(MosaicV1)/h_3/mlp/... ; the model is the jvp(<model class>) scope.
