@@ -10,6 +10,7 @@ from mosaics_jax.config import (
     TrainConfig,
 )
 from mosaics_jax.models import build_model
+from mosaics_jax.pretrained import Pretrained, load
 
 __all__ = [
     "DataConfig",
@@ -18,6 +19,8 @@ __all__ = [
     "ModelConfig",
     "MosaicV1Config",
     "MosaicV2Config",
+    "Pretrained",
     "TrainConfig",
     "build_model",
+    "load",
 ]

@@ -13,7 +13,7 @@ import kernels_pallas
 from mosaics_jax import config as config_lib, layers
 
 
-class Attention(nn.Module):
+class Attention(layers.PlainInit):
   """softmax(q k^T / sqrt(d)) v over s <= t inside the document, q and k rotated by RoPE.
 
   It is the retrieval op with the band [0, inf): the same blocked XLA path and kernels as the
@@ -30,16 +30,19 @@ class Attention(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     init = layers.truncated_normal(layers.depth_scaled_std(cfg.width, self.layer_index))
-    dense = lambda name: nn.Dense(
-        cfg.width, use_bias=False, kernel_init=init, dtype=dtype, name=name
+    dense = lambda name, *axes: nn.Dense(
+        cfg.width, use_bias=False, kernel_init=layers.logical(init, *axes), dtype=dtype, name=name
     )
-    q, k, v = (layers.split_heads(dense(n)(x), cfg.num_heads) for n in ("wq", "wk", "wv"))
+    q, k, v = (
+        layers.split_heads(dense(n, "embed", "heads")(x), cfg.num_heads) for n in ("wq", "wk", "wv")
+    )
     positions = kernels_pallas.document_positions(segment_ids, x.shape[1])
     positions = jnp.broadcast_to(positions, x.shape[:2])
     q = layers.rope(q, positions, cfg.rope_theta)
     k = layers.rope(k, positions, cfg.rope_theta)
     q = q * jnp.asarray(cfg.head_dim**-0.5, q.dtype)
+    q, k, v = (layers.constrain(z, "batch", "length", "heads", "kv") for z in (q, k, v))
     y = kernels_pallas.retrieve(
         q, k, v, lo=0, hi=None, segment_ids=segment_ids, impl=cfg.retrieve_impl
     )
-    return dense("wo")(layers.merge_heads(y))
+    return dense("wo", "heads", "embed")(layers.merge_heads(y))

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from mosaics_jax import layers
+
 
 def adaptive_bandwidth(
     counts: Int[Array, "b t"],
@@ -44,7 +46,9 @@ class AdaptiveBandwidth(nn.Module):
   @nn.compact
   def __call__(self, counts: Int[Array, "b t"]) -> Float[Array, "b t h"]:
     theta0, theta1, theta_a = (
-        self.param(name, nn.initializers.constant(value), (self.num_heads,))
+        self.param(
+            name, layers.logical(nn.initializers.constant(value), "heads"), (self.num_heads,)
+        )
         for name, value in zip(("theta0", "theta1", "theta_a"), self.initial)
     )
     return adaptive_bandwidth(counts, theta0, theta1, theta_a, self.max_log)

@@ -3,7 +3,13 @@
 A checkpoint holds the train state (step, params, optimizer state, RNG key) and the data iterator's
 state, so that a resumed run continues bit for bit. Orbax writes each checkpoint to a temporary
 directory and renames it when complete, so a checkpoint cut short by a crash is never listed; one
-that is listed but cannot be read is skipped with a warning for the one before it.
+that is listed but cannot be read is skipped with a warning for the one before it. A checkpoint
+restores onto the shardings of the template it is given, so a run saved on one mesh resumes on
+another mesh or device count.
+
+In a multi-process run every process calls every method (Orbax writes each process's shards and
+synchronises them); files outside Orbax's (the config, a set-aside checkpoint) are changed by
+process 0 alone.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import shutil
 import warnings
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from mosaics_jax import config as config_lib
@@ -49,13 +56,19 @@ class Checkpoints:
     return sorted(self._manager.all_steps())
 
   def restore_latest(self, template: Any) -> tuple[int, Any, dict] | None:
-    """(step, state, data state) of the newest readable checkpoint, or None if there is none."""
+    """(step, state, data state) of the newest readable checkpoint, or None if there is none.
+
+    The state comes back with the shapes, dtypes and shardings of `template`'s arrays.
+    """
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template
+    )
     for step in reversed(self.steps()):
       try:
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(template), data=ocp.args.JsonRestore()
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
             ),
         )
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back the same way.
@@ -72,10 +85,12 @@ class Checkpoints:
   def _set_aside(self, step: int) -> pathlib.Path:
     """Moves an unreadable checkpoint out of the manager's sight, so its step can be saved again."""
     aside = self.directory.with_name(self.directory.name + "-unreadable") / str(step)
-    aside.parent.mkdir(parents=True, exist_ok=True)
-    if aside.exists():
-      shutil.rmtree(aside)
-    (self.directory / str(step)).rename(aside)
+    if jax.process_index() == 0:
+      aside.parent.mkdir(parents=True, exist_ok=True)
+      if aside.exists():
+        shutil.rmtree(aside)
+      (self.directory / str(step)).rename(aside)
+    ocp.multihost.sync_global_processes(f"mosaics_set_aside_{step}")  # Moved before any reloads.
     self._manager.reload()
     return aside
 
@@ -90,7 +105,8 @@ class Checkpoints:
 def check_or_save_config(workdir: pathlib.Path, experiment: config_lib.Experiment) -> None:
   """Saves the resolved config in workdir; refuses a workdir trained with a different model.
 
-  The training recipe may change between runs (more steps, say); the model may not.
+  The training recipe may change between runs (more steps, say); the model may not. Every process
+  checks; process 0 saves.
   """
   path = workdir / CONFIG_FILE
   if path.exists():
@@ -106,6 +122,8 @@ def check_or_save_config(workdir: pathlib.Path, experiment: config_lib.Experimen
       raise CheckpointError(
           f"{workdir} holds a run of a different model ({details}); use another --workdir"
       )
+  if jax.process_index() != 0:
+    return
   tmp = path.with_suffix(".tmp")
   tmp.write_text(json.dumps(config_lib.to_dict(experiment), indent=2) + "\n")
   tmp.replace(path)  # Atomic: a crash never leaves a half-written config.

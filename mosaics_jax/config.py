@@ -14,6 +14,9 @@ import typing
 from typing import Any, ClassVar, Literal
 
 Dtype = Literal["float32", "bfloat16"]
+# (logical axis name, mesh axes): a parameter or activation dimension with that logical name is
+# sharded over those mesh axes (`mosaics_jax.sharding`).
+AxisRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 
 class ConfigError(ValueError):
@@ -197,6 +200,55 @@ class TrainConfig:
       )
 
 
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Earlier rules take precedence, and a mesh axis shards at most one dimension of an array: the
+# activations' batch takes fsdp, so their embed dimension stays whole while the parameters' is
+# sharded (FSDP). Memory heads are independent, so heads over tensor need no communication in
+# retrieval. Logical names without a rule (length, kv, norm, pairs, pmem) are replicated.
+DEFAULT_AXIS_RULES: AxisRules = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+  """The device mesh (axes data, fsdp, tensor) and how logical axes map onto it.
+
+  Sizes are devices per slice; at most one of data, fsdp, tensor may be -1 ("the rest"). The
+  default puts every device on data, so one device trains exactly as without a mesh. dcn_data and
+  dcn_fsdp multiply the data and fsdp axes across the slices of a multi-slice pod.
+  """
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  dcn_data: int = 1
+  dcn_fsdp: int = 1
+  rules: AxisRules = DEFAULT_AXIS_RULES
+
+  def __post_init__(self):
+    for name in ("data", "fsdp", "tensor"):
+      if getattr(self, name) < 1 and getattr(self, name) != -1:
+        raise ConfigError(f"mesh.{name} must be >= 1 or -1 (the rest), got {getattr(self, name)}")
+    for name in ("dcn_data", "dcn_fsdp"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"mesh.{name} must be >= 1, got {getattr(self, name)}")
+    for rule in self.rules:
+      if len(rule) != 2 or not isinstance(rule[0], str):
+        raise ConfigError(f"mesh.rules holds (logical name, mesh axes) pairs, got {rule!r}")
+      axes = (rule[1],) if isinstance(rule[1], str) or rule[1] is None else rule[1]
+      unknown = [a for a in axes if a is not None and a not in MESH_AXES]
+      if unknown:
+        raise ConfigError(
+            f"mesh.rules: {rule[0]!r} maps to unknown mesh axes {unknown}; known: {MESH_AXES}"
+        )
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Experiment:
   """A model size paired with a dataset and a training recipe."""
@@ -206,6 +258,7 @@ class Experiment:
   model: ModelConfig
   data: DataConfig = DataConfig()
   train: TrainConfig = TrainConfig()
+  mesh: MeshConfig = MeshConfig()
   # The name of the experiment this one fine-tunes from (e.g. the 32k context extension).
   init_from: str | None = None
 
@@ -220,7 +273,7 @@ def to_dict(config: Any) -> dict[str, Any]:
       if isinstance(getattr(config, field.name), ModelConfig):
         value = {"family": getattr(config, field.name).family, **value}
     elif isinstance(value, tuple):
-      value = list(value)
+      value = _to_lists(value)
     out[field.name] = value
   return out
 
@@ -243,9 +296,18 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     if hint is ModelConfig or (isinstance(hint, type) and dataclasses.is_dataclass(hint)):
       value = from_dict(hint, value)
     elif isinstance(value, list):
-      value = tuple(value)
+      value = to_tuples(value)
     kwargs[key] = value
   return cls(**kwargs)
+
+
+def to_tuples(value: Any) -> Any:
+  """Nested lists (from JSON) as nested tuples, the configs' immutable sequences."""
+  return tuple(to_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _to_lists(value: Any) -> Any:
+  return [_to_lists(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def override(config: Any, path: str, value: Any) -> Any:

@@ -10,9 +10,10 @@ b = batch_size // process_count (this process's share of the global batch) and t
   answer_mask  float32  1 on the answers of the synthetic tasks, where accuracy is measured.
 
 A pipeline is a Grain `MapDataset` over example indices: shuffled (anew every epoch), repeated,
-mapped to examples, sharded by process index and batched. Process p of P reads global examples
-p, p + P, p + 2P, ..., so one step's batches of all processes together are the global batch that a
-single process would read: the data do not depend on how many hosts share them. The iterator is
+mapped to examples, batched and sharded by process index. Process p of P reads rows
+[p * b, (p + 1) * b) of each global batch, so one step's batches of all processes, stacked in
+process order, are the global batch that a single process would read, row for row: the data do
+not depend on how many hosts share them. The iterator is
 Grain's `DatasetIterator`: `get_state()` is a small JSON-ready dict, and `set_state` on a fresh
 iterator built with the same arguments resumes the stream exactly.
 
@@ -130,7 +131,9 @@ def make_iterator(
     if repeat:
       ds = ds.repeat()
     ds = ds.map(windows)
-  ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
+  # Batch before sharding: local batch k * P + p is this process's rows of global batch k. Both
+  # are lazy, so only this process's examples are made.
+  ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
   # Examples are cut from memory or a memmap: a few threads and batches of read-ahead suffice.
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)))
 

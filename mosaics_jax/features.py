@@ -45,6 +45,22 @@ def value_mix(
   return c * v + (1 - c) * next_in_document(v, segment_ids)
 
 
+def _per_head(init: nn.initializers.Initializer) -> nn.initializers.Initializer:
+  return layers.logical(init, "heads")
+
+
+def _per_head_dense(features: int, bias: bool, init, dtype, name: str) -> nn.Dense:
+  """A projection onto per-head features (h*d, heads-major, or one per head)."""
+  return nn.Dense(
+      features,
+      use_bias=bias,
+      kernel_init=layers.logical(init, "embed", "heads"),
+      bias_init=_per_head(nn.initializers.zeros_init()),
+      dtype=dtype,
+      name=name,
+  )
+
+
 def _resets(segment_ids: Int[Array, "b t"] | None) -> jax.Array | None:
   return None if segment_ids is None else kernels_pallas.segment_starts(segment_ids)
 
@@ -68,7 +84,7 @@ class LeakyAverage(nn.Module):
     low, high = self.init_range
     b = self.param(
         "leaky_key_beta",
-        lambda _, n: jnp.linspace(low, high, n) / self.exp_scaling,
+        layers.logical(lambda _, n: jnp.linspace(low, high, n) / self.exp_scaling, "heads"),
         self.num_heads,
     )
     decay = jnp.exp(-jnp.abs(b) * self.exp_scaling)
@@ -104,12 +120,8 @@ class KeyFeatureExtractorV1(nn.Module):
   def __call__(
       self, x: Float[Array, "b t m"], segment_ids: Int[Array, "b t"] | None, scale_pow: int
   ) -> Float[Array, "b t h d"]:
-    k = nn.Dense(
-        x.shape[-1],
-        use_bias=self.bias,
-        kernel_init=nn.initializers.normal(self.init_std),
-        dtype=self.dtype,
-        name="W_k",
+    k = _per_head_dense(
+        x.shape[-1], self.bias, nn.initializers.normal(self.init_std), self.dtype, "W_k"
     )(x)
     k = LeakyAverage(
         self.num_heads,
@@ -120,7 +132,7 @@ class KeyFeatureExtractorV1(nn.Module):
         name="leaky_avg",
     )(layers.split_heads(k, self.num_heads), segment_ids)
     scale = self.param(
-        "key_scale", nn.initializers.constant(self.key_scale_init), (self.num_heads,)
+        "key_scale", _per_head(nn.initializers.constant(self.key_scale_init)), (self.num_heads,)
     )
     log_scale = jnp.minimum(scale_pow * self.exp_scaling * scale, self.key_scale_max)
     return l2_normalize(k, self.eps) * jnp.exp(log_scale)[:, None]
@@ -141,16 +153,12 @@ class ValueFeatureExtractorV1(nn.Module):
   def __call__(
       self, x: Float[Array, "b t m"], segment_ids: Int[Array, "b t"] | None
   ) -> Float[Array, "b t h d"]:
-    v = nn.Dense(
-        x.shape[-1],
-        use_bias=self.bias,
-        kernel_init=nn.initializers.normal(self.init_std),
-        dtype=self.dtype,
-        name="W_v",
+    v = _per_head_dense(
+        x.shape[-1], self.bias, nn.initializers.normal(self.init_std), self.dtype, "W_v"
     )(x)
-    coef = self.param("coef", nn.initializers.uniform(1.0), (self.num_heads,))
+    coef = self.param("coef", _per_head(nn.initializers.uniform(1.0)), (self.num_heads,))
     scale = self.param(
-        "val_scale", nn.initializers.constant(self.val_scale_init), (self.num_heads,)
+        "val_scale", _per_head(nn.initializers.constant(self.val_scale_init)), (self.num_heads,)
     )
     v = value_mix(layers.split_heads(v, self.num_heads).astype(jnp.float32), coef, segment_ids)
     return l2_normalize(v, self.eps) * jnp.exp(self.exp_scaling * scale)[:, None]
@@ -177,18 +185,10 @@ class GatedKeyExtractor(nn.Module):
   ) -> Float[Array, "b t h d"]:
     width = x.shape[-1]
     init = layers.truncated_normal(layers.depth_scaled_std(width, self.layer_index))
-    k = nn.Dense(width, use_bias=False, kernel_init=init, dtype=self.dtype, name="W_phi")(x)
+    k = _per_head_dense(width, False, init, self.dtype, "W_phi")(x)
     # Gates stay float32: g_t is unbounded and the recurrence sums many of them.
-    gate = nn.Dense(
-        self.num_heads, use_bias=self.gate_bias, kernel_init=init, dtype=jnp.float32, name="w_g"
-    )(x)
-    forget = nn.Dense(
-        self.num_heads,
-        use_bias=self.gate_bias,
-        kernel_init=init,
-        dtype=jnp.float32,
-        name="w_lambda",
-    )(x)
+    gate = _per_head_dense(self.num_heads, self.gate_bias, init, jnp.float32, "w_g")(x)
+    forget = _per_head_dense(self.num_heads, self.gate_bias, init, jnp.float32, "w_lambda")(x)
     k = layers.split_heads(k, self.num_heads).astype(jnp.float32)
     kbar = kernels_pallas.linear_scan(
         jnp.exp(-jnp.abs(forget)),
@@ -219,9 +219,11 @@ class ConvValueExtractor(nn.Module):
   ) -> Float[Array, "b t h d"]:
     width = x.shape[-1]
     init = layers.truncated_normal(layers.depth_scaled_std(width, self.layer_index))
-    v = nn.Dense(width, use_bias=False, kernel_init=init, dtype=self.dtype, name="W_psi")(x)
-    gamma = self.param("gamma", nn.initializers.uniform(1.0), (self.num_heads,))
-    theta = self.param("theta", nn.initializers.constant(self.scale_init), (self.num_heads,))
+    v = _per_head_dense(width, False, init, self.dtype, "W_psi")(x)
+    gamma = self.param("gamma", _per_head(nn.initializers.uniform(1.0)), (self.num_heads,))
+    theta = self.param(
+        "theta", _per_head(nn.initializers.constant(self.scale_init)), (self.num_heads,)
+    )
     alpha = jnp.exp(jnp.minimum(jnp.abs(theta), self.scale_max))
     v = value_mix(layers.split_heads(v, self.num_heads).astype(jnp.float32), gamma, segment_ids)
     return alpha[:, None] * l2_normalize(v, self.eps)

@@ -1,4 +1,9 @@
-"""Building blocks shared by the model families: initialisers, norms, SwiGLU, RoPE.
+"""Building blocks shared by the model families: initialisers, logical axes, SwiGLU, RoPE.
+
+Every parameter and the key activations carry logical axis names, which `mosaics_jax.sharding`
+maps onto mesh axes with `MeshConfig.rules`: batch, length, embed (model width), heads (per-head
+parameters, and the h*d dimension of per-head projections, heads-major), kv (head dim), mlp (SwiGLU
+width), vocab, norm (norm scales and biases), pmem and pairs (v1 persistent memories).
 
 Axis legend: b = batch, t = time, m = model width, f = SwiGLU width, h = heads, d = head dim.
 """
@@ -6,10 +11,35 @@ Axis legend: b = batch, t = time, m = model width, f = SwiGLU width, h = heads, 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
+
+
+def logical(init: nn.initializers.Initializer, *names: str) -> nn.initializers.Initializer:
+  """`init` whose parameter carries the logical axis names of its dimensions."""
+  return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x: Any, *names: str | None) -> Any:
+  """x sharded as its logical axis names say; a no-op outside `nn.logical_axis_rules`."""
+  return nn.with_logical_constraint(x, names)
+
+
+class PlainInit(nn.Module):
+  """A module whose `init` gives plain arrays and `init_boxed` them with logical axis names."""
+
+  @nn.nowrap
+  def init(self, *args, **kwargs):
+    """`nn.Module.init`, its variables plain arrays."""
+    return nn.meta.unbox(self.init_boxed(*args, **kwargs))
+
+  @nn.nowrap
+  def init_boxed(self, *args, **kwargs):
+    """`nn.Module.init`, every parameter an `nn.LogicallyPartitioned` holding its axis names."""
+    return super().init(*args, **kwargs)
 
 
 def truncated_normal(std: float) -> nn.initializers.Initializer:
@@ -22,7 +52,7 @@ def depth_scaled_std(fan_in: int, layer_index: int) -> float:
   return 1.0 / math.sqrt(2.0 * fan_in * (layer_index + 1))
 
 
-class SwiGLU(nn.Module):
+class SwiGLU(PlainInit):
   """The v2 persistent memory: W2(silu(W1 x) * W3 x), with Table 6's depth-scaled init."""
 
   hidden: int
@@ -37,9 +67,10 @@ class SwiGLU(nn.Module):
     dense = lambda n, init, name: nn.Dense(
         n, use_bias=False, kernel_init=init, dtype=self.dtype, name=name
     )
-    gate = dense(self.hidden, in_init, "w1")(x)
-    up = dense(self.hidden, in_init, "w3")(x)
-    return dense(width, out_init, "w2")(nn.silu(gate) * up)
+    gate = dense(self.hidden, logical(in_init, "embed", "mlp"), "w1")(x)
+    up = dense(self.hidden, logical(in_init, "embed", "mlp"), "w3")(x)
+    hidden = constrain(nn.silu(gate) * up, "batch", "length", "mlp")
+    return dense(width, logical(out_init, "mlp", "embed"), "w2")(hidden)
 
 
 def rope(

@@ -48,13 +48,19 @@ def _c_proj(cfg: config_lib.MosaicV1Config, dtype) -> nn.Dense:
   return nn.Dense(
       cfg.width,
       use_bias=cfg.bias,
-      kernel_init=nn.initializers.normal(std),
+      kernel_init=layers.logical(nn.initializers.normal(std), "heads", "embed"),
+      bias_init=layers.logical(nn.initializers.zeros_init(), "embed"),
       dtype=dtype,
       name="c_proj",
   )
 
 
-class ContextMemory(nn.Module):
+def _per_head(x: Float[Array, "b t h d"]) -> Float[Array, "b t h d"]:
+  # Heads are independent memories: sharded over heads, retrieval needs no communication.
+  return layers.constrain(x, "batch", "length", "heads", "kv")
+
+
+class ContextMemory(layers.PlainInit):
   """v1 contextual memory: softmax(k_t . k_s) over s <= t - 1, then c_proj (nanoMosaics ContextMem)."""
 
   config: config_lib.MosaicV1Config
@@ -77,14 +83,14 @@ class ContextMemory(nn.Module):
         name="v_featurizer",
     )(x, segment_ids)
     # The key scale is the bandwidth: the query is the key itself.
-    k, v = k.astype(dtype), v.astype(dtype)
+    k, v = (_per_head(z.astype(dtype)) for z in (k, v))
     y = kernels_pallas.retrieve(
         k, k, v, lo=1, hi=None, segment_ids=segment_ids, impl=cfg.retrieve_impl
     )
     return _c_proj(cfg, dtype)(layers.merge_heads(y))
 
 
-class PersistentMemoryV1(nn.Module):
+class PersistentMemoryV1(layers.PlainInit):
   """v1 persistent memory: mean_i softmax(k P_k[i]^T) P_v[i] * exp(exp_scaling * s_o), then c_proj."""
 
   config: config_lib.MosaicV1Config
@@ -96,13 +102,17 @@ class PersistentMemoryV1(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     # p = 2: the stored keys P_k carry no scale, so the query carries it twice.
-    k = _v1_key_extractor(cfg, dtype)(x, segment_ids, scale_pow=2).astype(dtype)
+    k = _per_head(_v1_key_extractor(cfg, dtype)(x, segment_ids, scale_pow=2).astype(dtype))
     shape = (cfg.pmem_count, cfg.num_heads, cfg.pmem_size, cfg.head_dim)
-    init = nn.initializers.normal(1.0 / math.sqrt(cfg.head_dim))
+    init = layers.logical(
+        nn.initializers.normal(1.0 / math.sqrt(cfg.head_dim)), "pmem", "heads", "pairs", "kv"
+    )
     p_k = self.param("P_k", init, shape).astype(dtype)
     p_v = self.param("P_v", init, shape).astype(dtype)
     out_scale = self.param(
-        "out_scale", nn.initializers.constant(cfg.out_scale_init), (cfg.num_heads,)
+        "out_scale",
+        layers.logical(nn.initializers.constant(cfg.out_scale_init), "heads"),
+        (cfg.num_heads,),
     )
     y = _persistent_retrieve(k, p_k, p_v)
     y = y / cfg.pmem_count * jnp.exp(cfg.exp_scaling * out_scale)[:, None]
@@ -214,7 +224,7 @@ def _chunked_retrieve_bwd(groups, residuals, dy):
 _chunked_retrieve.defvjp(_chunked_retrieve_fwd, _chunked_retrieve_bwd)
 
 
-class AssociativeMemory(nn.Module):
+class AssociativeMemory(layers.PlainInit):
   """A v2 associative memory over one band: gated keys, convolutional values, adaptive bandwidth.
 
   `hi` is static (the short-term window); `lo` may be traced (the long-term delay m).
@@ -261,9 +271,9 @@ class AssociativeMemory(nn.Module):
     )(counts)
     q = beta[..., None] * k
     return kernels_pallas.retrieve(
-        q.astype(dtype),
-        k.astype(dtype),
-        v.astype(dtype),
+        _per_head(q.astype(dtype)),
+        _per_head(k.astype(dtype)),
+        _per_head(v.astype(dtype)),
         lo=lo,
         hi=self.hi,
         segment_ids=segment_ids,

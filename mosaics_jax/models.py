@@ -8,6 +8,9 @@ contiguous runs); no memory, recurrence or attention ever crosses a document bou
     params = model.init(rng, tokens)["params"]
     logits = model.apply({"params": params}, tokens, segment_ids)
 
+Every parameter and the key activations carry logical axis names (`layers.logical`), which
+`mosaics_jax.sharding` maps onto a device mesh; `init_boxed` gives the parameters with them.
+
 Axis legend: b = batch, t = time, m = model width, v = vocabulary.
 """
 
@@ -38,6 +41,61 @@ def _check_inputs(tokens: jax.Array, segment_ids: jax.Array | None) -> None:
     )
 
 
+def _norm_init(init: nn.initializers.Initializer) -> nn.initializers.Initializer:
+  return layers.logical(init, "norm")
+
+
+def _layer_norm(cfg: config_lib.MosaicV1Config, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      cfg.layer_norm_eps,
+      use_bias=cfg.bias,
+      scale_init=_norm_init(nn.initializers.ones_init()),
+      bias_init=_norm_init(nn.initializers.zeros_init()),
+      name=name,
+  )
+
+
+def _rms_norm(cfg: config_lib.MosaicV2Config | config_lib.LlamaConfig, name: str) -> nn.RMSNorm:
+  return nn.RMSNorm(
+      cfg.norm_eps,
+      dtype=jnp.dtype(cfg.dtype),
+      scale_init=_norm_init(nn.initializers.ones_init()),
+      name=name,
+  )
+
+
+def _embed(cfg: config_lib.ModelConfig, init: nn.initializers.Initializer, name: str) -> nn.Embed:
+  return nn.Embed(
+      cfg.vocab_size,
+      cfg.width,
+      embedding_init=layers.logical(init, "vocab", "embed"),
+      dtype=jnp.dtype(cfg.dtype),
+      name=name,
+  )
+
+
+def _classifier(cfg: config_lib.ModelConfig, init: nn.initializers.Initializer) -> nn.Dense:
+  return nn.Dense(
+      cfg.vocab_size,
+      use_bias=False,
+      kernel_init=layers.logical(init, "embed", "vocab"),
+      dtype=jnp.dtype(cfg.dtype),
+      name="classifier",
+  )
+
+
+def _residual(x: Float[Array, "b t m"]) -> Float[Array, "b t m"]:
+  return layers.constrain(x, "batch", "length", "embed")
+
+
+def _logits(x: Float[Array, "b t v"]) -> Float[Array, "b t v"]:
+  return layers.constrain(x, "batch", "length", "vocab").astype(jnp.float32)
+
+
+class LanguageModel(layers.PlainInit):
+  """A model of the zoo: `init` gives plain arrays, `init_boxed` them with logical axis names."""
+
+
 def _maybe_remat(block: type[nn.Module], remat: bool) -> type[nn.Module]:
   """The block, rematerialised in the backward pass if asked; `deterministic` (last) stays static."""
   if not remat:
@@ -54,14 +112,14 @@ class MosaicV1Block(nn.Module):
   @nn.compact
   def __call__(self, x, segment_ids, deterministic: bool):
     cfg = self.config
-    ln = lambda name: nn.LayerNorm(cfg.layer_norm_eps, use_bias=cfg.bias, name=name)
+    ln = lambda name: _layer_norm(cfg, name)
     drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
     x = x + drop(memories.ContextMemory(cfg, name="attn")(ln("ln_1")(x), segment_ids))
     x = x + drop(memories.PersistentMemoryV1(cfg, name="mlp")(ln("ln_2")(x), segment_ids))
     return x
 
 
-class MosaicV1(nn.Module):
+class MosaicV1(LanguageModel):
   """Memory Mosaics v1 with nanoMosaics' parameter names: wte (tied LM head), h_{i}, ln_f."""
 
   config: config_lib.MosaicV1Config
@@ -80,19 +138,13 @@ class MosaicV1(nn.Module):
       raise ValueError(
           f"sequence length {tokens.shape[1]} exceeds the model's block_size {cfg.block_size}"
       )
-    wte = nn.Embed(
-        cfg.vocab_size,
-        cfg.width,
-        embedding_init=nn.initializers.normal(cfg.init_std),
-        dtype=jnp.dtype(cfg.dtype),
-        name="wte",
-    )
-    x = nn.Dropout(cfg.dropout, deterministic=deterministic)(wte(tokens))
+    wte = _embed(cfg, nn.initializers.normal(cfg.init_std), "wte")
+    x = _residual(nn.Dropout(cfg.dropout, deterministic=deterministic)(wte(tokens)))
     block = _maybe_remat(MosaicV1Block, cfg.remat)
     for i in range(cfg.num_layers):
-      x = block(cfg, name=f"h_{i}")(x, segment_ids, deterministic)
-    x = nn.LayerNorm(cfg.layer_norm_eps, use_bias=cfg.bias, name="ln_f")(x)
-    return wte.attend(x).astype(jnp.float32)
+      x = _residual(block(cfg, name=f"h_{i}")(x, segment_ids, deterministic))
+    x = _layer_norm(cfg, "ln_f")(x)
+    return _logits(wte.attend(x))
 
 
 class MosaicV2Block(nn.Module):
@@ -106,7 +158,7 @@ class MosaicV2Block(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
-    h = nn.RMSNorm(cfg.norm_eps, dtype=dtype, name="norm1")(x)
+    h = _rms_norm(cfg, "norm1")(x)
     outputs = [
         memories.AssociativeMemory(
             cfg, self.layer_index, hi=cfg.short_term_window - 1, name="short_term"
@@ -119,14 +171,21 @@ class MosaicV2Block(nn.Module):
       outputs.append(jnp.zeros_like(y) if cfg.drop_long_term_memory else y)
     y = jnp.concatenate([layers.merge_heads(o) for o in outputs], axis=-1)
     init = layers.truncated_normal(layers.depth_scaled_std(cfg.width, self.layer_index))
-    w_o = nn.Dense(cfg.width, use_bias=False, kernel_init=init, dtype=dtype, name="w_o")
+    # The input of w_o is [short-term heads; long-term heads], each heads-major.
+    w_o = nn.Dense(
+        cfg.width,
+        use_bias=False,
+        kernel_init=layers.logical(init, "heads", "embed"),
+        dtype=dtype,
+        name="w_o",
+    )
     x = x + drop(w_o(y))
-    h = nn.RMSNorm(cfg.norm_eps, dtype=dtype, name="norm2")(x)
+    h = _rms_norm(cfg, "norm2")(x)
     ffn = layers.SwiGLU(cfg.ffn_width, self.layer_index, dtype=dtype, name="ffn")
     return x + drop(ffn(h))
 
 
-class MosaicV2(nn.Module):
+class MosaicV2(LanguageModel):
   """Memory Mosaics v2: untied embedding and classifier, RMSNorm pre-norm blocks."""
 
   config: config_lib.MosaicV2Config
@@ -143,21 +202,15 @@ class MosaicV2(nn.Module):
     """`ltm_delay` is the long-term delay m (may be traced); None uses config.long_term_delay."""
     cfg = self.config
     _check_inputs(tokens, segment_ids)
-    dtype = jnp.dtype(cfg.dtype)
     ltm_delay = cfg.long_term_delay if ltm_delay is None else ltm_delay
     init = layers.truncated_normal(layers.depth_scaled_std(cfg.width, 0))
-    x = nn.Embed(cfg.vocab_size, cfg.width, embedding_init=init, dtype=dtype, name="embed")(
-        tokens
-    )
-    x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
+    x = _embed(cfg, init, "embed")(tokens)
+    x = _residual(nn.Dropout(cfg.dropout, deterministic=deterministic)(x))
     block = _maybe_remat(MosaicV2Block, cfg.remat)
     for i in range(cfg.num_layers):
-      x = block(cfg, i, name=f"layer_{i}")(x, segment_ids, ltm_delay, deterministic)
-    x = nn.RMSNorm(cfg.norm_eps, dtype=dtype, name="final_norm")(x)
-    logits = nn.Dense(
-        cfg.vocab_size, use_bias=False, kernel_init=init, dtype=dtype, name="classifier"
-    )(x)
-    return logits.astype(jnp.float32)
+      x = _residual(block(cfg, i, name=f"layer_{i}")(x, segment_ids, ltm_delay, deterministic))
+    x = _rms_norm(cfg, "final_norm")(x)
+    return _logits(_classifier(cfg, init)(x))
 
 
 class LlamaBlock(nn.Module):
@@ -171,13 +224,13 @@ class LlamaBlock(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
-    h = nn.RMSNorm(cfg.norm_eps, dtype=dtype, name="attn_norm")(x)
+    h = _rms_norm(cfg, "attn_norm")(x)
     x = x + drop(attention.Attention(cfg, self.layer_index, name="attention")(h, segment_ids))
-    h = nn.RMSNorm(cfg.norm_eps, dtype=dtype, name="ffn_norm")(x)
+    h = _rms_norm(cfg, "ffn_norm")(x)
     return x + drop(layers.SwiGLU(cfg.ffn_width, self.layer_index, dtype=dtype, name="ffn")(h))
 
 
-class Llama(nn.Module):
+class Llama(LanguageModel):
   """The Transformer baseline: Llama blocks, untied embedding and classifier.
 
   Initialisation follows the v2 paper's Table 6 like the Memory Mosaics it is compared with
@@ -196,25 +249,19 @@ class Llama(nn.Module):
   ) -> Float[Array, "b t v"]:
     cfg = self.config
     _check_inputs(tokens, segment_ids)
-    dtype = jnp.dtype(cfg.dtype)
     init = layers.truncated_normal(layers.depth_scaled_std(cfg.width, 0))
-    x = nn.Embed(cfg.vocab_size, cfg.width, embedding_init=init, dtype=dtype, name="embed")(
-        tokens
-    )
-    x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
+    x = _embed(cfg, init, "embed")(tokens)
+    x = _residual(nn.Dropout(cfg.dropout, deterministic=deterministic)(x))
     block = _maybe_remat(LlamaBlock, cfg.remat)
     for i in range(cfg.num_layers):
-      x = block(cfg, i, name=f"layer_{i}")(x, segment_ids, deterministic)
-    x = nn.RMSNorm(cfg.norm_eps, dtype=dtype, name="final_norm")(x)
-    logits = nn.Dense(
-        cfg.vocab_size, use_bias=False, kernel_init=init, dtype=dtype, name="classifier"
-    )(x)
-    return logits.astype(jnp.float32)
+      x = _residual(block(cfg, i, name=f"layer_{i}")(x, segment_ids, deterministic))
+    x = _rms_norm(cfg, "final_norm")(x)
+    return _logits(_classifier(cfg, init)(x))
 
 
-MODELS: dict[str, type[nn.Module]] = {"mm1": MosaicV1, "mm2": MosaicV2, "llama": Llama}
+MODELS: dict[str, type[LanguageModel]] = {"mm1": MosaicV1, "mm2": MosaicV2, "llama": Llama}
 
 
-def build_model(config: config_lib.ModelConfig) -> nn.Module:
+def build_model(config: config_lib.ModelConfig) -> LanguageModel:
   """The Flax module of a model config."""
   return MODELS[config.family](config)

@@ -4,11 +4,19 @@ Everything random derives from `train.seed`: the parameters, the data order (Gra
 n, the dropout masks and the v2 long-term delay m from `fold_in(key, n)`. A run restarted from a
 checkpoint therefore continues bit for bit as if it had never stopped.
 
+On more than one device the run lives on the mesh of `experiment.mesh`: parameters and optimizer
+state are created sharded as their logical axes and the mesh rules say (`mosaics_jax.sharding`),
+batches are sharded over their batch axis, and each step is one jit with those shardings. One
+device runs exactly as without a mesh. In a multi-process run (`mosaics_jax.distributed`) the mesh
+spans every process's devices: each process reads its rows of every global batch, all of them save
+and restore the checkpoints together, and process 0 alone writes metrics, progress and the plot.
+
 Axis legend: b = batch, t = time, v = vocabulary, a = gradient-accumulation micro-batches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -16,13 +24,14 @@ import pathlib
 import time
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
 
-from mosaics_jax import checkpoints, config as config_lib, data, metrics, models, optim
+from mosaics_jax import checkpoints, config as config_lib, data, metrics, models, optim, sharding
 
 Batch = dict[str, np.ndarray]
 State = dict[str, Any]  # step, params, opt_state, rng (raw key data, so Orbax saves it as-is).
@@ -38,6 +47,56 @@ class RunResult:
   workdir: pathlib.Path
   val: dict[str, float] | None  # The last evaluation.
   plot: pathlib.Path | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where a multi-device run keeps its arrays."""
+
+  mesh: jax.sharding.Mesh
+  rules: config_lib.AxisRules
+  state: Any  # A NamedSharding per leaf of the train state.
+  batch: jax.sharding.NamedSharding  # Of every [b t] batch array.
+
+  @contextlib.contextmanager
+  def context(self):
+    """The mesh and the logical axis rules, for tracing the models' sharding constraints."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
+  def jit(self, fn, in_shardings, out_shardings, **kwargs) -> Callable:
+    """`fn` jitted with these shardings, traced and run in `context`, host batches sharded."""
+    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, **kwargs)
+
+    def run(first, batch: Batch):
+      with self.context():
+        return jitted(first, sharding.put_batch(batch, self.batch))
+
+    return run
+
+
+def make_placement(
+    experiment: config_lib.Experiment, model, tx, devices=None
+) -> Placement | None:
+  """The placement of `experiment` on the mesh of `devices` (default: all); None on one device.
+
+  Raises `sharding.ShardingError` if the mesh does not fit the devices, or the parameters, batch
+  or heads do not divide by their mesh axes.
+  """
+  mesh = sharding.make_mesh(experiment.mesh, devices)
+  if mesh.size == 1:
+    return None
+  rules = experiment.mesh.rules
+  boxed = jax.eval_shape(_boxed_init(experiment, model, tx))
+  sharding.check_divisible(boxed["params"], mesh.shape, rules)
+  cfg = experiment.train
+  sharding.check_activations(experiment.model, cfg.batch_size // cfg.grad_accum, mesh.shape, rules)
+  return Placement(
+      mesh=mesh,
+      rules=rules,
+      state=sharding.logical_shardings(boxed, mesh, rules),
+      batch=sharding.batch_sharding(mesh, rules),
+  )
 
 
 def _model_kwargs(cfg: config_lib.ModelConfig, key: jax.Array | None) -> dict[str, Any]:
@@ -74,7 +133,10 @@ def _loss(params, model, batch: Batch, kwargs, dropout_key) -> tuple[jax.Array, 
 
 
 def make_train_step(
-    experiment: config_lib.Experiment, model, tx: optax.GradientTransformation
+    experiment: config_lib.Experiment,
+    model,
+    tx: optax.GradientTransformation,
+    placement: Placement | None = None,
 ) -> Callable[[State, Batch], tuple[State, dict]]:
   cfg = experiment.train
   schedule = optim.learning_rate(cfg)
@@ -86,7 +148,12 @@ def make_train_step(
     kwargs = _model_kwargs(experiment.model, delay_key)
     dropout_key = dropout_key if experiment.model.dropout > 0 else None
     # [b t] -> [a b/a t]: the gradient is the mean over micro-batches.
-    micro = jax.tree.map(lambda x: x.reshape(cfg.grad_accum, -1, *x.shape[1:]), batch)
+    micro = jax.tree.map(
+        lambda x: nn.with_logical_constraint(
+            x.reshape(cfg.grad_accum, -1, *x.shape[1:]), (None, "batch", "length")
+        ),
+        batch,
+    )
 
     def accumulate(grads, micro_batch):
       (loss, _), g = grad_fn(state["params"], model, micro_batch, kwargs, dropout_key)
@@ -108,22 +175,38 @@ def make_train_step(
         "lr": schedule(state["step"]),
     }
 
-  return jax.jit(step, donate_argnums=0)
+  if placement is None:
+    return jax.jit(step, donate_argnums=0)
+  return placement.jit(
+      step,
+      in_shardings=(placement.state, placement.batch),
+      out_shardings=(placement.state, sharding.replicated(placement.mesh)),
+      donate_argnums=0,
+  )
 
 
-def make_eval_step(experiment: config_lib.Experiment, model) -> Callable[[Any, Batch], dict]:
+def make_eval_step(
+    experiment: config_lib.Experiment, model, placement: Placement | None = None
+) -> Callable[[Any, Batch], dict]:
   kwargs = _model_kwargs(experiment.model, None)
-  return jax.jit(lambda params, batch: _loss(params, model, batch, kwargs, None)[1])
+  fn = lambda params, batch: _loss(params, model, batch, kwargs, None)[1]
+  if placement is None:
+    return jax.jit(fn)
+  return placement.jit(
+      fn,
+      in_shardings=(placement.state["params"], placement.batch),
+      out_shardings=sharding.replicated(placement.mesh),
+  )
 
 
-def init_state(experiment: config_lib.Experiment, model, tx) -> State:
+def _boxed_init(experiment: config_lib.Experiment, model, tx) -> Callable[[], State]:
+  """The initial state, its params and optimizer moments boxed with their logical axis names."""
   key = jax.random.key(experiment.train.seed)
   param_key, run_key = jax.random.split(key)
-  seq_len = experiment.data.seq_len
-  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  tokens = jnp.zeros((1, experiment.data.seq_len), jnp.int32)
 
   def init():
-    params = model.init(param_key, tokens)["params"]
+    params = model.init_boxed(param_key, tokens)["params"]
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
@@ -131,7 +214,33 @@ def init_state(experiment: config_lib.Experiment, model, tx) -> State:
         "rng": jax.random.key_data(run_key),
     }
 
-  return jax.jit(init)()
+  return init
+
+
+def init_state(
+    experiment: config_lib.Experiment, model, tx, placement: Placement | None = None
+) -> State:
+  """The initial train state; with a placement, created sharded (never whole on one device)."""
+  init = _boxed_init(experiment, model, tx)
+  out_shardings = None if placement is None else placement.state
+  return jax.jit(lambda: nn.meta.unbox(init()), out_shardings=out_shardings)()
+
+
+def abstract_state(
+    experiment: config_lib.Experiment, model, tx, placement: Placement | None = None
+) -> State:
+  """The train state as `jax.ShapeDtypeStruct`s with their shardings, initialising nothing."""
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(_boxed_init(experiment, model, tx)()))
+  if placement is None:
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: one_device, shapes)
+  else:
+    shardings = placement.state
+  return jax.tree.map(
+      lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+      shapes,
+      shardings,
+  )
 
 
 def evaluate(experiment, eval_step, params) -> dict[str, float]:
@@ -159,7 +268,7 @@ def evaluate(experiment, eval_step, params) -> dict[str, float]:
 def _prepare_workdir(workdir: pathlib.Path) -> None:
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / ".write-probe"
+    probe = workdir / f".write-probe-{jax.process_index()}"  # Processes may share the workdir.
     probe.write_text("")
     probe.unlink()
   except OSError as e:
@@ -190,8 +299,9 @@ def train(
 
   model = models.build_model(experiment.model)
   tx = optim.make_optimizer(cfg)
-  train_step = make_train_step(experiment, model, tx)
-  eval_step = make_eval_step(experiment, model)
+  placement = make_placement(experiment, model, tx)
+  train_step = make_train_step(experiment, model, tx, placement)
+  eval_step = make_eval_step(experiment, model, placement)
   lead = jax.process_index() == 0
 
   train_it = data.make_iterator(
@@ -202,11 +312,12 @@ def train(
       process_index=jax.process_index(),
       process_count=jax.process_count(),
   )
-  state = init_state(experiment, model, tx)
   ckpts = checkpoints.Checkpoints(workdir / "checkpoints", cfg.keep_checkpoints)
-  restored = ckpts.restore_latest(state)
+  restored = ckpts.restore_latest(abstract_state(experiment, model, tx, placement))
   last_saved = None
-  if restored is not None:
+  if restored is None:
+    state = init_state(experiment, model, tx, placement)
+  else:
     last_saved, state, data_state = restored
     train_it.set_state(data_state)
   start = int(state["step"])

@@ -2,6 +2,11 @@
 
     mosaics-info --list
     mosaics-info mm2-large [--context 256] [--json]
+    mosaics-info mm2-large --mesh dcn_data=2,fsdp=128 [--batch 1024] [--context 4096] \\
+        [--set model.remat=true train.grad_accum=2]
+
+With --mesh it also plans the memory of training on that mesh, per device, from shapes only: no
+device is needed (`mosaics_jax.memory_plan`).
 """
 
 from __future__ import annotations
@@ -10,7 +15,11 @@ import argparse
 import json
 import sys
 
-from mosaics_jax import config as config_lib, flops, registry
+from mosaics_jax import config as config_lib, flops, memory_plan, registry
+from mosaics_jax.cli import train as train_cli
+
+# The paper's context of FLOP counts.
+FLOP_CONTEXT = 256
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,7 +27,25 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("experiment", nargs="?", help="experiment name (see --list)")
   parser.add_argument("--list", action="store_true", help="list every experiment")
   parser.add_argument(
-      "--context", type=int, default=256, help="context of the FLOP count (paper: 256)"
+      "--context",
+      type=int,
+      help=f"context of the FLOP count (default {FLOP_CONTEXT}, the paper's) and of the memory"
+      " plan (default: the experiment's data.seq_len)",
+  )
+  parser.add_argument(
+      "--mesh",
+      help="plan per-device memory on this mesh, e.g. data=2,fsdp=4,tensor=1 (also dcn_data,"
+      " dcn_fsdp; missing sizes are 1)",
+  )
+  parser.add_argument(
+      "--batch", type=int, help="with --mesh: the global batch size (default: train.batch_size)"
+  )
+  parser.add_argument(
+      "--set",
+      nargs="+",
+      default=[],
+      metavar="KEY=VALUE",
+      help="override config fields as mosaics-train does, e.g. model.remat=true",
   )
   parser.add_argument("--json", action="store_true", help="print one JSON object")
   parser.add_argument(
@@ -31,7 +58,7 @@ def _billions(x: float) -> str:
   return f"{x / 1e9:.3f}B" if x >= 1e8 else f"{x / 1e6:.2f}M"
 
 
-def zoo_table(context: int = 256) -> str:
+def zoo_table(context: int = FLOP_CONTEXT) -> str:
   """The README's model zoo: one row per experiment with its size and cost."""
   rows = [
       f"| experiment | family | params | FLOPs/token (context {context}) | train context |",
@@ -59,13 +86,19 @@ def _list(as_json: bool) -> str:
   )
 
 
-def _describe(name: str, context: int, as_json: bool) -> str:
-  experiment = registry.get(name)
+def _describe(
+    experiment: config_lib.Experiment,
+    context: int,
+    as_json: bool,
+    plan: memory_plan.Plan | None,
+) -> str:
+  name = experiment.name
   report = flops.count(experiment.model, context)
   if as_json:
-    return json.dumps(
-        {"experiment": name, **report.to_json(), "config": config_lib.to_dict(experiment)}
-    )
+    out = {"experiment": name, **report.to_json(), "config": config_lib.to_dict(experiment)}
+    if plan is not None:
+      out["memory_plan"] = plan.to_json()
+    return json.dumps(out)
   model = experiment.model
   lines = [
       f"{name}: {experiment.description}",
@@ -84,20 +117,33 @@ def _describe(name: str, context: int, as_json: bool) -> str:
         f"  {c.name:<30} {_billions(c.params):>12} {c.params / report.params:>7.1%}"
         f" {_billions(c.flops_per_token):>12}"
     )
+  if plan is not None:
+    lines += ["", memory_plan.format_plan(plan)]
   return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
-  if args.context < 1:
+  if args.context is not None and args.context < 1:
     _parser().error(f"--context must be >= 1, got {args.context}")
+  if args.batch is not None and (args.mesh is None or args.batch < 1):
+    _parser().error("--batch takes a global batch size >= 1, with --mesh")
+  if args.mesh is not None and not args.experiment:
+    _parser().error("--mesh needs an experiment name")
+  flop_context = args.context or FLOP_CONTEXT
   try:
     if args.list and args.markdown:
-      print(zoo_table(args.context))
+      print(zoo_table(flop_context))
     elif args.list:
       print(_list(args.json))
     elif args.experiment:
-      print(_describe(args.experiment, args.context, args.json))
+      experiment = train_cli.apply_overrides(registry.get(args.experiment), args.set)
+      plan = None
+      if args.mesh is not None:
+        plan = memory_plan.plan(
+            experiment, memory_plan.parse_mesh(args.mesh), batch=args.batch, context=args.context
+        )
+      print(_describe(experiment, flop_context, args.json, plan))
     else:
       _parser().error("give an experiment name or --list")
   except config_lib.ConfigError as e:

@@ -3,6 +3,13 @@
     mosaics-train --workdir runs/quickstart                      # the embedded default experiment
     mosaics-train --experiment mm1-shakespeare-char --workdir runs/mm1 \\
         --set data.path=input.txt train.steps=2000
+
+On several hosts, every process runs the same command with its own --process-id (or sets
+MOSAICS_COORDINATOR_ADDRESS, MOSAICS_NUM_PROCESSES and MOSAICS_PROCESS_ID); on TPU VMs, Slurm and
+Open MPI the processes find each other without them:
+
+    mosaics-train --workdir runs/big --coordinator-address host0:1234 --num-processes 2 \\
+        --process-id 0
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ import types
 import typing
 from typing import Any
 
-from mosaics_jax import config as config_lib, data, registry, train
+import jax
+
+from mosaics_jax import config as config_lib, data, distributed, registry, train
 
 DEFAULT_EXPERIMENT = "quickstart"
 
@@ -39,6 +48,22 @@ def _parser() -> argparse.ArgumentParser:
       help="override config fields by dotted path, e.g. train.steps=100 model.num_layers=2",
   )
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  parser.add_argument(
+      "--coordinator-address",
+      metavar="HOST:PORT",
+      help=f"multi-process runs: process 0's coordinator service"
+      f" (or ${distributed.ENV_COORDINATOR_ADDRESS})",
+  )
+  parser.add_argument(
+      "--num-processes",
+      type=int,
+      help=f"multi-process runs: the number of processes (or ${distributed.ENV_NUM_PROCESSES})",
+  )
+  parser.add_argument(
+      "--process-id",
+      type=int,
+      help=f"multi-process runs: this process, from 0 (or ${distributed.ENV_PROCESS_ID})",
+  )
   return parser
 
 
@@ -50,7 +75,7 @@ def parse_value(text: str, hint: Any) -> Any:
     value = text
   options = set(_flatten_hint(hint))
   if tuple in options and isinstance(value, list):
-    return tuple(value)
+    return config_lib.to_tuples(value)
   if float in options and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
   if str in options and not isinstance(value, str) and not (value is None and None in options):
@@ -97,11 +122,14 @@ def apply_overrides(experiment: config_lib.Experiment, assignments: list[str]):
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     experiment = apply_overrides(registry.get(args.experiment), args.set)
     result = train.train(experiment, args.workdir, progress=not args.no_progress)
   except (config_lib.ConfigError, train.TrainingError, data.DataError) as e:
     print(f"mosaics-train: error: {e}", file=sys.stderr)
     return 2
+  if jax.process_index() != 0:
+    return 0
   summary = [f"trained {experiment.name} to step {result.step} in {result.workdir}"]
   if result.val:
     summary += [f"  validation {k}: {v:.4f}" for k, v in result.val.items()]

@@ -1,0 +1,394 @@
+"""Per-device memory of a training run on a device mesh, from shapes only (`mosaics-info --mesh`).
+
+    plan = memory_plan.plan(registry.get("mm2-large"), {"dcn_data": 2, "fsdp": 128})
+    print(memory_plan.format_plan(plan))
+
+No device is needed and nothing is allocated: the parameters and the optimizer state are
+`jax.eval_shape`d (the model's `init_boxed` and the experiment's `optim.make_optimizer`), so the
+mesh may be far larger than the machine. Each array's per-device shard follows its logical axis
+names and the experiment's `mesh.rules` exactly as training shards it (`mosaics_jax.sharding`); a
+dimension that its mesh axes do not divide is an error naming the parameter, as in training.
+
+- parameters: float32, each leaf's shard.
+- optimizer state: AdamW's two moments, sharded like their parameters, plus replicated scalars.
+- gradients: one float32 gradient per parameter, sharded like it; grad_accum > 1 keeps a second
+  copy, the accumulator over micro-batches.
+- activations: an ESTIMATE, not a measurement (XLA fuses, schedules and frees buffers as it sees
+  fit; run one step and read the profiler for the real peak). Per device, b = micro-batch rows
+  (batch_size / grad_accum over the mesh axes of "batch"), t = context, widths over their axes:
+    * without remat, every layer keeps the tensors its backward pass reads (`_layer_tensors`:
+      the residual-stream input, norm outputs, projections, keys and values in the compute dtype
+      and float32, the retrieval's q, k, v and output, the SwiGLU's three [b, t, ffn] tensors,
+      and the retrieval residuals: two float32 [b, t, h] row statistics, or a single-block call's
+      [b, h, t, t] float32 probabilities);
+    * with remat (`model.remat`), every layer keeps only its [b, t, width] input, plus one
+      layer's tensors above while its backward recomputes them;
+    * retrieval temporaries: the largest call's 4 float32 [b, h, t, B] score-sized buffers of
+      one block offset (scores, probabilities, their cotangents), B the XLA path's block size
+      (`kernels_pallas.xla.default_block_size`): O(t * B), linear in t. The Pallas kernels keep
+      these tiles in on-chip memory, so on TPU and GPU this term is an upper bound. v1's
+      persistent memory adds 4 float32 [h, 256, pmem_count * pmem_size] chunk buffers;
+    * the final norm's input and output, and the logits: the classifier's [b, t, vocab] output
+      in the compute dtype, its float32 copy and the float32 cross-entropy gradient.
+  Per-head scalars ([b, t, h] gates), integer inputs and the embedding lookup are ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels_pallas import xla
+from mosaics_jax import config as config_lib, flops, memories, models, optim, sharding
+
+# Keys of a mesh: the sizes of MeshConfig. The planned mesh's axis data spans data * dcn_data
+# devices, fsdp spans fsdp * dcn_fsdp, tensor spans tensor.
+MESH_SIZES = ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp")
+# Of the estimate's retrieval temporaries: scores, probabilities and their two cotangents.
+RETRIEVAL_TEMPORARIES = 4
+_F32 = 4
+
+_RESIDUAL = ("batch", "length", "embed")
+_HEADS = ("batch", "length", "heads", "kv")
+_MLP = ("batch", "length", "mlp")
+_LOGITS = ("batch", "length", "vocab")
+_ROW_STATS = ("batch", "length", "heads")
+_OFFSET_SCORES = ("batch", None, "heads", None, None)  # [b, blocks, h, B, B] of one offset.
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Per-device bytes of one training step of an experiment on a mesh."""
+
+  experiment: str
+  mesh: dict[str, int]  # Every key of MESH_SIZES.
+  axis_sizes: dict[str, int]  # Devices along each mesh axis (data, fsdp, tensor), slices included.
+  global_batch: int
+  grad_accum: int
+  device_batch: int  # Rows of one micro-batch on each device.
+  context: int
+  remat: bool
+  params: int  # Parameter count (all devices).
+  param_bytes: int
+  optimizer_bytes: int
+  gradient_bytes: int
+  activations: tuple[tuple[str, int], ...]  # (term, bytes) of the activation estimate.
+
+  @property
+  def devices(self) -> int:
+    return math.prod(self.axis_sizes.values())
+
+  @property
+  def activation_bytes(self) -> int:
+    return sum(b for _, b in self.activations)
+
+  @property
+  def total_bytes(self) -> int:
+    return self.param_bytes + self.optimizer_bytes + self.gradient_bytes + self.activation_bytes
+
+  def to_json(self) -> dict[str, Any]:
+    return {
+        "experiment": self.experiment,
+        "mesh": self.mesh,
+        "axis_sizes": self.axis_sizes,
+        "devices": self.devices,
+        "global_batch": self.global_batch,
+        "grad_accum": self.grad_accum,
+        "device_batch": self.device_batch,
+        "context": self.context,
+        "remat": self.remat,
+        "params": self.params,
+        "bytes_per_device": {
+            "parameters": self.param_bytes,
+            "optimizer_state": self.optimizer_bytes,
+            "gradients": self.gradient_bytes,
+            "activations_estimate": self.activation_bytes,
+            "total": self.total_bytes,
+        },
+        "activation_terms": dict(self.activations),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+  """`count` arrays of a global shape whose dimensions carry logical axis names."""
+
+  names: tuple[str | None, ...]
+  shape: tuple[int, ...]
+  itemsize: int
+  count: int = 1
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """{"data": 2, "fsdp": 4} from "data=2,fsdp=4"; names are those of MESH_SIZES."""
+  sizes: dict[str, int] = {}
+  for item in text.split(","):
+    name, sep, value = (s.strip() for s in item.partition("="))
+    if not sep or not name:
+      raise config_lib.ConfigError(
+          f"a mesh is NAME=SIZE pairs separated by commas, e.g. data=2,fsdp=4,tensor=1; got"
+          f" {item!r} in {text!r}"
+      )
+    if name not in MESH_SIZES:
+      close = difflib.get_close_matches(name, MESH_SIZES, n=1)
+      hint = f"did you mean {close[0]}? " if close else ""
+      raise config_lib.ConfigError(
+          f"unknown mesh axis {name!r}; {hint}known: {', '.join(MESH_SIZES)}"
+      )
+    if name in sizes:
+      raise config_lib.ConfigError(f"mesh axis {name!r} is given twice in {text!r}")
+    try:
+      sizes[name] = int(value)
+    except ValueError:
+      raise config_lib.ConfigError(f"mesh size {name}={value!r} is not an integer") from None
+  return sizes
+
+
+def _mesh_config(sizes: Mapping[str, int], rules: config_lib.AxisRules) -> config_lib.MeshConfig:
+  unknown = sorted(set(sizes) - set(MESH_SIZES))
+  if unknown:
+    raise config_lib.ConfigError(f"unknown mesh axes {unknown}; known: {', '.join(MESH_SIZES)}")
+  for name, size in sizes.items():
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+      # -1 ("the rest") needs a device count, which a plan does not have.
+      raise config_lib.ConfigError(
+          f"mesh size {name}={size!r} must be an integer >= 1 (give every size: with no devices"
+          " there is no rest for -1)"
+      )
+  return config_lib.MeshConfig(**{**dict.fromkeys(MESH_SIZES, 1), **sizes}, rules=rules)
+
+
+def _abstract_state(experiment: config_lib.Experiment) -> dict[str, Any]:
+  """Boxed params and optimizer state as ShapeDtypeStructs (param shapes do not depend on t)."""
+  model = models.build_model(experiment.model)
+  tx = optim.make_optimizer(experiment.train)
+
+  def init(tokens):
+    params = model.init_boxed(jax.random.key(0), tokens)["params"]
+    return {"params": params, "opt_state": tx.init(params)}
+
+  return jax.eval_shape(init, jax.ShapeDtypeStruct((1, 8), jnp.int32))
+
+
+def _shard_bytes(
+    tensor: _Tensor, mesh: jax.sharding.AbstractMesh, rules: config_lib.AxisRules, what: str
+) -> int:
+  """Bytes of `tensor`'s shard on each device; `what` names it in the error if it does not fit."""
+  spec = nn.logical_to_mesh_axes(tensor.names, rules)
+  try:
+    shape = jax.sharding.NamedSharding(mesh, spec).shard_shape(tensor.shape)
+  except ValueError:
+    raise sharding.ShardingError(
+        f"{what} of shape {tensor.shape} (logical axes {tensor.names}) is not divisible by its"
+        f" mesh axes {tuple(spec)} on the mesh {dict(mesh.shape)}; change the mesh sizes or"
+        " mesh.rules"
+    ) from None
+  return tensor.count * math.prod(shape) * tensor.itemsize
+
+
+def _tree_bytes(
+    tree: Any, mesh: jax.sharding.AbstractMesh, rules: config_lib.AxisRules
+) -> int:
+  """Per-device bytes of a tree of (boxed or plain) ShapeDtypeStructs; plain leaves replicated."""
+  total = 0
+  leaves = jax.tree_util.tree_leaves_with_path(
+      tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+  )
+  for path, leaf in leaves:
+    if isinstance(leaf, nn.LogicallyPartitioned):
+      names, value = tuple(leaf.names), leaf.value
+    else:
+      names, value = (None,) * len(leaf.shape), leaf
+    where = jax.tree_util.keystr(path)
+    total += _shard_bytes(_Tensor(names, value.shape, value.dtype.itemsize), mesh, rules, where)
+  return total
+
+
+def _retrieval_tensors(
+    b: int, t: int, h: int, band: tuple[int, int | None]
+) -> tuple[_Tensor, _Tensor]:
+  """(what one retrieval call keeps for its backward, its temporaries) on the XLA path."""
+  block = xla.default_block_size(t, band[1])
+  blocks = -(-t // block)
+  offset = (b, blocks, h, block, block)
+  if blocks == 1:  # Differentiated by autodiff, which keeps the probabilities.
+    saved = _Tensor(_OFFSET_SCORES, offset, _F32)
+  else:  # The recomputing backward keeps each row's max and sum.
+    saved = _Tensor(_ROW_STATS, (b, t, h), _F32, 2)
+  return saved, _Tensor(_OFFSET_SCORES, offset, _F32, RETRIEVAL_TEMPORARIES)
+
+
+def _layer_tensors(
+    model: config_lib.ModelConfig, b: int, t: int
+) -> tuple[list[_Tensor], list[_Tensor]]:
+  """(tensors one layer keeps for its backward pass, the transient buffers of each of its calls),
+  global shapes for a micro-batch of b sequences of t tokens."""
+  c = jnp.dtype(model.dtype).itemsize
+  m, h, d = model.width, model.num_heads, model.head_dim
+  residual = lambda itemsize, count: _Tensor(_RESIDUAL, (b, t, m), itemsize, count)
+  heads = lambda itemsize, count: _Tensor(_HEADS, (b, t, h, d), itemsize, count)
+  retrievals = [_retrieval_tensors(b, t, h, band) for band in flops.retrieval_bands(model).values()]
+  saved = [s for s, _ in retrievals]
+  temporaries = [temporary for _, temporary in retrievals]
+  # Each block: its input and first norm's output, then the second norm's input and output.
+  saved.append(residual(c, 4))
+  n = len(retrievals)
+  if isinstance(model, config_lib.MosaicV2Config):
+    saved += [
+        heads(c, 2 * n),  # W_phi x, W_psi x.
+        heads(_F32, 4 * n),  # Keys: gated scan input, scan output, normalised; the query.
+        heads(_F32, 3 * n),  # Values: projection, mix, normalised.
+        heads(c, 4 * n),  # The retrieval's q, k, v and output.
+        _Tensor(_MLP, (b, t, model.ffn_width), c, 3),  # SwiGLU gate, up and their product.
+    ]
+  elif isinstance(model, config_lib.LlamaConfig):
+    saved += [
+        heads(c, 4),  # Rotated q, k; v; the attention output.
+        _Tensor(_MLP, (b, t, model.ffn_width), c, 3),
+    ]
+  else:  # v1: the contextual memory, then the persistent memory.
+    pairs = model.pmem_count * model.pmem_size
+    saved += [
+        heads(c, 2),  # W_k x, W_v x.
+        heads(_F32, 6),  # Keys: scan input, output, normalised; values: projected, mixed, normed.
+        heads(c, 3),  # The retrieval's k (also its query), v and output.
+        heads(c, 1),  # Persistent memory: W_k x,
+        heads(_F32, 4),  # its keys (scan input, output, normalised) and float32 output,
+        heads(c, 2),  # and its key and output in the compute dtype.
+    ]
+    chunk = min(memories.PERSISTENT_CHUNK, b * t)
+    temporaries.append(_Tensor(("heads", None, None), (h, chunk, pairs), _F32, 4))
+  return saved, temporaries
+
+
+def _activations(
+    model: config_lib.ModelConfig,
+    b: int,
+    t: int,
+    mesh: jax.sharding.AbstractMesh,
+    rules: config_lib.AxisRules,
+) -> tuple[tuple[str, int], ...]:
+  """(term, per-device bytes) of the activation estimate (module docstring) for a global
+  micro-batch of b sequences of t tokens."""
+  size = lambda tensors, what: sum(_shard_bytes(x, mesh, rules, what) for x in tensors)
+  c = jnp.dtype(model.dtype).itemsize
+  saved, temporaries = _layer_tensors(model, b, t)
+  layer = size(saved, "an activation")
+  layers = model.num_layers
+  residual = _Tensor(_RESIDUAL, (b, t, model.width), c)
+  if model.remat:
+    block_input = _shard_bytes(residual, mesh, rules, "the residual stream")
+    terms = [
+        (f"block inputs, {layers} layers (remat)", layers * block_input),
+        ("one layer's saved tensors, recomputed", layer),
+    ]
+  else:
+    terms = [(f"saved tensors, {layers} layers", layers * layer)]
+  logits = _Tensor(_LOGITS, (b, t, model.vocab_size), c + 2 * _F32)
+  terms += [
+      # One call runs at a time: the largest one's buffers.
+      ("retrieval temporaries (largest call)", max(
+          _shard_bytes(x, mesh, rules, "a retrieval temporary") for x in temporaries
+      )),
+      ("final norm, logits, loss gradient", size(
+          [dataclasses.replace(residual, count=2), logits], "the logits"
+      )),
+  ]
+  return tuple(terms)
+
+
+def plan(
+    experiment: config_lib.Experiment,
+    mesh_sizes: Mapping[str, int],
+    batch: int | None = None,
+    context: int | None = None,
+) -> Plan:
+  """Per-device memory of training `experiment` on a mesh of `mesh_sizes`.
+
+  Args:
+    experiment: the experiment; its optimizer, remat, grad_accum and mesh.rules apply.
+    mesh_sizes: sizes of MESH_SIZES (missing ones are 1), e.g. {"dcn_data": 2, "fsdp": 128}.
+    batch: the global batch size (default: train.batch_size).
+    context: the sequence length (default: data.seq_len).
+
+  Raises:
+    config_lib.ConfigError: an unknown mesh axis, a size < 1, or a batch or context that does not
+      fit the experiment; `sharding.ShardingError` (a ConfigError) where a parameter, the
+      micro-batch or the heads do not divide by their mesh axes.
+  """
+  if batch is not None:
+    experiment = config_lib.override(experiment, "train.batch_size", batch)
+  if context is not None:
+    experiment = config_lib.override(experiment, "data.seq_len", context)
+  model, train = experiment.model, experiment.train
+  t = experiment.data.seq_len
+  if isinstance(model, config_lib.MosaicV1Config) and t > model.block_size:
+    raise config_lib.ConfigError(f"context {t} exceeds the model's block_size {model.block_size}")
+  cfg = _mesh_config(mesh_sizes, experiment.mesh.rules)
+  axis_sizes = {"data": cfg.data * cfg.dcn_data, "fsdp": cfg.fsdp * cfg.dcn_fsdp,
+                "tensor": cfg.tensor}
+  mesh = jax.sharding.AbstractMesh(tuple(axis_sizes.values()), tuple(axis_sizes))
+  rules = cfg.rules
+
+  state = _abstract_state(experiment)
+  sharding.check_divisible(state["params"], axis_sizes, rules)
+  micro_batch = train.batch_size // train.grad_accum
+  sharding.check_activations(model, micro_batch, axis_sizes, rules)
+  batch_axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
+  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes or ()
+  device_batch = micro_batch // math.prod(axis_sizes[a] for a in batch_axes)
+
+  param_bytes = _tree_bytes(state["params"], mesh, rules)
+  params = sum(np.prod(x.shape, dtype=int) for x in jax.tree.leaves(nn.meta.unbox(state["params"])))
+  return Plan(
+      experiment=experiment.name,
+      mesh={name: getattr(cfg, name) for name in MESH_SIZES},
+      axis_sizes=axis_sizes,
+      global_batch=train.batch_size,
+      grad_accum=train.grad_accum,
+      device_batch=device_batch,
+      context=t,
+      remat=model.remat,
+      params=int(params),
+      param_bytes=param_bytes,
+      optimizer_bytes=_tree_bytes(state["opt_state"], mesh, rules),
+      gradient_bytes=param_bytes * (2 if train.grad_accum > 1 else 1),
+      activations=_activations(model, micro_batch, t, mesh, rules),
+  )
+
+
+def _human(n: int) -> str:
+  for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if n >= scale:
+      return f"{n / scale:9.2f} {unit}"
+  return f"{n:9d} B  "
+
+
+def format_plan(p: Plan) -> str:
+  """The plan as a table of per-device bytes."""
+  mesh = ", ".join(f"{k}={v}" for k, v in p.mesh.items() if v != 1 or k in config_lib.MESH_AXES)
+  rows = [
+      ("parameters (float32)", p.param_bytes),
+      ("optimizer state (AdamW)", p.optimizer_bytes),
+      ("gradients" + (" and accumulator" if p.grad_accum > 1 else ""), p.gradient_bytes),
+      ("activations (estimate)", p.activation_bytes),
+      *((f"  {name}", n) for name, n in p.activations),
+      ("total", p.total_bytes),
+  ]
+  width = max(len(name) for name, _ in rows)
+  lines = [
+      f"memory per device: {p.experiment} on {p.devices} devices ({mesh})",
+      f"  global batch {p.global_batch} x context {p.context}; micro-batches of {p.device_batch}"
+      f" sequences per device (grad_accum {p.grad_accum}), remat {'on' if p.remat else 'off'}",
+      f"  {p.params:,} parameters",
+  ]
+  lines += [f"  {name:<{width}} {_human(n)}" for name, n in rows]
+  return "\n".join(lines)

@@ -1,0 +1,143 @@
+"""Trained models from disk: `mosaics_jax.load(path)`, and the exported directory format.
+
+`load` reads either
+- a training workdir (`config.json` + `checkpoints/`): the newest readable Orbax checkpoint; or
+- an exported directory (`config.json` + `model.safetensors`), which `save_exported` and
+  `mosaics-port` write. Its safetensors metadata says the layout: "flax" (our parameter paths
+  joined with "/", Flax shapes: what `save_exported` writes) or "pytorch" (the names and shapes of
+  `mosaics_jax.port`, what `mosaics-port to-safetensors` writes). A file without that metadata,
+  such as a PyTorch state dict saved with `safetensors.torch.save_model`, is read as "pytorch".
+
+    model = mosaics_jax.load("runs/quickstart")
+    logits = model.logits(tokens)     # int [batch, seq] -> numpy float32 [batch, seq, vocab]
+
+The exported `config.json` is `{"model": {"family": ..., fields...}, "step": N}`; "step" is the
+training step the weights come from, or null.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Float, Int
+
+from mosaics_jax import checkpoints, config as config_lib, models, port
+
+WEIGHTS_FILE = "model.safetensors"
+LAYOUTS = ("flax", "pytorch")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+  """A model with its weights: `logits(tokens)` runs it."""
+
+  config: config_lib.ModelConfig
+  model: flax.linen.Module
+  params: port.Params
+  step: int | None  # The training step of the weights, when known.
+
+  @functools.cached_property
+  def _apply(self):
+    return jax.jit(self.model.apply)
+
+  def logits(
+      self,
+      tokens: Int[np.ndarray, "b t"] | jax.Array,
+      segment_ids: Int[np.ndarray, "b t"] | jax.Array | None = None,
+      **model_kwargs: Any,
+  ) -> Float[np.ndarray, "b t v"]:
+    """Logits of int tokens [batch, seq] as numpy; `model_kwargs` go to the model (ltm_delay)."""
+    tokens = jnp.asarray(tokens)
+    segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
+    return np.asarray(self._apply({"params": self.params}, tokens, segment_ids, **model_kwargs))
+
+
+def load(path: str | os.PathLike) -> Pretrained:
+  """The model in a training workdir or an exported directory (module docstring)."""
+  path = pathlib.Path(path).absolute()  # Orbax wants absolute paths.
+  config_path = path / checkpoints.CONFIG_FILE
+  if not config_path.is_file():
+    raise FileNotFoundError(f"{path} has no {checkpoints.CONFIG_FILE}: not a workdir or an export")
+  saved = json.loads(config_path.read_text())
+  config = config_lib.from_dict(config_lib.ModelConfig, saved["model"])
+  if (path / WEIGHTS_FILE).is_file():
+    params = _read_weights(config, path / WEIGHTS_FILE)
+    step = saved.get("step")
+  elif (path / "checkpoints").is_dir():
+    step, params = _restore_params(path / "checkpoints")
+  else:
+    raise FileNotFoundError(f"{path} has neither {WEIGHTS_FILE} nor checkpoints/")
+  return Pretrained(config=config, model=models.build_model(config), params=params, step=step)
+
+
+def _restore_params(directory: pathlib.Path) -> tuple[int, port.Params]:
+  # No template: Orbax restores the saved tree as it is, and only the params are kept.
+  restored = checkpoints.Checkpoints(directory, keep=1 << 30).restore_latest(None)
+  if restored is None:
+    raise FileNotFoundError(f"{directory} holds no readable checkpoint")
+  step, state, _ = restored
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), state["params"])
+  return step, params
+
+
+def _read_weights(config: config_lib.ModelConfig, path: pathlib.Path) -> port.Params:
+  from safetensors import numpy as st_numpy, safe_open  # pylint: disable=import-outside-toplevel
+
+  with safe_open(path, framework="np") as f:
+    layout = (f.metadata() or {}).get("layout")
+  tensors = st_numpy.load_file(path)
+  if layout in (None, "pytorch"):
+    return jax.tree.map(jnp.asarray, port.from_torch(config, tensors))
+  if layout != "flax":
+    raise port.PortError(f"{path}: unknown layout {layout!r} in its metadata; known: {LAYOUTS}")
+  expected = {"/".join(p): s for p, s in port.param_shapes(config).items()}
+  missing = sorted(set(expected) - set(tensors))
+  unexpected = sorted(set(tensors) - set(expected))
+  misshaped = sorted(
+      f"{n}: {tensors[n].shape}, expected {s}"
+      for n, s in expected.items()
+      if n in tensors and tensors[n].shape != s
+  )
+  if missing or unexpected or misshaped:
+    raise port.PortError(
+        f"{path} does not fit its {config.family} config: missing {missing}, unexpected"
+        f" {unexpected}, mis-shaped {misshaped}"
+    )
+  flat = {tuple(n.split("/")): jnp.asarray(x) for n, x in tensors.items()}
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def save_exported(
+    directory: str | os.PathLike,
+    config: config_lib.ModelConfig,
+    params: port.Params,
+    *,
+    step: int | None = None,
+    layout: str = "flax",
+) -> pathlib.Path:
+  """Writes an exported directory that `load` reads; `layout` is "flax" or "pytorch"."""
+  from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
+
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  if layout == "pytorch":
+    tensors = port.to_torch(config, params)
+  else:
+    flat = flax.traverse_util.flatten_dict(flax.core.meta.unbox(params))
+    tensors = {"/".join(p): np.ascontiguousarray(x, np.float32) for p, x in flat.items()}
+  st_numpy.save_file(tensors, directory / WEIGHTS_FILE, metadata={"layout": layout})
+  model = {"family": config.family, **config_lib.to_dict(config)}
+  text = json.dumps({"model": model, "step": step}, indent=2) + "\n"
+  (directory / checkpoints.CONFIG_FILE).write_text(text)
+  return directory

@@ -1,0 +1,171 @@
+"""The memory plan of `mosaics-info --mesh`: per-device shards as the rules say, from shapes."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from mosaics_jax import build_model, config as config_lib, memory_plan, registry, sharding
+from mosaics_jax.cli import info
+
+FAMILIES = ("mm1-tiny", "mm2-tiny", "llama-tiny")
+MESH_222 = {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def _boxed_params(name: str):
+  model = build_model(registry.get(name).model)
+  return jax.eval_shape(
+      lambda: model.init_boxed(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  )
+
+
+def _shard_elements(names, shape, rules, axis_sizes) -> int:
+  """Elements of one shard by the documented rule semantics, independently of flax and jax: in
+  order, a logical name takes its rule's mesh axes unless the array already uses one of them."""
+  splits = [1] * len(names)
+  used: set[str] = set()
+  for logical, axes in rules:
+    axes = [axes] if isinstance(axes, str) else list(axes or ())
+    if logical in names and splits[names.index(logical)] == 1 and not used & set(axes):
+      splits[names.index(logical)] = math.prod(axis_sizes[a] for a in axes)
+      used |= set(axes)
+  assert all(n % s == 0 for n, s in zip(shape, splits)), (names, shape)
+  return math.prod(n // s for n, s in zip(shape, splits))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_parameter_bytes_are_the_sum_of_the_shards(name):
+  """On (data=2, fsdp=2, tensor=2) each parameter holds its shard: e.g. (embed, mlp) a quarter."""
+  rules = config_lib.DEFAULT_AXIS_RULES
+  leaves = jax.tree_util.tree_leaves(
+      _boxed_params(name), is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+  )
+  expected = sum(
+      4 * _shard_elements(tuple(leaf.names), leaf.value.shape, rules, MESH_222) for leaf in leaves
+  )
+  whole = sum(4 * math.prod(leaf.value.shape) for leaf in leaves)
+  plan = memory_plan.plan(registry.get(name), MESH_222)
+  assert plan.param_bytes == expected
+  assert whole / 4 <= plan.param_bytes < whole / 2  # Matrices are split 4 ways, norms are whole.
+  assert plan.gradient_bytes == plan.param_bytes
+  assert plan.device_batch == registry.get(name).train.batch_size // 4
+
+
+def test_an_embed_mlp_matrix_holds_a_quarter():
+  ffn = _boxed_params("mm2-tiny")["layer_0"]["ffn"]["w1"]["kernel"]
+  assert tuple(ffn.names) == ("embed", "mlp")
+  elements = _shard_elements(ffn.names, ffn.value.shape, config_lib.DEFAULT_AXIS_RULES, MESH_222)
+  assert elements * 4 == math.prod(ffn.value.shape)
+
+
+@pytest.mark.parametrize("name", ("mm2-tiny", "llama-tiny"))
+def test_one_device_holds_every_parameter(name, capsys):
+  assert info.main([name, "--json", "--mesh", "data=1,fsdp=1,tensor=1"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  plan = out["memory_plan"]
+  assert plan["devices"] == 1 and plan["params"] == out["params"]
+  assert plan["bytes_per_device"]["parameters"] == 4 * out["params"]
+
+
+@pytest.mark.parametrize("mesh", ({}, MESH_222))
+def test_adamw_state_is_two_moments(mesh):
+  plan = memory_plan.plan(registry.get("mm2-tiny"), mesh)
+  # mu and nu like the parameters, plus int32 step counts (Adam's and the schedule's).
+  assert 2 * plan.param_bytes < plan.optimizer_bytes <= 2 * plan.param_bytes + 16
+
+
+def test_gradient_accumulation_keeps_an_accumulator():
+  experiment = config_lib.override(registry.get("mm2-tiny"), "train.grad_accum", 2)
+  plan = memory_plan.plan(experiment, MESH_222)
+  assert plan.gradient_bytes == 2 * plan.param_bytes
+  assert plan.device_batch == experiment.train.batch_size // 2 // 4
+
+
+@pytest.mark.parametrize("remat", (False, True))
+def test_v2_activations_grow_linearly_in_batch_and_context(remat):
+  experiment = config_lib.override(registry.get("mm2-tiny"), "model.remat", remat)
+  act = lambda b, t: memory_plan.plan(experiment, {}, batch=b, context=t).activation_bytes
+  base = act(2, 512)
+  assert act(4, 512) == 2 * base
+  assert act(2, 1024) == 2 * base
+  assert act(4, 2048) == 8 * base
+
+
+def test_remat_keeps_one_layer_and_the_block_inputs():
+  experiment = config_lib.override(registry.get("mm2-tiny"), "model.num_layers", 8)
+  plain = dict(memory_plan.plan(experiment, {}).activations)
+  rematted = dict(
+      memory_plan.plan(config_lib.override(experiment, "model.remat", True), {}).activations
+  )
+  layer = rematted["one layer's saved tensors, recomputed"]
+  assert plain["saved tensors, 8 layers"] == 8 * layer
+  assert rematted["block inputs, 8 layers (remat)"] < layer
+
+
+def test_mm2_large_on_256_devices_from_shapes_only(capsys):
+  start = time.perf_counter()
+  assert info.main(["mm2-large", "--mesh", "dcn_data=2,fsdp=128"]) == 0
+  assert time.perf_counter() - start < 20
+  out = capsys.readouterr().out
+  assert "on 256 devices" in out and "total" in out
+  plan = memory_plan.plan(registry.get("mm2-large"), {"dcn_data": 2, "fsdp": 128})
+  assert plan.axis_sizes == {"data": 2, "fsdp": 128, "tensor": 1}
+  assert plan.device_batch == 1024 // 256
+  # Matrices are split 128 ways over fsdp and replicated over data; norms are whole.
+  assert plan.params * 4 / 128 <= plan.param_bytes < plan.params * 4 / 120
+  assert plan.total_bytes > plan.activation_bytes > 0
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("dta=2", "unknown mesh axis 'dta'; did you mean data?"),
+        ("data", "NAME=SIZE pairs"),
+        ("data=two", "mesh size data='two' is not an integer"),
+        ("data=2,data=4", "'data' is given twice"),
+        ("", "NAME=SIZE pairs"),
+    ],
+)
+def test_bad_mesh_strings_are_clear_errors(text, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    memory_plan.parse_mesh(text)
+
+
+@pytest.mark.parametrize("size", (0, -1))
+def test_mesh_sizes_must_be_given(size, capsys):
+  assert info.main(["mm2-tiny", "--mesh", f"data=2,fsdp={size}"]) == 2
+  assert f"mesh size fsdp={size} must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_non_divisible_parameters_are_errors_naming_them():
+  with pytest.raises(sharding.ShardingError) as error:
+    memory_plan.plan(registry.get("mm2-tiny"), {"fsdp": 3})
+  message = str(error.value)
+  assert "(64, 256)" in message and "'embed'" in message and "'fsdp' of size 3" in message
+  assert "classifier/kernel" in message
+
+
+def test_non_divisible_batch_is_an_error(capsys):
+  assert info.main(["mm2-tiny", "--mesh", "data=16"]) == 2
+  assert "micro-batch 8 is not divisible" in capsys.readouterr().err
+
+
+def test_json_has_a_plan_only_with_a_mesh(capsys):
+  info.main(["mm2-tiny", "--json"])
+  assert "memory_plan" not in json.loads(capsys.readouterr().out)
+  info.main(["mm2-tiny", "--json", "--mesh", "fsdp=2", "--batch", "4", "--context", "64"])
+  plan = json.loads(capsys.readouterr().out)["memory_plan"]
+  assert (plan["global_batch"], plan["context"], plan["device_batch"]) == (4, 64, 2)
+
+
+def test_info_takes_overrides(capsys):
+  assert info.main(["mm2-tiny", "--mesh", "fsdp=2", "--set", "model.remat=true"]) == 0
+  assert "remat on" in capsys.readouterr().out
+  assert info.main(["mm2-tiny", "--set", "model.widht=3"]) == 2
+  assert "unknown key 'widht'" in capsys.readouterr().err
