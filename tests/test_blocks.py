@@ -50,7 +50,8 @@ def test_schedule_lists_exactly_the_live_tiles(packed, block_q, block_k, lo, hi)
       segment_ids, batch=2, seq_len=100, block_q=block_q, block_k=block_k, lo=lo, hi=hi
   )
   # Live: the band meets the tile and the blocks' ranges of document ids overlap.
-  live = np.broadcast_to(_live_pairs(None, 100, block_q, block_k, lo, hi), (2, -(-100 // block_q), -(-100 // block_k)))
+  band_live = _live_pairs(None, 100, block_q, block_k, lo, hi)
+  live = np.broadcast_to(band_live, (2, *band_live.shape[1:]))
   if packed:
     ranges = lambda block: [
         [(row[n:n + block].min(), row[n:n + block].max()) for n in range(0, 100, block)]
