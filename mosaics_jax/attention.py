@@ -42,7 +42,7 @@ class Attention(layers.PlainInit):
     k = layers.rope(k, positions, cfg.rope_theta)
     q = q * jnp.asarray(cfg.head_dim**-0.5, q.dtype)
     q, k, v = (layers.constrain(z, "batch", "length", "heads", "kv") for z in (q, k, v))
-    y = kernels_pallas.retrieve(
+    y = layers.retrieve(
         q, k, v, lo=0, hi=None, segment_ids=segment_ids, impl=cfg.retrieve_impl
     )
     return dense("wo", "heads", "embed")(layers.merge_heads(y))

@@ -14,8 +14,12 @@ import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 from jaxtyping import Array, Float, Int
+
+import kernels_pallas
 
 
 def logical(init: nn.initializers.Initializer, *names: str) -> nn.initializers.Initializer:
@@ -26,6 +30,51 @@ def logical(init: nn.initializers.Initializer, *names: str) -> nn.initializers.I
 def constrain(x: Any, *names: str | None) -> Any:
   """x sharded as its logical axis names say; a no-op outside `nn.logical_axis_rules`."""
   return nn.with_logical_constraint(x, names)
+
+
+def retrieve(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b t h d"],
+    v: Float[Array, "b t h e"],
+    *,
+    lo: int | jax.Array,
+    hi: int | None,
+    segment_ids: Int[Array, "b t"] | None,
+    impl: str,
+) -> Float[Array, "b t h e"]:
+  """`kernels_pallas.retrieve`, run shard by shard when a mesh is set (`jax.set_mesh`).
+
+  Rows and heads never interact in the op, so each device computes its own (batch, heads) shard
+  with no communication. `shard_map` says so explicitly: XLA cannot partition a Pallas kernel
+  itself (nor should it guess for the blocked XLA path).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return kernels_pallas.retrieve(q, k, v, lo=lo, hi=hi, segment_ids=segment_ids, impl=impl)
+  batch, _, heads, _ = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
+  heads_spec = PartitionSpec(batch, None, heads, None)
+  # Optional operands go in only when present; a Python int lo stays static (compiled in).
+  optional = []
+  if segment_ids is not None:
+    optional.append((segment_ids, PartitionSpec(batch, None)))
+  traced_lo = not isinstance(lo, int)
+  if traced_lo:
+    optional.append((jnp.asarray(lo, jnp.int32), PartitionSpec()))
+
+  def per_shard(q, k, v, *rest):
+    rest = list(rest)
+    shard_segments = rest.pop(0) if segment_ids is not None else None
+    shard_lo = rest.pop(0) if traced_lo else lo
+    return kernels_pallas.retrieve(
+        q, k, v, lo=shard_lo, hi=hi, segment_ids=shard_segments, impl=impl
+    )
+
+  specs = (heads_spec,) * 3 + tuple(spec for _, spec in optional)
+  args = (q, k, v) + tuple(x for x, _ in optional)
+  # check_vma=False: pallas_call's outputs carry no varying-axes type for shard_map to check.
+  return jax.shard_map(
+      per_shard, mesh=mesh, in_specs=specs, out_specs=heads_spec, check_vma=False
+  )(*args)
 
 
 class PlainInit(nn.Module):

@@ -84,7 +84,7 @@ class ContextMemory(layers.PlainInit):
     )(x, segment_ids)
     # The key scale is the bandwidth: the query is the key itself.
     k, v = (_per_head(z.astype(dtype)) for z in (k, v))
-    y = kernels_pallas.retrieve(
+    y = layers.retrieve(
         k, k, v, lo=1, hi=None, segment_ids=segment_ids, impl=cfg.retrieve_impl
     )
     return _c_proj(cfg, dtype)(layers.merge_heads(y))
@@ -270,7 +270,7 @@ class AssociativeMemory(layers.PlainInit):
         name="bandwidth",
     )(counts)
     q = beta[..., None] * k
-    return kernels_pallas.retrieve(
+    return layers.retrieve(
         _per_head(q.astype(dtype)),
         _per_head(k.astype(dtype)),
         _per_head(v.astype(dtype)),

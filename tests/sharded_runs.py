@@ -118,10 +118,10 @@ def restore(workdir: pathlib.Path) -> None:
   np.savez(workdir / "saved_params.npz", **flat)
 
 
-def steps(out: pathlib.Path, name: str) -> None:
+def steps(out: pathlib.Path, name: str, impl: str = "auto") -> None:
   """Three steps on one device and on (data=2, fsdp=2, tensor=2): losses and final params."""
   mesh = config_lib.MeshConfig(data=2, fsdp=2, tensor=2)
-  exp = tiny(name, mesh=mesh, **{"model.num_layers": 1})
+  exp = tiny(name, mesh=mesh, **{"model.num_layers": 1, "model.retrieve_impl": impl})
   model = models.build_model(exp.model)
   tx = optim.make_optimizer(exp.train)
   rng = np.random.default_rng(0)

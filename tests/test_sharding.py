@@ -44,11 +44,14 @@ def _run_on_8_devices(*args) -> None:
   assert result.returncode == 0, result.stderr[-4000:]
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_training_on_a_mesh_matches_one_device(tmp_path, name):
+# "pallas": the Pallas kernels (interpreted on CPU) run per (batch, heads) shard in shard_map.
+@pytest.mark.parametrize(
+    "name, impl", [*((name, "auto") for name in FAMILIES), ("mm2-tiny", "pallas")]
+)
+def test_training_on_a_mesh_matches_one_device(tmp_path, name, impl):
   """Three steps on (data=2, fsdp=2, tensor=2) give the losses and parameters of one device."""
   out = tmp_path / "steps.npz"
-  _run_on_8_devices("steps", out, name)
+  _run_on_8_devices("steps", out, name, impl)
   runs = np.load(out)
   np.testing.assert_allclose(runs["losses_mesh"], runs["losses_one"], rtol=1e-5)
   params = [k for k in runs.files if k.startswith("one:")]
