@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import pathlib
+import re
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -437,9 +439,6 @@ def train_profile(experiment, trace_dir: str, steps: int = 2) -> list[ProfileRow
   the compiled program; ops of the gradient carry a transpose(...) in their name. Layers are
   merged (h_3/mlp and h_5/mlp count as h_*/mlp).
   """
-  import pathlib
-  import re
-
   from mosaics_jax import models
 
   model_name = type(models.build_model(experiment.model)).__name__
@@ -464,8 +463,6 @@ def train_profile(experiment, trace_dir: str, steps: int = 2) -> list[ProfileRow
 
 def _op_group(op_name: str, model_name: str) -> tuple[str, str, str]:
   """(component, direction, kind) of an XLA op from its metadata op_name."""
-  import re
-
   if not op_name:
     # Some fusions XLA forms late (on CPU, its library fusions) carry no source metadata.
     return "unattributed: fusions without source metadata", "-", "other"

@@ -86,6 +86,8 @@ def test_override_by_dotted_path_and_unknown_keys():
     config_lib.override(exp, "trian.steps", 5)
   with pytest.raises(config_lib.ConfigError, match="not divisible"):
     config_lib.override(exp, "model.width", 66)
+  with pytest.raises(config_lib.ConfigError, match="scan_chunk_size must be >= 1, got 0"):
+    config_lib.override(exp, "model.scan_chunk_size", 0)
 
 
 def test_dict_round_trip_and_unknown_keys():
