@@ -151,11 +151,12 @@ def online_softmax_update(
     scores: Float[Array, "i j"],
     mask: Bool[Array, "i j"],
     v: Float[Array, "j e"],
+    precision: jax.lax.DotAlgorithmPreset | None = None,
 ) -> tuple[Float[Array, "i 1"], Float[Array, "i 1"], Float[Array, "i e"]]:
   """Folds one tile's float32 scores (masked pairs excluded) into the running softmax state.
 
   Rows start at max -inf, sum 0 and acc 0; a row that has met no key keeps them (its exp()
-  shift is 0, so nothing is NaN).
+  shift is 0, so nothing is NaN). `precision` is that of the p . v product.
   """
   scores = jnp.where(mask, scores, -jnp.inf)
   new_max = jnp.maximum(row_max, scores.max(axis=-1, keepdims=True))
@@ -164,7 +165,11 @@ def online_softmax_update(
   rescale = jnp.exp(row_max - shift)
   row_sum = row_sum * rescale + p.sum(axis=-1, keepdims=True)
   pv = jax.lax.dot_general(
-      p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+      p.astype(v.dtype),
+      v,
+      (((1,), (0,)), ((), ())),
+      precision=precision,
+      preferred_element_type=jnp.float32,
   )
   return new_max, row_sum, acc * rescale + pv
 

@@ -25,6 +25,11 @@ Triton tiles must have power-of-two shapes, and its dots need every dimension >=
 of two >= 16, and head dims that are not get zero-padded in the wrapper (zeros change no score
 and add zero columns to y, which are cropped).
 
+float32 dots run as tf32x3 (three TF32 tensor-core products, float32 accuracy): IEEE float32 dots
+run on the FMA units instead and, at B = 64, need so many registers that every kernel spills
+(compiled offline for sm_90 with Triton 3.9, see docs/benchmarks.md). tf32x3 also needs smaller
+tiles: float32 defaults to B = 32 for head dims up to 64, 16 beyond, and 8 warps.
+
 Off GPU the kernels run in Pallas's interpreter (see `retrieve_pallas_gpu`'s `interpret`).
 
 Axis legend: b = batch, t = query time, s = key time, h = heads, d = head dim of q and k,
@@ -56,6 +61,9 @@ from kernels_pallas import bands, blocks
 MAX_BLOCK_SIZE = 64
 # Triton's dot needs every dimension of its operands to be at least 16.
 MIN_DIM = 16
+# The algorithm of compiled float32 dots (see the module docstring). TF32 alone (Triton's default)
+# keeps 10 mantissa bits and would move v1's q . k ~ 4e9 by millions.
+F32_DOT_ALGORITHM = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +78,7 @@ class _Config:
     num_warps: warps per program, the same for every kernel (see the module docstring).
     num_stages: software-pipelining depth of the loops over live blocks.
     interpret: whether to run Pallas's interpreter instead of compiling with Triton.
+    precision: of every dot in the kernels (`dot_precision`).
   """
 
   block: int
@@ -79,19 +88,35 @@ class _Config:
   num_warps: int
   num_stages: int
   interpret: bool
+  precision: jax.lax.DotAlgorithmPreset | None
 
 
-def default_block_size(seq_len: int) -> int:
-  """B used when the caller gives none: MAX_BLOCK_SIZE, or the power of two >= 16 covering T."""
-  return min(MAX_BLOCK_SIZE, max(MIN_DIM, pl.next_power_of_2(seq_len)))
+def default_block_size(seq_len: int, dim: int = MIN_DIM, dtype: Any = jnp.bfloat16) -> int:
+  """B used when the caller gives none, for padded head dims up to `dim` of inputs of `dtype`.
 
-
-def default_num_warps(dim: int) -> int:
-  """Warps per program for padded head dims up to `dim`.
-
-  4 up to 64; beyond, the [B, dim] operands and accumulators need the registers of 8.
+  The power of two >= 16 covering T, at most MAX_BLOCK_SIZE (float32: 32 up to dim 64, else 16).
   """
-  return 4 if dim <= 64 else 8
+  largest = MAX_BLOCK_SIZE
+  if jnp.dtype(dtype) == jnp.float32:
+    largest = 32 if dim <= 64 else MIN_DIM
+  return min(largest, max(MIN_DIM, pl.next_power_of_2(seq_len)))
+
+
+def default_num_warps(dim: int, dtype: Any = jnp.bfloat16) -> int:
+  """Warps per program for padded head dims up to `dim` of inputs of `dtype`.
+
+  4 up to 64; beyond, the [B, dim] operands and accumulators need the registers of 8, and so do
+  the three products of every tf32x3 dot.
+  """
+  return 4 if dim <= 64 and jnp.dtype(dtype) != jnp.float32 else 8
+
+
+def dot_precision(dtype: Any, interpret: bool) -> jax.lax.DotAlgorithmPreset | None:
+  """F32_DOT_ALGORITHM for compiled float32 kernels, else None (the "highest" of `_call`).
+
+  Interpreted kernels run on XLA's CPU dots, which take no TF32 algorithm.
+  """
+  return F32_DOT_ALGORITHM if jnp.dtype(dtype) == jnp.float32 and not interpret else None
 
 
 # Double-buffers the next live block's loads behind the current block's math; deeper pipelines
@@ -147,22 +172,34 @@ def _key_side(
   return key_block * config.block + columns, segments
 
 
-def _scores(q: Float[Array, "i d"], k: Float[Array, "j d"]) -> Float[Array, "i j"]:
+def _scores(q: Float[Array, "i d"], k: Float[Array, "j d"], precision) -> Float[Array, "i j"]:
   """q . k of a tile in float32: the one product every kernel recomputes the scores with."""
-  return jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _matmul(a: Float[Array, "m r"], b: Float[Array, "r n"]) -> Float[Array, "m n"]:
-  """a @ b accumulated in float32 (a is cast to b's dtype, so bf16 enters the dot as bf16)."""
   return jax.lax.dot_general(
-      a.astype(b.dtype), b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+      q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
   )
 
 
-def _matmul_transposed(a: Float[Array, "r m"], b: Float[Array, "r n"]) -> Float[Array, "m n"]:
+def _matmul(a: Float[Array, "m r"], b: Float[Array, "r n"], precision) -> Float[Array, "m n"]:
+  """a @ b accumulated in float32 (a is cast to b's dtype, so bf16 enters the dot as bf16)."""
+  return jax.lax.dot_general(
+      a.astype(b.dtype),
+      b,
+      (((1,), (0,)), ((), ())),
+      precision=precision,
+      preferred_element_type=jnp.float32,
+  )
+
+
+def _matmul_transposed(
+    a: Float[Array, "r m"], b: Float[Array, "r n"], precision
+) -> Float[Array, "m n"]:
   """a^T @ b accumulated in float32, contracting the rows of both (a is cast to b's dtype)."""
   return jax.lax.dot_general(
-      a.astype(b.dtype), b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+      a.astype(b.dtype),
+      b,
+      (((0,), (0,)), ((), ())),
+      precision=precision,
+      preferred_element_type=jnp.float32,
   )
 
 
@@ -174,9 +211,11 @@ def _recompute(
     row_max: Float[Array, "i 1"],
     row_sum: Float[Array, "i 1"],
     mask: Bool[Array, "i j"],
+    precision,
 ) -> tuple[Float[Array, "i j"], Float[Array, "i j"]]:
   """A tile's forward probabilities p and their cotangents dp = dy . v (float32)."""
-  return blocks.probabilities(_scores(q, k), mask, row_max, row_sum), _scores(dy, v)
+  p = blocks.probabilities(_scores(q, k, precision), mask, row_max, row_sum)
+  return p, _scores(dy, v, precision)
 
 
 def _split_segments(config: _Config, refs: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...]]:
@@ -205,7 +244,10 @@ def _forward_kernel(lo_ref, count_ref, index_ref, q_ref, k_ref, v_ref, *refs, co
     keys = _block_slice(key_block, block)
     s, k_segments = _key_side(config, key_block, segment_ref)
     mask = blocks.tile_mask(t, s, lo, config.hi, q_segments, k_segments)
-    return blocks.online_softmax_update(*carry, _scores(q, k_ref[keys, :]), mask, v_ref[keys, :])
+    scores = _scores(q, k_ref[keys, :], config.precision)
+    return blocks.online_softmax_update(
+        *carry, scores, mask, v_ref[keys, :], precision=config.precision
+    )
 
   init = (
       jnp.full((block, 1), -jnp.inf, jnp.float32),
@@ -247,7 +289,7 @@ def _dq_kernel(
     s, k_segments = _key_side(config, key_block, segment_ref)
     mask = blocks.tile_mask(t, s, lo, config.hi, q_segments, k_segments)
     k = k_ref[keys, :]
-    p, dp = _recompute(q, k, v_ref[keys, :], dy, row_max, row_sum, mask)
+    p, dp = _recompute(q, k, v_ref[keys, :], dy, row_max, row_sum, mask, config.precision)
     return k, p, dp
 
   def add_correction(step, correction):
@@ -258,7 +300,7 @@ def _dq_kernel(
 
   def add_dq(step, dq):
     k, p, dp = tile(step)
-    return dq + _matmul(p * (dp - correction), k)
+    return dq + _matmul(p * (dp - correction), k, config.precision)
 
   dq = jax.lax.fori_loop(0, count, add_dq, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = dq.astype(dq_ref.dtype)
@@ -292,9 +334,13 @@ def _dkv_kernel(
     t, q_segments = _query_side(config, query_block, segment_ref)
     mask = blocks.tile_mask(t, s, lo, config.hi, q_segments, k_segments)
     q, dy = q_ref[rows, :], dy_ref[rows, :]
-    p, dp = _recompute(q, k, v, dy, _column(max_ref[rows]), _column(sum_ref[rows]), mask)
+    row_max, row_sum = _column(max_ref[rows]), _column(sum_ref[rows])
+    p, dp = _recompute(q, k, v, dy, row_max, row_sum, mask, config.precision)
     ds = p * (dp - _column(correction_ref[rows]))
-    return dk + _matmul_transposed(ds, q), dv + _matmul_transposed(p, dy)
+    return (
+        dk + _matmul_transposed(ds, q, config.precision),
+        dv + _matmul_transposed(p, dy, config.precision),
+    )
 
   init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
   dk, dv = jax.lax.fori_loop(0, count_ref[key_block], fold, init)
@@ -364,8 +410,8 @@ def _call(
       interpret=config.interpret,
       name=kernel.__name__.strip("_"),
   )
-  # Triton's float32 dot defaults to TF32 (10-bit mantissa), which would move q . k ~ 4e9 by
-  # millions; "highest" makes it exact IEEE float32. bfloat16 dots are unaffected.
+  # Dots without an explicit precision (bfloat16 ones, and all of them when interpreted) run at
+  # "highest": IEEE float32 products on the CPU; bfloat16 dots are unaffected.
   with jax.default_matmul_precision("highest"):
     return call(lo, count, index, *inputs, *segment_inputs)
 
@@ -504,9 +550,10 @@ def _retrieve_padded(
       hi=hi,
       num_blocks=num_blocks,
       segmented=segment_ids is not None,
-      num_warps=num_warps or default_num_warps(max(padded_dim, padded_value_dim)),
+      num_warps=num_warps or default_num_warps(max(padded_dim, padded_value_dim), q.dtype),
       num_stages=num_stages,
       interpret=interpret,
+      precision=dot_precision(q.dtype, interpret),
   )
   y = _retrieve(
       config,
@@ -529,6 +576,7 @@ def retrieve_pallas_gpu(
     hi: int | None = None,
     segment_ids: Int[Array, "b t"] | None = None,
     block_size: int | None = None,
+    backend: str | None = None,
     interpret: bool | None = None,
     num_warps: int | None = None,
     num_stages: int = DEFAULT_NUM_STAGES,
@@ -541,19 +589,23 @@ def retrieve_pallas_gpu(
 
   Args:
     q, k, v, lo, hi, segment_ids: as in `kernels_pallas.retrieve`.
-    block_size: B, a power of two >= 16; None picks `default_block_size(T)`.
-    interpret: False compiles with Triton, True runs Pallas's interpreter; None compiles on GPU
-      and interprets elsewhere.
-    num_warps: warps per program; None picks `default_num_warps` of the padded head dims.
+    block_size: B, a power of two >= 16; None picks `default_block_size` of T, the padded head
+      dims and the dtype.
+    backend: the backend compiled for (None: JAX's default backend).
+    interpret: False compiles with Triton, True runs Pallas's interpreter; None compiles for
+      backend "gpu" and interprets for any other.
+    num_warps: warps per program; None picks `default_num_warps` of the padded head dims and
+      the dtype.
     num_stages: software-pipelining depth of the in-kernel loops.
 
   Returns:
     y in the dtype of the inputs, computed with float32 softmax and sums.
   """
   if interpret is None:
-    interpret = jax.default_backend() != "gpu"
+    interpret = (backend or jax.default_backend()) != "gpu"
   if block_size is None:
-    block_size = default_block_size(q.shape[1])
+    dim = max(_padded_dim(q.shape[-1]), _padded_dim(v.shape[-1]))
+    block_size = default_block_size(q.shape[1], dim, q.dtype)
   _check_block_size(block_size)
   return _retrieve_padded(
       q,

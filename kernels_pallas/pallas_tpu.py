@@ -582,6 +582,7 @@ def retrieve_pallas_tpu(
     hi: int | None = None,
     segment_ids: Int[Array, "b t"] | None = None,
     block_size: int | None = None,
+    backend: str | None = None,
     interpret: Interpret | None = None,
 ) -> Float[Array, "b t h e"]:
   """y[b, t, h] = sum_{s in S(t)} softmax_s(q[b, t, h] . k[b, s, h]) v[b, s, h], as TPU kernels.
@@ -594,15 +595,16 @@ def retrieve_pallas_tpu(
     q, k, v, lo, hi, segment_ids: as in `kernels_pallas.retrieve`.
     block_size: B, a multiple of 8 (and, compiled, of 128 unless it covers the whole padded
       sequence); None picks `default_block_size(T)`.
+    backend: the backend compiled for (None: JAX's default backend).
     interpret: False compiles with Mosaic; True or a `pltpu.InterpretParams` runs Pallas's
-      interpreter (the latter its TPU simulator); None compiles on TPU and runs CPU_INTERPRET
-      elsewhere.
+      interpreter (the latter its TPU simulator); None compiles for backend "tpu" and runs
+      CPU_INTERPRET for any other.
 
   Returns:
     y in the dtype of the inputs, computed with float32 softmax and sums.
   """
   if interpret is None:
-    interpret = False if jax.default_backend() == "tpu" else CPU_INTERPRET
+    interpret = False if (backend or jax.default_backend()) == "tpu" else CPU_INTERPRET
   seq_len = q.shape[1]
   if block_size is None:
     block_size = default_block_size(seq_len)

@@ -25,13 +25,14 @@ def retrieve_reference(
     hi: int | None = None,
     segment_ids: Int[Array, "b t"] | None = None,
     block_size: int | None = None,
+    backend: str | None = None,
 ) -> Float[Array, "b t h e"]:
   """y[b, t, h] = sum_{s in S(t)} softmax_s(q[b, t, h] . k[b, s, h]) v[b, s, h]; 0 if S(t) is empty.
 
   Inputs are assumed validated by `kernels_pallas.retrieve`. Computes in float32 at least (float64
   inputs stay float64) and returns the input dtype.
   """
-  del block_size  # Dense: nothing is blocked.
+  del block_size, backend  # Dense, and the same on every backend.
   dtype = q.dtype
   compute_dtype = jnp.promote_types(dtype, jnp.float32)
   q, k, v = (x.astype(compute_dtype) for x in (q, k, v))

@@ -23,9 +23,10 @@ from kernels_pallas import bands, pallas_gpu, pallas_tpu, reference, shift, xla
 
 RetrieveFn = Callable[..., Float[Array, "b t h e"]]
 
-# Every implementation takes (q, k, v, *, lo, hi, segment_ids, block_size) as validated below.
-# The Pallas kernels compile on their own platform and run in Pallas's interpreter elsewhere
-# (that is how the CPU test suite runs them); "shift" is library attention (cuDNN, splash, XLA).
+# Every implementation takes (q, k, v, *, lo, hi, segment_ids, block_size, backend) as validated
+# below. The Pallas kernels compile for their own backend and run in Pallas's interpreter for any
+# other (that is how the CPU test suite runs them); "shift" is library attention (cuDNN, splash,
+# XLA).
 IMPLEMENTATIONS: dict[str, RetrieveFn] = {
     "reference": reference.retrieve_reference,
     "xla": xla.retrieve_xla,
@@ -111,6 +112,7 @@ def retrieve(
     segment_ids: Int[Array, "b t"] | None = None,
     impl: str = "auto",
     block_size: int | None = None,
+    backend: str | None = None,
 ) -> Float[Array, "b t h e"]:
   """Band-masked kernel regression of v on k at the queries q (see the module docstring).
 
@@ -125,11 +127,15 @@ def retrieve(
     segment_ids: document id of every position, or None for one document per row.
     impl: "auto", "pallas" (see `resolve_impl`) or a name in IMPLEMENTATIONS.
     block_size: time block of the blocked implementations; None picks a default.
+    backend: the backend ("cpu", "gpu", "tpu") the op is compiled for; None is JAX's default
+      backend. Another one compiles ahead of time for it: with "tpu" on a CPU host, "auto" lowers
+      the TPU kernel, which libtpu compiles for a TPU topology (`mosaics_jax.aot`).
 
   Returns:
     y in the dtype of the inputs, computed with float32 softmax and sums.
   """
-  fn = IMPLEMENTATIONS[resolve_impl(impl)]
+  backend = backend or jax.default_backend()
+  fn = IMPLEMENTATIONS[resolve_impl(impl, backend)]
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
   if segment_ids is not None:
     segment_ids = jnp.asarray(segment_ids)
@@ -147,4 +153,5 @@ def retrieve(
       hi=None if hi is None else int(hi),
       segment_ids=segment_ids,
       block_size=block_size,
+      backend=backend,
   )

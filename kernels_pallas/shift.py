@@ -75,14 +75,19 @@ def _cudnn_supported(dtype: jnp.dtype, dim: int, packed: bool) -> bool:
 
 
 def default_implementation(
-    dtype: jnp.dtype, dim: int, packed: bool, static_window: bool = True
+    dtype: jnp.dtype,
+    dim: int,
+    packed: bool,
+    static_window: bool = True,
+    backend: str | None = None,
 ) -> str:
-  """The attention kernel picked for this backend, dtype, common head dim, packing and window."""
+  """The attention kernel picked for a backend (default JAX's), dtype, head dim, packing, window."""
   if not static_window:
     return "xla"
-  if jax.default_backend() == "tpu":
+  backend = backend or jax.default_backend()
+  if backend == "tpu":
     return "splash"
-  if _cudnn_supported(dtype, _round_up(dim, CUDNN_DIM_MULTIPLE), packed):
+  if backend == "gpu" and _cudnn_supported(dtype, _round_up(dim, CUDNN_DIM_MULTIPLE), packed):
     return "cudnn"
   return "xla"
 
@@ -125,15 +130,16 @@ def _attend_splash(
     q_segments: Int[Array, "b t"] | None,
     kv_segments: Int[Array, "b s"] | None,
     window: int | None,
+    interpret: bool,
 ) -> Float[Array, "b t h f"]:
-  """Causal attention with splash attention (interpreted off TPU)."""
+  """Causal attention with splash attention (compiled for TPU, else interpreted)."""
   _, seq_len, heads, _ = q.shape
   padded = _round_up(seq_len, SPLASH_BLOCK)
   # The padding sits after every real position: causality keeps padded keys out of real rows, and
   # the padded rows are cropped.
   pad = [(0, 0), (0, padded - seq_len)]
   q, k, v = (jnp.pad(x, pad + [(0, 0), (0, 0)]).transpose(0, 2, 1, 3) for x in (q, k, v))
-  kernel = _splash_kernel(padded, heads, window, jax.default_backend() != "tpu")
+  kernel = _splash_kernel(padded, heads, window, interpret)
   if q_segments is None:
     y = jax.vmap(kernel)(q, k, v)
   else:
@@ -186,6 +192,7 @@ def retrieve_shift(
     hi: int | None = None,
     segment_ids: Int[Array, "b t"] | None = None,
     block_size: int | None = None,
+    backend: str | None = None,
     implementation: str | None = None,
 ) -> Float[Array, "b t h e"]:
   """y[b, t, h] = sum_{s in S(t)} softmax_s(q[b, t, h] . k[b, s, h]) v[b, s, h] by attention.
@@ -201,6 +208,8 @@ def retrieve_shift(
     hi: largest delay t - s, or None for unbounded.
     segment_ids: document id of every position, or None for one document per row.
     block_size: ignored (the libraries pick their own tiles).
+    backend: the backend compiled for (None: JAX's default backend); splash is compiled for
+      "tpu" and interpreted for any other.
     implementation: "splash", "cudnn" or "xla"; None picks `default_implementation`. A traced
       lo with a finite hi needs "xla".
 
@@ -212,7 +221,9 @@ def retrieve_shift(
   dim = max(q.shape[-1], value_dim)
   static_window = hi is None or isinstance(lo, int)
   if implementation is None:
-    implementation = default_implementation(q.dtype, dim, segment_ids is not None, static_window)
+    implementation = default_implementation(
+        q.dtype, dim, segment_ids is not None, static_window, backend
+    )
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown implementation {implementation!r}; valid: {IMPLEMENTATIONS}")
   if not static_window and implementation != "xla":
@@ -229,7 +240,8 @@ def retrieve_shift(
   # Traced when lo is (only with "xla").
   window = None if hi is None else hi - lo
   if implementation == "splash":
-    y = _attend_splash(shifted_q, k, v, q_segments, segment_ids, window)
+    interpret = (backend or jax.default_backend()) != "tpu"
+    y = _attend_splash(shifted_q, k, v, q_segments, segment_ids, window, interpret)
   else:
     y = _attend_library(shifted_q, k, v, q_segments, segment_ids, window, implementation)
   y = jnp.roll(y[..., :value_dim], lo, axis=1)

@@ -296,6 +296,7 @@ def retrieve_xla(
     hi: int | None = None,
     segment_ids: Int[Array, "b t"] | None = None,
     block_size: int | None = None,
+    backend: str | None = None,
 ) -> Float[Array, "b t h e"]:
   """y[b, t, h] = sum_{s in S(t)} softmax_s(q[b, t, h] . k[b, s, h]) v[b, s, h], in O(T * B) memory.
 
@@ -303,6 +304,7 @@ def retrieve_xla(
   lets the loop skip the offsets below it); a traced `lo` is one compilation for every value.
   `block_size` defaults to `default_block_size(T, hi)`. Reverse-mode differentiable in q, k, v.
   """
+  del backend  # Plain XLA: the same program on every backend.
   static_lo = lo if isinstance(lo, int) else None
   if block_size is None:
     block_size = default_block_size(q.shape[1], hi)

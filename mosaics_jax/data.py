@@ -50,6 +50,14 @@ from mosaics_jax.config import DataConfig
 
 Split = Literal["train", "val"]
 Example = dict[str, np.ndarray]  # The fields of the module docstring, each of shape [t].
+# Those fields and their dtypes.
+BATCH_DTYPES = {
+    "tokens": np.int32,
+    "targets": np.int32,
+    "segment_ids": np.int32,
+    "loss_mask": np.float32,
+    "answer_mask": np.float32,
+}
 
 SOURCES = ("synthetic_induction", "synthetic_mqar", "text", "tokens")
 TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
@@ -216,16 +224,14 @@ def _example(
     answer_mask: Bool[np.ndarray, "t"],
     segment_ids: Int[np.ndarray, "t"] | None = None,
 ) -> Example:
-  seq_len = len(sequence) - 1
-  return {
-      "tokens": sequence[:-1].astype(np.int32),
-      "targets": sequence[1:].astype(np.int32),
-      "segment_ids": (
-          np.zeros(seq_len, np.int32) if segment_ids is None else segment_ids.astype(np.int32)
-      ),
-      "loss_mask": loss_mask.astype(np.float32),
-      "answer_mask": answer_mask.astype(np.float32),
+  fields = {
+      "tokens": sequence[:-1],
+      "targets": sequence[1:],
+      "segment_ids": np.zeros(len(sequence) - 1) if segment_ids is None else segment_ids,
+      "loss_mask": loss_mask,
+      "answer_mask": answer_mask,
   }
+  return {name: x.astype(BATCH_DTYPES[name]) for name, x in fields.items()}
 
 
 def _padding(seq_len: int) -> Example:

@@ -10,6 +10,7 @@ Axis legend: b = batch, t = time, m = model width, f = SwiGLU width, h = heads, 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -46,11 +47,14 @@ def retrieve(
 
   Rows and heads never interact in the op, so each device computes its own (batch, heads) shard
   with no communication. `shard_map` says so explicitly: XLA cannot partition a Pallas kernel
-  itself (nor should it guess for the blocked XLA path).
+  itself (nor should it guess for the blocked XLA path). The op is compiled for the platform of
+  the mesh's devices, which need not be the host's (`mosaics_jax.aot` compiles for TPUs on a CPU).
   """
   mesh = jax.sharding.get_abstract_mesh()
+  backend = None if mesh.empty else mesh.abstract_device.platform
+  call = functools.partial(kernels_pallas.retrieve, hi=hi, impl=impl, backend=backend)
   if mesh.empty or mesh.size == 1:
-    return kernels_pallas.retrieve(q, k, v, lo=lo, hi=hi, segment_ids=segment_ids, impl=impl)
+    return call(q, k, v, lo=lo, segment_ids=segment_ids)
   batch, _, heads, _ = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
   heads_spec = PartitionSpec(batch, None, heads, None)
   # Optional operands go in only when present; a Python int lo stays static (compiled in).
@@ -65,9 +69,7 @@ def retrieve(
     rest = list(rest)
     shard_segments = rest.pop(0) if segment_ids is not None else None
     shard_lo = rest.pop(0) if traced_lo else lo
-    return kernels_pallas.retrieve(
-        q, k, v, lo=shard_lo, hi=hi, segment_ids=shard_segments, impl=impl
-    )
+    return call(q, k, v, lo=shard_lo, segment_ids=shard_segments)
 
   specs = (heads_spec,) * 3 + tuple(spec for _, spec in optional)
   args = (q, k, v) + tuple(x for x, _ in optional)

@@ -365,7 +365,8 @@ def plan(
   )
 
 
-def _human(n: int) -> str:
+def human_bytes(n: int) -> str:
+  """n in the largest unit of GiB, MiB and KiB that it reaches, right-aligned."""
   for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
     if n >= scale:
       return f"{n / scale:9.2f} {unit}"
@@ -390,5 +391,5 @@ def format_plan(p: Plan) -> str:
       f" sequences per device (grad_accum {p.grad_accum}), remat {'on' if p.remat else 'off'}",
       f"  {p.params:,} parameters",
   ]
-  lines += [f"  {name:<{width}} {_human(n)}" for name, n in rows]
+  lines += [f"  {name:<{width}} {human_bytes(n)}" for name, n in rows]
   return "\n".join(lines)

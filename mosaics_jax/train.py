@@ -132,12 +132,10 @@ def _loss(params, model, batch: Batch, kwargs, dropout_key) -> tuple[jax.Array, 
   return loss_sum / jnp.maximum(weight, 1.0), stats
 
 
-def make_train_step(
-    experiment: config_lib.Experiment,
-    model,
-    tx: optax.GradientTransformation,
-    placement: Placement | None = None,
+def train_step_fn(
+    experiment: config_lib.Experiment, model, tx: optax.GradientTransformation
 ) -> Callable[[State, Batch], tuple[State, dict]]:
+  """One optimizer step over a global batch, as a pure function (not jitted)."""
   cfg = experiment.train
   schedule = optim.learning_rate(cfg)
   grad_fn = jax.value_and_grad(_loss, has_aux=True)
@@ -175,14 +173,26 @@ def make_train_step(
         "lr": schedule(state["step"]),
     }
 
+  return step
+
+
+def train_step_shardings(placement: Placement) -> tuple[Any, Any]:
+  """(in_shardings, out_shardings) of the train step: (state, batch) -> (state, stats)."""
+  return (placement.state, placement.batch), (placement.state, sharding.replicated(placement.mesh))
+
+
+def make_train_step(
+    experiment: config_lib.Experiment,
+    model,
+    tx: optax.GradientTransformation,
+    placement: Placement | None = None,
+) -> Callable[[State, Batch], tuple[State, dict]]:
+  """The jitted train step; it donates the state it is given."""
+  step = train_step_fn(experiment, model, tx)
   if placement is None:
     return jax.jit(step, donate_argnums=0)
-  return placement.jit(
-      step,
-      in_shardings=(placement.state, placement.batch),
-      out_shardings=(placement.state, sharding.replicated(placement.mesh)),
-      donate_argnums=0,
-  )
+  in_shardings, out_shardings = train_step_shardings(placement)
+  return placement.jit(step, in_shardings, out_shardings, donate_argnums=0)
 
 
 def make_eval_step(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import flax.linen as nn
 import jax
@@ -109,9 +108,8 @@ def test_remat_keeps_one_layer_and_the_block_inputs():
 
 
 def test_mm2_large_on_256_devices_from_shapes_only(capsys):
-  start = time.perf_counter()
+  """This process has one device: planning for 256 allocates nothing on them."""
   assert info.main(["mm2-large", "--mesh", "dcn_data=2,fsdp=128"]) == 0
-  assert time.perf_counter() - start < 20
   out = capsys.readouterr().out
   assert "on 256 devices" in out and "total" in out
   plan = memory_plan.plan(registry.get("mm2-large"), {"dcn_data": 2, "fsdp": 128})

@@ -76,7 +76,56 @@ def test_short_sequence_and_odd_head_dims(block_size):
 def test_default_block_size():
   assert pallas_gpu.default_block_size(1) == 16
   assert pallas_gpu.default_block_size(37) == 64
-  assert pallas_gpu.default_block_size(1000) == 64
+  assert pallas_gpu.default_block_size(1000, 128) == 64
+  # float32's tf32x3 dots need smaller tiles to fit in registers.
+  assert pallas_gpu.default_block_size(1000, 64, jnp.float32) == 32
+  assert pallas_gpu.default_block_size(1000, 128, jnp.float32) == 16
+  assert pallas_gpu.default_num_warps(64) == 4
+  assert pallas_gpu.default_num_warps(64, jnp.float32) == 8
+
+
+HIGHEST = (jax.lax.Precision.HIGHEST,) * 2  # `jax.default_matmul_precision("highest")`.
+
+
+def _dot_precisions(jaxpr) -> list:
+  """The precision of every dot_general in the kernels of a jaxpr's pallas_calls."""
+  found = []
+
+  def walk(jaxpr, in_kernel):
+    for eqn in jaxpr.eqns:
+      if in_kernel and eqn.primitive.name == "dot_general":
+        found.append(eqn.params["precision"])
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          sub = getattr(sub, "jaxpr", sub)
+          if hasattr(sub, "eqns"):
+            walk(sub, in_kernel or eqn.primitive.name == "pallas_call")
+
+  walk(jaxpr.jaxpr, False)
+  return found
+
+
+@pytest.mark.parametrize(
+    "dtype, interpret, expected",
+    [
+        (jnp.float32, False, pallas_gpu.F32_DOT_ALGORITHM),
+        (jnp.float32, True, HIGHEST),  # CPU dots take no TF32 algorithm.
+        (jnp.bfloat16, False, HIGHEST),  # No effect on bfloat16 products.
+    ],
+)
+def test_every_kernel_dot_has_the_precision_of_its_dtype(dtype, interpret, expected):
+  """Compiled float32 kernels run every product (scores, p . v, dq, dk, dv) as tf32x3."""
+  q = jax.ShapeDtypeStruct((B, 100, H, 32), dtype)
+
+  def fn(q, k, v):
+    kernel = functools.partial(pallas_gpu.retrieve_pallas_gpu, lo=1, hi=40, interpret=interpret)
+    y, vjp = jax.vjp(kernel, q, k, v)
+    return vjp(y)
+
+  precisions = _dot_precisions(jax.make_jaxpr(fn)(q, q, q))
+  # Forward: scores and p . v; dq: scores, dp (twice, over two loops) and dq; dkv: four.
+  assert len(precisions) == 2 + 5 + 4
+  assert set(precisions) == {expected}
 
 
 @pytest.mark.parametrize("block_size", [8, 48])

@@ -332,3 +332,26 @@ def _valid_call(**overrides):
 def test_validation_errors(overrides, error, match):
   with pytest.raises(error, match=match):
     _valid_call(**overrides)
+
+
+@pytest.mark.parametrize(
+    "impl, backend, kernels",
+    [
+        ("auto", "tpu", 4),  # Forward, D, dq and dk/dv.
+        ("shift", "tpu", 3),  # Splash attention's forward, dq and dk/dv.
+        ("auto", "cpu", 0),  # The XLA path: no kernel.
+    ],
+)
+def test_backend_picks_the_kernels_compiled_for_it(impl, backend, kernels):
+  """`backend` is the platform compiled for, whatever the host: "tpu" lowers the TPU kernels
+  compiled with Mosaic (interpreted ones would lower to plain HLO, with no Mosaic call)."""
+  q = jax.ShapeDtypeStruct((1, 256, 2, 16), jnp.bfloat16)
+  segment_ids = jax.ShapeDtypeStruct((1, 256), jnp.int32)
+
+  def loss(q, k, v, segment_ids):
+    y = retrieve(q, k, v, lo=1, hi=64, segment_ids=segment_ids, impl=impl, backend=backend)
+    return jnp.sum(y.astype(jnp.float32))
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  exported = jax.export.export(grad, platforms=["tpu"])(q, q, q, segment_ids)
+  assert exported.mlir_module().count("tpu_custom_call") == kernels

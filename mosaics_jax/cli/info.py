@@ -6,7 +6,11 @@
         [--set model.remat=true train.grad_accum=2]
 
 With --mesh it also plans the memory of training on that mesh, per device, from shapes only: no
-device is needed (`mosaics_jax.memory_plan`).
+device is needed (`mosaics_jax.memory_plan`). With --compile-for it compiles the train step for a
+TPU slice with libtpu, on any host, and prints XLA's per-device memory beside the plan
+(`mosaics_jax.aot`):
+
+    mosaics-info mm2-large --compile-for v5p:4x4x4 --mesh fsdp=-1 --batch 64 --context 4096
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import argparse
 import json
 import sys
 
-from mosaics_jax import config as config_lib, flops, memory_plan, registry
+from mosaics_jax import aot, config as config_lib, flops, memory_plan, registry
 from mosaics_jax.cli import train as train_cli
 
 # The paper's context of FLOP counts.
@@ -38,7 +42,17 @@ def _parser() -> argparse.ArgumentParser:
       " dcn_fsdp; missing sizes are 1)",
   )
   parser.add_argument(
-      "--batch", type=int, help="with --mesh: the global batch size (default: train.batch_size)"
+      "--compile-for",
+      metavar="TOPOLOGY",
+      help="compile the train step for this TPU slice with libtpu (pip install 'jax[tpu]') and"
+      f" print XLA's memory per device; e.g. {aot.TOPOLOGY_EXAMPLES}. The mesh is --mesh (here one"
+      " of data, fsdp, tensor may be -1, the rest) or else the experiment's; dcn sizes give the"
+      " slice count",
+  )
+  parser.add_argument(
+      "--batch",
+      type=int,
+      help="with --mesh or --compile-for: the global batch size (default: train.batch_size)",
   )
   parser.add_argument(
       "--set",
@@ -91,6 +105,7 @@ def _describe(
     context: int,
     as_json: bool,
     plan: memory_plan.Plan | None,
+    compiled: aot.CompileReport | None = None,
 ) -> str:
   name = experiment.name
   report = flops.count(experiment.model, context)
@@ -98,6 +113,8 @@ def _describe(
     out = {"experiment": name, **report.to_json(), "config": config_lib.to_dict(experiment)}
     if plan is not None:
       out["memory_plan"] = plan.to_json()
+    if compiled is not None:
+      out["compiled"] = compiled.to_json()
     return json.dumps(out)
   model = experiment.model
   lines = [
@@ -119,6 +136,8 @@ def _describe(
     )
   if plan is not None:
     lines += ["", memory_plan.format_plan(plan)]
+  if compiled is not None:
+    lines += ["", aot.format_report(compiled)]
   return "\n".join(lines)
 
 
@@ -126,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   if args.context is not None and args.context < 1:
     _parser().error(f"--context must be >= 1, got {args.context}")
-  if args.batch is not None and (args.mesh is None or args.batch < 1):
-    _parser().error("--batch takes a global batch size >= 1, with --mesh")
-  if args.mesh is not None and not args.experiment:
-    _parser().error("--mesh needs an experiment name")
+  planned = args.mesh is not None or args.compile_for is not None
+  if args.batch is not None and (not planned or args.batch < 1):
+    _parser().error("--batch takes a global batch size >= 1, with --mesh or --compile-for")
+  if planned and not args.experiment:
+    _parser().error("--mesh and --compile-for need an experiment name")
   flop_context = args.context or FLOP_CONTEXT
   try:
     if args.list and args.markdown:
@@ -138,12 +158,19 @@ def main(argv: list[str] | None = None) -> int:
       print(_list(args.json))
     elif args.experiment:
       experiment = train_cli.apply_overrides(registry.get(args.experiment), args.set)
-      plan = None
-      if args.mesh is not None:
-        plan = memory_plan.plan(
-            experiment, memory_plan.parse_mesh(args.mesh), batch=args.batch, context=args.context
-        )
-      print(_describe(experiment, flop_context, args.json, plan))
+      plan = compiled = None
+      mesh = None if args.mesh is None else memory_plan.parse_mesh(args.mesh)
+      if args.compile_for is not None:
+        target = experiment
+        if args.batch is not None:
+          target = config_lib.override(target, "train.batch_size", args.batch)
+        if args.context is not None:
+          target = config_lib.override(target, "data.seq_len", args.context)
+        compiled = aot.compile_for_topology(target, args.compile_for, mesh)
+        mesh = compiled.mesh  # -1 resolved, for the plan beside it.
+      if mesh is not None:
+        plan = memory_plan.plan(experiment, mesh, batch=args.batch, context=args.context)
+      print(_describe(experiment, flop_context, args.json, plan, compiled))
     else:
       _parser().error("give an experiment name or --list")
   except config_lib.ConfigError as e:

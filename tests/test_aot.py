@@ -1,0 +1,115 @@
+"""Tests of compiling for TPUs ahead of time (`mosaics_jax.aot`, `mosaics-info --compile-for`).
+
+The compilation tests need libtpu (`pip install "jax[tpu]"`) and skip without it, as in CI; the
+rest run everywhere. libtpu lets one process at a time load it: run this file without xdist
+(`python -m pytest -p no:xdist tests/test_aot.py`) where libtpu is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax._src import mesh as mesh_lib
+
+from mosaics_jax import aot, config as config_lib, models, registry
+from mosaics_jax.cli import info
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="compiling for TPU needs libtpu")
+TOPOLOGY = "v5e:2x2"  # The smallest slice libtpu describes by default: 4 chips, one device each.
+RETRIEVAL_KERNELS = {"forward_kernel", "correction_kernel", "dq_kernel", "dkv_kernel"}
+
+
+def test_model_on_a_tpu_mesh_lowers_the_tpu_kernels():
+  """On a mesh of TPU devices the model's retrievals lower to the Mosaic kernels, forward and
+  backward, even where the host is a CPU: the mesh's platform picks the implementation."""
+  experiment = registry.get("mm2-tiny")
+  model = models.build_model(experiment.model)
+  tokens = jax.ShapeDtypeStruct((2, 128), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+  tpu = mesh_lib.AbstractDevice(device_kind="TPU v5 lite", num_cores=None, platform="tpu")
+  mesh = jax.sharding.AbstractMesh((1, 1, 1), config_lib.MESH_AXES, abstract_device=tpu)
+
+  def loss(params, tokens):
+    logits = model.apply({"params": params}, tokens, jnp.zeros_like(tokens), ltm_delay=64)
+    return jnp.sum(logits)
+
+  with jax.sharding.use_abstract_mesh(mesh):
+    exported = jax.export.export(jax.jit(jax.grad(loss)), platforms=["tpu"])(params, tokens)
+  names = set(re.findall(r'kernel_name = "(\w+)"', exported.mlir_module()))
+  assert names == RETRIEVAL_KERNELS
+
+
+@pytest.mark.skipif(HAS_LIBTPU, reason="checks the error without libtpu")
+def test_without_libtpu_the_error_says_what_to_install(capsys):
+  with pytest.raises(aot.AotError, match=r"needs libtpu.*pip install 'jax\[tpu\]"):
+    aot.topology_devices(TOPOLOGY)
+  assert info.main(["mm2-tiny", "--compile-for", TOPOLOGY]) == 2
+  assert "needs libtpu" in capsys.readouterr().err
+
+
+def test_compile_for_needs_an_experiment():
+  with pytest.raises(SystemExit):
+    info.main(["--compile-for", TOPOLOGY])
+
+
+@needs_libtpu
+def test_train_step_compiles_for_a_tpu_slice():
+  report = aot.compile_for_topology(
+      registry.get("mm2-tiny"), TOPOLOGY, {"data": 2, "fsdp": 2}
+  )
+  assert (report.devices, report.device_kind) == (4, "TPU v5 lite")
+  assert report.mesh == {"data": 2, "fsdp": 2, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1}
+  # Two retrieval shapes (short- and long-term) of four kernels each; the layers share them.
+  assert report.mosaic_kernels == 2 * len(RETRIEVAL_KERNELS)
+  # The state is donated: the new one is written over it.
+  assert 0 < report.alias_bytes <= report.output_bytes
+  assert report.argument_bytes > 0 and report.temp_bytes > 0
+  assert report.hbm_bytes == 16 * 2**30 and report.peak_bytes < report.hbm_bytes
+
+
+@needs_libtpu
+def test_rest_of_the_devices_and_slices():
+  """-1 takes the devices the other sizes leave; dcn sizes compile for several slices."""
+  experiment = registry.get("mm2-tiny")
+  report = aot.compile_for_topology(experiment, TOPOLOGY, {"fsdp": -1, "dcn_data": 2})
+  assert report.devices == 8
+  assert report.mesh == {"data": 1, "fsdp": 4, "tensor": 1, "dcn_data": 2, "dcn_fsdp": 1}
+  assert report.hbm_bytes == 16 * 2**30
+
+
+@needs_libtpu
+def test_two_core_chips_are_one_device():
+  """A v4 chip's two TensorCores are one "megacore" device with the chip's 32 GiB."""
+  devices = aot.topology_devices("v4:2x2x1")
+  assert len(devices) == 4
+  report = aot.compile_train_step(registry.get("mm2-tiny"), devices, "v4:2x2x1")
+  assert report.hbm_bytes == 32 * 2**30
+
+
+@needs_libtpu
+def test_unknown_topology_names_the_format():
+  with pytest.raises(aot.AotError, match=r"'v9z:2x2'.*e\.g\. v5p:2x2x1"):
+    aot.topology_devices("v9z:2x2")
+
+
+@needs_libtpu
+def test_mesh_that_does_not_fit_the_slice():
+  with pytest.raises(config_lib.ConfigError, match="has 2 devices but there are 4"):
+    aot.compile_for_topology(registry.get("mm2-tiny"), TOPOLOGY, {"data": 2})
+
+
+@needs_libtpu
+def test_cli_prints_the_plan_beside_the_compiled_step(capsys):
+  assert info.main(["mm2-tiny", "--compile-for", TOPOLOGY, "--batch", "16", "--json"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  compiled, plan = out["compiled"], out["memory_plan"]
+  assert compiled["global_batch"] == plan["global_batch"] == 16
+  # The experiment's mesh (data=-1) resolved on the slice, and the plan made for the same one.
+  assert compiled["mesh"]["data"] == plan["axis_sizes"]["data"] == 4
+  assert compiled["peak_bytes"] > 0
