@@ -101,7 +101,7 @@ def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
   return list(desc.devices)
 
 
-def _hbm_per_device(devices: Sequence[Any]) -> int | None:
+def hbm_per_device(devices: Sequence[Any]) -> int | None:
   """HBM_PER_CHIP shared among the devices of a chip (TensorCores that are devices of their own)."""
   hbm = HBM_PER_CHIP.get(devices[0].device_kind)
   if hbm is None:
@@ -185,7 +185,7 @@ def compile_train_step(
       temp_bytes=memory.temp_size_in_bytes,
       code_bytes=memory.generated_code_size_in_bytes,
       mosaic_kernels=lowered.as_text().count(MOSAIC_CALL),
-      hbm_bytes=_hbm_per_device(devices),
+      hbm_bytes=hbm_per_device(devices),
   )
 
 

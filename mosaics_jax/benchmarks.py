@@ -1,5 +1,5 @@
-"""Benchmarks against a plain matmul in the same process: the retrieval op (time and peak memory),
-every retrieval implementation side by side, and a whole training step (tokens/s and model FLOP
+"""Benchmarks against a plain matmul in the same process: every retrieval implementation side by
+side (time, useful FLOP/s and peak memory), and a whole training step (tokens/s and model FLOP
 utilisation).
 
 Times are medians of several repeats of a compiled function; peak memory is what XLA's buffer
@@ -16,6 +16,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,19 @@ class Timing:
   peak_bytes: int
 
 
+def planned_peak_bytes(compiled: jax.stages.Compiled) -> int:
+  """The peak memory XLA plans for a compiled program: arguments, outputs and temporaries."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return 0
+  return (
+      mem.argument_size_in_bytes
+      + mem.output_size_in_bytes
+      + mem.temp_size_in_bytes
+      - mem.alias_size_in_bytes
+  )
+
+
 def measure(fn: Callable, *args, repeats: int = 5) -> Timing:
   """Median wall time of jitted `fn(*args)` after compilation, and its planned peak memory."""
   compiled = jax.jit(fn).lower(*args).compile()
@@ -40,95 +54,13 @@ def measure(fn: Callable, *args, repeats: int = 5) -> Timing:
     start = time.perf_counter()
     jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - start)
-  mem = compiled.memory_analysis()
-  peak = 0
-  if mem is not None:
-    peak = (
-        mem.argument_size_in_bytes
-        + mem.output_size_in_bytes
-        + mem.temp_size_in_bytes
-        - mem.alias_size_in_bytes
-    )
-  return Timing(statistics.median(times), peak)
+  return Timing(statistics.median(times), planned_peak_bytes(compiled))
 
 
 def matmul_flops_per_second(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -> float:
   """The rate of an n^3 matmul in `dtype` on this backend: the yardstick of every ratio."""
   a = jnp.ones((n, n), dtype)
   return 2 * n**3 / measure(jnp.matmul, a, a, repeats=repeats).seconds
-
-
-@dataclasses.dataclass(frozen=True)
-class OpsRow:
-  band: str
-  seq_len: int
-  seconds: float
-  us_per_token: float
-  per_token_vs_first: float  # Time per token relative to the shortest length of the same band.
-  useful_gflops: float
-  matmul_fraction: float
-  peak_mb: float
-
-
-BANDS = {"short-term (lo=1, hi=255)": (1, 255), "long-term (lo=64, hi=inf)": (64, None)}
-
-
-def ops(
-    seq_lens=(1024, 4096, 16384),
-    batch: int = 1,
-    heads: int = 8,
-    head_dim: int = 64,
-    impl: str = "xla",
-    repeats: int = 3,
-) -> tuple[list[OpsRow], float]:
-  """Forward+backward of `retrieve` for the short- and long-term bands; returns rows, matmul rate."""
-  rate = matmul_flops_per_second()
-  rows = []
-  for band, (lo, hi) in BANDS.items():
-    first = None
-    for t in seq_lens:
-      keys = jax.random.split(jax.random.key(t), 3)
-      q, k, v = (jax.random.normal(key, (batch, t, heads, head_dim)) for key in keys)
-
-      def loss(q, k, v):
-        return kernels_pallas.retrieve(q, k, v, lo=lo, hi=hi, impl=impl).sum()
-
-      timing = measure(jax.grad(loss, argnums=(0, 1, 2)), q, k, v, repeats=repeats)
-      per_token = timing.seconds / (batch * t)
-      first = first or per_token
-      pairs = float(np.asarray(kernels_pallas.visible_counts(None, t, lo, hi)).sum())
-      # q.k and p.v: 4 * d FLOPs per visible pair and head; backward counted as 2.5 forwards.
-      useful = 3.5 * 4 * head_dim * heads * batch * pairs
-      rows.append(
-          OpsRow(
-              band=band,
-              seq_len=t,
-              seconds=timing.seconds,
-              us_per_token=per_token * 1e6,
-              per_token_vs_first=per_token / first,
-              useful_gflops=useful / timing.seconds / 1e9,
-              matmul_fraction=useful / timing.seconds / rate,
-              peak_mb=timing.peak_bytes / 2**20,
-          )
-      )
-  return rows, rate
-
-
-def format_ops(rows: list[OpsRow], rate: float, impl: str) -> str:
-  lines = [
-      f"retrieve(impl={impl!r}) forward+backward; fp32 matmul (1024^3) here: {rate / 1e9:.1f} GFLOP/s",
-      "",
-      "| band | T | time (s) | us/token | per token vs shortest | useful GFLOP/s | of matmul |"
-      " peak memory (MB) |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|",
-  ]
-  for r in rows:
-    lines.append(
-        f"| {r.band} | {r.seq_len} | {r.seconds:.3f} | {r.us_per_token:.1f} |"
-        f" {r.per_token_vs_first:.2f}x | {r.useful_gflops:.1f} | {r.matmul_fraction:.0%} |"
-        f" {r.peak_mb:.0f} |"
-    )
-  return "\n".join(lines)
 
 
 KERNEL_BANDS = {
@@ -163,15 +95,20 @@ def available_impls(backend: str) -> list[str]:
 
 
 def dense_bytes(
-    impl: str, batch: int, heads: int, seq_len: int, dtype, head_dim: int
+    impl: str,
+    batch: int,
+    heads: int,
+    seq_len: int,
+    dtype,
+    head_dim: int,
+    backend: str | None = None,
 ) -> int | None:
   """Estimated peak memory of an implementation that materialises the [b, h, T, T] scores.
 
-  None for the implementations whose memory grows linearly in T.
+  None for the implementations whose memory grows linearly in T on `backend` (default: JAX's).
   """
-  dense = impl == "reference" or (
-      impl == "shift" and shift.default_implementation(dtype, head_dim, packed=False) == "xla"
-  )
+  library = shift.default_implementation(dtype, head_dim, packed=False, backend=backend)
+  dense = impl == "reference" or (impl == "shift" and library == "xla")
   if not dense:
     return None
   return DENSE_SCORE_COPIES * batch * heads * seq_len**2 * 4
@@ -189,7 +126,7 @@ class KernelRow:
   seq_len: int
   head_dim: int
   impl: str
-  seconds: float | None  # Median over repeats; None when skipped.
+  seconds: float | None  # Median over repeats; None when skipped or only compiled.
   useful_tflops: float | None
   matmul_fraction: float | None
   peak_mb: float | None
@@ -213,6 +150,7 @@ def kernels(
     dtype=jnp.bfloat16,
     repeats: int = 3,
     max_dense_bytes: float = DEFAULT_MAX_DENSE_GB * 2**30,
+    target: Any = None,
 ) -> Iterator[KernelRow]:
   """Forward+backward of every implementation in `impls` over bands, lengths and head dims.
 
@@ -222,32 +160,44 @@ def kernels(
   yardstick of the "of matmul" ratio. Dense implementations whose
   estimated peak exceeds `max_dense_bytes` are skipped, as is any that runs out of memory. Rows
   are yielded as they are measured, so a long sweep prints as it goes.
+
+  With a `target` device (`mosaics_jax.aot.topology_devices`), every implementation is compiled
+  for it and not run: rows hold XLA's planned peak memory on that device and no time.
   """
+  backend = None if target is None else target.platform
   for band in bands:
     name, lo, hi = KERNEL_BANDS[band]
     for head_dim in head_dims:
       for t in seq_lens:
-        keys = jax.random.split(jax.random.key(t), 4)
-        q, k, v, cotangent = (
-            jax.random.normal(key, (batch, t, heads, head_dim), dtype) for key in keys
-        )
+        shape = (batch, t, heads, head_dim)
+        if target is None:
+          keys = jax.random.split(jax.random.key(t), 4)
+          args = [jax.random.normal(key, shape, dtype) for key in keys]
+        else:
+          on_target = jax.sharding.SingleDeviceSharding(target)
+          args = [jax.ShapeDtypeStruct(shape, dtype, sharding=on_target)] * 4
         pairs = float(np.asarray(kernels_pallas.visible_counts(None, t, lo, hi)).sum())
         useful = 3.5 * 4 * head_dim * heads * batch * pairs
         for impl in impls:
           row = functools.partial(KernelRow, name, t, head_dim, impl)
-          estimate = dense_bytes(impl, batch, heads, t, dtype, head_dim)
+          estimate = dense_bytes(impl, batch, heads, t, dtype, head_dim, backend)
           if estimate is not None and estimate > max_dense_bytes:
             yield row(None, None, None, None, skipped=f"does not fit: ~{estimate / 2**30:.3g} GB")
             continue
 
           def grads(q, k, v, cotangent, impl=impl):
             loss = lambda q, k, v: jnp.sum(
-                kernels_pallas.retrieve(q, k, v, lo=lo, hi=hi, impl=impl) * cotangent
+                kernels_pallas.retrieve(q, k, v, lo=lo, hi=hi, impl=impl, backend=backend)
+                * cotangent
             )
             return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
           try:
-            timing = measure(grads, q, k, v, cotangent, repeats=repeats)
+            if target is not None:
+              compiled = jax.jit(grads).trace(*args).lower().compile()
+              yield row(None, None, None, planned_peak_bytes(compiled) / 2**20)
+              continue
+            timing = measure(grads, *args, repeats=repeats)
           except jax.errors.JaxRuntimeError as e:
             if not _is_out_of_memory(e):
               raise
@@ -258,11 +208,20 @@ def kernels(
 
 
 def kernels_header(
-    matmul_rate: float, matmul_size: int, dtype_name: str, batch: int, heads: int
+    matmul_rate: float | None,
+    matmul_size: int,
+    dtype_name: str,
+    batch: int,
+    heads: int,
+    target: str | None = None,
 ) -> str:
+  """The table's title and column names; `target` names the device of a compile-only sweep."""
+  if target is None:
+    title = f" {dtype_name} matmul ({matmul_size}^3) here: {matmul_rate / 1e12:.3g} TFLOP/s"
+  else:
+    title = f" compiled for {target}, not run: XLA's planned peak memory only"
   lines = [
-      f"retrieve forward+backward, batch {batch}, {heads} heads, {dtype_name};"
-      f" {dtype_name} matmul ({matmul_size}^3) here: {matmul_rate / 1e12:.3g} TFLOP/s",
+      f"retrieve forward+backward, batch {batch}, {heads} heads, {dtype_name};{title}",
       "",
       "| band | T | head dim | impl | time (ms) | useful TFLOP/s | of matmul | peak memory (MB) |",
       "|---|---:|---:|---|---:|---:|---:|---:|",
@@ -274,6 +233,8 @@ def format_kernel_row(r: KernelRow) -> str:
   cells = [r.band, str(r.seq_len), str(r.head_dim), r.impl]
   if r.skipped is not None:
     cells += [f"skipped ({r.skipped})", "", "", ""]
+  elif r.seconds is None:
+    cells += ["compiled only", "", "", f"{r.peak_mb:.0f}"]
   else:
     cells += [
         f"{r.seconds * 1e3:.2f}",

@@ -51,7 +51,9 @@ def retrieve(
   the mesh's devices, which need not be the host's (`mosaics_jax.aot` compiles for TPUs on a CPU).
   """
   mesh = jax.sharding.get_abstract_mesh()
-  backend = None if mesh.empty else mesh.abstract_device.platform
+  # An abstract mesh built without devices has no platform: then JAX's default backend.
+  device = None if mesh.empty else mesh.abstract_device
+  backend = None if device is None else device.platform
   call = functools.partial(kernels_pallas.retrieve, hi=hi, impl=impl, backend=backend)
   if mesh.empty or mesh.size == 1:
     return call(q, k, v, lo=lo, segment_ids=segment_ids)

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import pytest
 from jax._src import mesh as mesh_lib
 
+import kernels_pallas
 from mosaics_jax import aot, config as config_lib, models, registry
-from mosaics_jax.cli import info
+from mosaics_jax.cli import bench, info
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="compiling for TPU needs libtpu")
@@ -50,6 +51,8 @@ def test_without_libtpu_the_error_says_what_to_install(capsys):
   with pytest.raises(aot.AotError, match=r"needs libtpu.*pip install 'jax\[tpu\]"):
     aot.topology_devices(TOPOLOGY)
   assert info.main(["mm2-tiny", "--compile-for", TOPOLOGY]) == 2
+  assert "needs libtpu" in capsys.readouterr().err
+  assert bench.main(["kernels", "--compile-for", TOPOLOGY]) == 2
   assert "needs libtpu" in capsys.readouterr().err
 
 
@@ -113,3 +116,45 @@ def test_cli_prints_the_plan_beside_the_compiled_step(capsys):
   # The experiment's mesh (data=-1) resolved on the slice, and the plan made for the same one.
   assert compiled["mesh"]["data"] == plan["axis_sizes"]["data"] == 4
   assert compiled["peak_bytes"] > 0
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology", ["v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
+def test_retrieval_kernels_compile_for_every_generation(topology):
+  """Mosaic compiles the TPU kernels and splash attention, forward and backward, for each TPU
+  generation: bfloat16 and float32, a window and the long band with a traced lo, documents."""
+  device = aot.topology_devices(topology)[0]
+  on_device = jax.sharding.SingleDeviceSharding(device)
+  ids = jax.ShapeDtypeStruct((1, 1000), jnp.int32, sharding=on_device)
+  lo = jax.ShapeDtypeStruct((), jnp.int32, sharding=on_device)
+  for dtype in (jnp.bfloat16, jnp.float32):
+    q = jax.ShapeDtypeStruct((1, 1000, 4, 64), dtype, sharding=on_device)
+    for impl, hi in (("pallas_tpu", 255), ("pallas_tpu", None), ("shift", 255), ("shift", None)):
+
+      def loss(q, k, v, ids, lo, impl=impl, hi=hi):
+        lo = 64 if impl == "shift" and hi is not None else lo  # Splash windows are static.
+        y = kernels_pallas.retrieve(
+            q, k, v, lo=lo, hi=hi, segment_ids=ids, impl=impl, backend="tpu"
+        )
+        return jnp.sum(y.astype(jnp.float32))
+
+      grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+      lowered = grads.trace(q, q, q, ids, lo).lower()
+      assert lowered.as_text().count(aot.MOSAIC_CALL) >= 3, (impl, hi)
+      lowered.compile()  # Raises if Mosaic rejects a kernel.
+
+
+@needs_libtpu
+def test_kernel_table_compiled_for_a_tpu(capsys):
+  """The kernels sweep compiled for a TPU: peak memory of the TPU implementations, no times."""
+  args = ["kernels", "--compile-for", TOPOLOGY, "--seq-lens", "1024", "2048", "--heads", "2",
+          "--head-dims", "64", "--bands", "short"]
+  assert bench.main(args) == 0
+  rows = [line.split("|") for line in capsys.readouterr().out.splitlines()
+          if line.startswith("| short")]
+  assert sorted({row[4].strip() for row in rows}) == ["pallas_tpu", "reference", "shift", "xla"]
+  assert all(row[5].strip() == "compiled only" and float(row[8]) > 0 for row in rows)
+  peak = {(row[4].strip(), int(row[2])): float(row[8]) for row in rows}
+  # The dense reference grows as T^2; the Pallas kernel's memory grows linearly.
+  assert peak["reference", 2048] > 3 * peak["reference", 1024]
+  assert peak["pallas_tpu", 2048] < 2.5 * peak["pallas_tpu", 1024]

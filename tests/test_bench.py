@@ -10,17 +10,6 @@ from mosaics_jax import benchmarks
 from mosaics_jax.cli import bench
 
 
-def test_ops_table(capsys):
-  assert bench.main(
-      ["ops", "--seq-lens", "64", "128", "--heads", "2", "--head-dim", "16", "--repeats", "1"]
-  ) == 0
-  out = capsys.readouterr().out
-  rows = [l for l in out.splitlines() if l.startswith("| short") or l.startswith("| long")]
-  assert len(rows) == 4
-  # Per-token time of the shortest length is the 1.00x reference of its band.
-  assert rows[0].split("|")[5].strip() == "1.00x" and rows[2].split("|")[5].strip() == "1.00x"
-
-
 def test_train_table(capsys):
   assert bench.main(
       ["train", "mm1-tiny", "--steps", "2", "--repeats", "1", "--matmul-size", "256",

@@ -1,8 +1,8 @@
 """`mosaics-bench`: benchmarks that print a table.
 
-    mosaics-bench ops [--seq-lens 1024 4096 16384] [--impl xla] [--heads 8] [--head-dim 64]
     mosaics-bench kernels [--seq-lens 4096 ... 65536] [--impls ...] [--bands short long]
         [--heads 16] [--head-dims 64 128] [--dtype bfloat16] [--max-dense-gb GB]
+        [--compile-for TOPOLOGY]
     mosaics-bench train EXPERIMENT [--set key=value ...] [--steps 5] [--repeats 3] [--profile DIR]
 """
 
@@ -15,20 +15,13 @@ import jax
 import jax.numpy as jnp
 
 import kernels_pallas
-from mosaics_jax import benchmarks, config as config_lib, registry
+from mosaics_jax import aot, benchmarks, config as config_lib, registry
 from mosaics_jax.cli import train as train_cli
 
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="mosaics-bench", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True)
-  ops = sub.add_parser("ops", help="time and peak memory of the retrieval op, forward+backward")
-  ops.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096, 16384])
-  ops.add_argument("--impl", default="xla", choices=sorted(kernels_pallas.IMPLEMENTATIONS))
-  ops.add_argument("--batch", type=int, default=1)
-  ops.add_argument("--heads", type=int, default=8)
-  ops.add_argument("--head-dim", type=int, default=64)
-  ops.add_argument("--repeats", type=int, default=3)
   kernels = sub.add_parser(
       "kernels",
       help="every retrieval implementation side by side: time, useful TFLOP/s and peak memory",
@@ -56,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
   )
   kernels.add_argument(
       "--matmul-size", type=int, default=4096, help="n of the n^3 yardstick matmul in --dtype"
+  )
+  kernels.add_argument(
+      "--compile-for",
+      metavar="TOPOLOGY",
+      help="compile every implementation for one device of this TPU slice with libtpu (pip"
+      " install 'jax[tpu]'), on any host, and print XLA's planned peak memory instead of timing;"
+      f" e.g. {aot.TOPOLOGY_EXAMPLES}",
   )
   train = sub.add_parser(
       "train", help="tokens/s and MFU of an experiment's jitted training step, synthetic data"
@@ -85,21 +85,39 @@ def _kernels(args: argparse.Namespace) -> int:
   if min(sizes) < 1:
     print("mosaics-bench: error: sizes and --repeats must be >= 1", file=sys.stderr)
     return 2
-  backend = jax.default_backend()
+  target = None
+  if args.compile_for is not None:
+    try:
+      target = aot.topology_devices(args.compile_for)[0]
+    except aot.AotError as e:
+      print(f"mosaics-bench: error: {e}", file=sys.stderr)
+      return 2
+  backend = jax.default_backend() if target is None else target.platform
   impls = args.impls or benchmarks.available_impls(backend)
   for impl in impls:
     if reason := benchmarks.impl_unavailable_reason(impl, backend):
       print(f"mosaics-bench: error: {impl} is not benchmarked on {backend}: {reason}",
             file=sys.stderr)
       return 2
+  device_bytes = (
+      benchmarks.device_memory_bytes() if target is None else aot.hbm_per_device([target])
+  )
   max_dense_bytes = (
       args.max_dense_gb * 2**30
       if args.max_dense_gb is not None
-      else benchmarks.device_memory_bytes() or benchmarks.DEFAULT_MAX_DENSE_GB * 2**30
+      else device_bytes or benchmarks.DEFAULT_MAX_DENSE_GB * 2**30
   )
   dtype = jnp.dtype(args.dtype)
-  rate = benchmarks.matmul_flops_per_second(args.matmul_size, args.repeats, dtype)
-  print(benchmarks.kernels_header(rate, args.matmul_size, args.dtype, args.batch, args.heads))
+  rate, target_name = None, None
+  if target is None:
+    rate = benchmarks.matmul_flops_per_second(args.matmul_size, args.repeats, dtype)
+  else:
+    target_name = f"one {target.device_kind} of {args.compile_for}"
+  print(
+      benchmarks.kernels_header(
+          rate, args.matmul_size, args.dtype, args.batch, args.heads, target_name
+      )
+  )
   rows = benchmarks.kernels(
       impls,
       matmul_rate=rate,
@@ -111,6 +129,7 @@ def _kernels(args: argparse.Namespace) -> int:
       dtype=dtype,
       repeats=args.repeats,
       max_dense_bytes=max_dense_bytes,
+      target=target,
   )
   for row in rows:
     print(benchmarks.format_kernel_row(row), flush=True)
@@ -120,17 +139,7 @@ def _kernels(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
-  if args.command == "ops":
-    rows, rate = benchmarks.ops(
-        seq_lens=tuple(args.seq_lens),
-        batch=args.batch,
-        heads=args.heads,
-        head_dim=args.head_dim,
-        impl=args.impl,
-        repeats=args.repeats,
-    )
-    print(benchmarks.format_ops(rows, rate, args.impl))
-  elif args.command == "kernels":
+  if args.command == "kernels":
     return _kernels(args)
   elif args.command == "train":
     if min(args.steps, args.repeats, args.matmul_size) < 1:
