@@ -3,14 +3,19 @@
 Time is cut into query blocks of Bq positions and key blocks of Bk positions (the sequence padded
 to a multiple of both). A (query block, key block) tile is *live* when some query of the block may
 read some key of the other: the delays t - s of the tile meet the band [lo, hi], and the two
-blocks share a document id. Kernels visit live tiles only. `schedule` lists them, per batch row,
-as a compact table that both kernels read (scalar-prefetched on TPU, loaded in-kernel on GPU):
+blocks share a document id. Kernels visit live tiles only. The live key blocks of a query block
+are consecutive (the band's are, and so are those of packed documents, runs of increasing ids),
+so `schedule` gives each block's as a range, per batch row, that both kernels read
+(scalar-prefetched on TPU, loaded in-kernel on GPU):
 
-    kv_index[b, i, :kv_count[b, i]]   the live key blocks of query block i, ascending;
-    q_index[b, j, :q_count[b, j]]     the live query blocks of key block j, ascending (backward).
+    kv_first[b, i] + [0, kv_count[b, i])   the live key blocks of query block i;
+    q_first[b, j] + [0, q_count[b, j])     the live query blocks of key block j (backward).
 
-Entries past the count repeat the last live block (or 0 if none): a TPU index map that reads them
-asks for the block it already holds, so no DMA is issued for them.
+Two integers per block fit the TPU's scalar memory at any length, where a table of every live
+block of every block grows as T^2 (1 MiB at T = 64k, more than SMEM holds). With ids in another
+order the range spans the live blocks and may hold dead ones, which `tile_mask` masks. A grid
+step past the count visits the last live block again (`visited_block`): a TPU index map asks for
+the block it already holds, so no DMA is issued.
 
 Inside a live tile, `tile_mask` gives the exact band and document mask of its pairs, and
 `online_softmax_update` folds the tile's scores into the running row max, row sum and accumulator
@@ -35,9 +40,9 @@ from kernels_pallas import bands
 class Schedule(NamedTuple):
   """Live tiles of a blocked retrieval (see the module docstring); all arrays int32."""
 
-  kv_index: Int[Array, "b i k"]
+  kv_first: Int[Array, "b i"]
   kv_count: Int[Array, "b i"]
-  q_index: Int[Array, "b j q"]
+  q_first: Int[Array, "b j"]
   q_count: Int[Array, "b j"]
 
 
@@ -59,17 +64,19 @@ def max_query_blocks(block_q: int, block_k: int, hi: int | None, num_q_blocks: i
   return min(num_q_blocks, (block_k + hi - 1) // block_q + 2)
 
 
-def _compact(live: Bool[Array, "b r c"], width: int) -> tuple[Int[Array, "b r w"], Int[Array, "b r"]]:
-  """The first `width` live columns of every row, ascending, padded by repeating the last one."""
-  count = live.sum(axis=-1, dtype=jnp.int32)
-  columns = jnp.arange(live.shape[-1], dtype=jnp.int32)
-  # Live columns first, each group in ascending order (the sort is stable).
-  order = jnp.argsort(~live, axis=-1, stable=True).astype(jnp.int32)[..., :width]
-  last_live = jnp.take_along_axis(order, jnp.maximum(count - 1, 0)[..., None], axis=-1)
-  last_live = jnp.where(count[..., None] > 0, last_live, 0)
-  slot = columns[:width]
-  index = jnp.where(slot < count[..., None], order, last_live)
-  return index, jnp.minimum(count, width)
+def _span(live: Bool[Array, "b r c"]) -> tuple[Int[Array, "b r"], Int[Array, "b r"]]:
+  """(first, count) of the range from the first to the last live column of every row; (0, 0)
+  for a row with none."""
+  any_live = live.any(axis=-1)
+  first = jnp.argmax(live, axis=-1).astype(jnp.int32)
+  last = live.shape[-1] - 1 - jnp.argmax(live[..., ::-1], axis=-1).astype(jnp.int32)
+  return jnp.where(any_live, first, 0), jnp.where(any_live, last - first + 1, 0)
+
+
+def visited_block(first: Int[Array, ""], count: Int[Array, ""], step: Int[Array, ""]):
+  """The block a kernel visits at `step` of a range: first + step, and past the count the last
+  live block again (`first`, 0, when there is none)."""
+  return first + jnp.minimum(step, jnp.maximum(count - 1, 0))
 
 
 def schedule(
@@ -87,7 +94,8 @@ def schedule(
   A tile is live when its delays meet [lo, hi], both blocks hold at least one real (unpadded)
   position, and (with segment ids) the ranges of document ids of the two blocks overlap. The last
   test is exact for packed documents (contiguous runs of increasing ids) and conservative
-  otherwise: `tile_mask` still masks every pair exactly.
+  otherwise: `tile_mask` still masks every pair exactly. Each block's range spans its live
+  blocks; it holds at most `max_key_blocks` (`max_query_blocks`) of them, the band's bound.
   """
   num_q = -(-seq_len // block_q)
   num_k = -(-seq_len // block_k)
@@ -103,11 +111,10 @@ def schedule(
     q_lo, q_hi = _block_ranges(segment_ids, block_q, num_q)
     k_lo, k_hi = _block_ranges(segment_ids, block_k, num_k)
     live &= (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
-  kv_index, kv_count = _compact(live, max_key_blocks(block_q, block_k, hi, num_k))
-  q_index, q_count = _compact(
-      live.transpose(0, 2, 1), max_query_blocks(block_q, block_k, hi, num_q)
-  )
-  return Schedule(kv_index, kv_count, q_index, q_count)
+  # Within the band's consecutive live blocks, so the static bounds hold.
+  kv_first, kv_count = _span(live)
+  q_first, q_count = _span(live.transpose(0, 2, 1))
+  return Schedule(kv_first, kv_count, q_first, q_count)
 
 
 def _block_ranges(

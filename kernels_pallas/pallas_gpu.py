@@ -2,7 +2,7 @@
 
 Time is cut into blocks of B positions (the sequence padded to a multiple of B). Every kernel runs
 one program per (block, batch row, head) and loops, with `jax.lax.fori_loop`, over only the live
-blocks of the other side: `blocks.schedule`'s table, loaded in-kernel one scalar at a time (the
+blocks of the other side: `blocks.schedule`'s range of them, loaded in-kernel as scalars (the
 Triton backend has no scalar prefetch). The arrays of the other side are passed whole, and each
 step slices its block out of them with `pl.ds`. lo reaches the kernels as a one-element int32
 array, so one compilation serves every lo.
@@ -227,12 +227,12 @@ def _split_segments(config: _Config, refs: tuple[Any, ...]) -> tuple[Any, tuple[
 
 # ----------------------------------------------------------------------------------- the kernels
 #
-# Every kernel takes lo, the live-block table (count, index) of its side, its inputs (arrays of
+# Every kernel takes lo, the live-block ranges (count, first) of its side, its inputs (arrays of
 # its own side as its block, of the other side whole), the document ids when segmented (whole
 # rows), then its outputs. Program (n, b, h) owns block n of batch row b and head h.
 
 
-def _forward_kernel(lo_ref, count_ref, index_ref, q_ref, k_ref, v_ref, *refs, config: _Config):
+def _forward_kernel(lo_ref, count_ref, first_ref, q_ref, k_ref, v_ref, *refs, config: _Config):
   """Folds the live key blocks of one query block into y and its per-row (max, sum)."""
   segment_ref, (y_ref, max_ref, sum_ref) = _split_segments(config, refs)
   query_block, lo, block = pl.program_id(0), lo_ref[0], config.block
@@ -240,7 +240,7 @@ def _forward_kernel(lo_ref, count_ref, index_ref, q_ref, k_ref, v_ref, *refs, co
   t, q_segments = _query_side(config, query_block, segment_ref)
 
   def fold(step, carry):
-    key_block = index_ref[query_block, step]
+    key_block = first_ref[query_block] + step
     keys = _block_slice(key_block, block)
     s, k_segments = _key_side(config, key_block, segment_ref)
     mask = blocks.tile_mask(t, s, lo, config.hi, q_segments, k_segments)
@@ -265,7 +265,7 @@ def _forward_kernel(lo_ref, count_ref, index_ref, q_ref, k_ref, v_ref, *refs, co
 def _dq_kernel(
     lo_ref,
     count_ref,
-    index_ref,
+    first_ref,
     q_ref,
     k_ref,
     v_ref,
@@ -284,7 +284,7 @@ def _dq_kernel(
   count = count_ref[query_block]
 
   def tile(step):
-    key_block = index_ref[query_block, step]
+    key_block = first_ref[query_block] + step
     keys = _block_slice(key_block, block)
     s, k_segments = _key_side(config, key_block, segment_ref)
     mask = blocks.tile_mask(t, s, lo, config.hi, q_segments, k_segments)
@@ -310,7 +310,7 @@ def _dq_kernel(
 def _dkv_kernel(
     lo_ref,
     count_ref,
-    index_ref,
+    first_ref,
     q_ref,
     k_ref,
     v_ref,
@@ -329,7 +329,7 @@ def _dkv_kernel(
 
   def fold(step, carry):
     dk, dv = carry
-    query_block = index_ref[key_block, step]
+    query_block = first_ref[key_block] + step
     rows = _block_slice(query_block, block)
     t, q_segments = _query_side(config, query_block, segment_ref)
     mask = blocks.tile_mask(t, s, lo, config.hi, q_segments, k_segments)
@@ -378,7 +378,7 @@ def _call(
     config: _Config,
     kernel: Any,
     *,
-    table: tuple[Int[Array, "b n"], Int[Array, "b n w"]],
+    table: tuple[Int[Array, "b n"], Int[Array, "b n"]],
     lo: Int[Array, "1"],
     in_specs: list[pl.BlockSpec],
     inputs: list[Array],
@@ -386,13 +386,13 @@ def _call(
     out_specs: list[pl.BlockSpec],
     out_shape: list[jax.ShapeDtypeStruct],
 ) -> list[Array]:
-  """One kernel over the grid (n, b, h), reading its side's live-block table (count, index)."""
-  count, index = table
+  """One kernel over the grid (n, b, h), reading its side's live-block ranges (count, first)."""
+  count, first = table
   batch, seq_len, heads, _ = inputs[0].shape
   table_specs = [
       pl.BlockSpec((1,), lambda n, b, h: (0,)),
       pl.BlockSpec((None, config.num_blocks), lambda n, b, h: (b, 0)),
-      pl.BlockSpec((None, config.num_blocks, index.shape[-1]), lambda n, b, h: (b, 0, 0)),
+      pl.BlockSpec((None, config.num_blocks), lambda n, b, h: (b, 0)),
   ]
   segment_specs, segment_inputs = [], []
   if segments is not None:
@@ -413,7 +413,7 @@ def _call(
   # Dots without an explicit precision (bfloat16 ones, and all of them when interpreted) run at
   # "highest": IEEE float32 products on the CPU; bfloat16 dots are unaffected.
   with jax.default_matmul_precision("highest"):
-    return call(lo, count, index, *inputs, *segment_inputs)
+    return call(lo, count, first, *inputs, *segment_inputs)
 
 
 def _forward(
@@ -432,7 +432,7 @@ def _forward(
   return _call(
       config,
       _forward_kernel,
-      table=(schedule.kv_count, schedule.kv_index),
+      table=(schedule.kv_count, schedule.kv_first),
       lo=lo,
       in_specs=[_own(config, dim), _whole(seq_len, dim), _whole(seq_len, value_dim)],
       inputs=[q, k, v],
@@ -470,7 +470,7 @@ def _retrieve_bwd(config, residuals, dy):
   dq, correction = _call(
       config,
       _dq_kernel,
-      table=(schedule.kv_count, schedule.kv_index),
+      table=(schedule.kv_count, schedule.kv_first),
       lo=lo,
       in_specs=[
           _own(config, dim),
@@ -491,7 +491,7 @@ def _retrieve_bwd(config, residuals, dy):
   dk, dv = _call(
       config,
       _dkv_kernel,
-      table=(schedule.q_count, schedule.q_index),
+      table=(schedule.q_count, schedule.q_first),
       lo=lo,
       in_specs=[
           _whole(seq_len, dim),

@@ -2,7 +2,7 @@
 
 Time is cut into blocks of B positions (the sequence padded to a multiple of B), and every kernel
 runs on one (batch row, head, block) per grid point, reducing over a list of blocks of the other
-side in its last, "arbitrary", grid axis. That list is `blocks.schedule`'s table of live tiles,
+side in its last, "arbitrary", grid axis. That list is `blocks.schedule`'s range of live blocks,
 scalar-prefetched into SMEM together with lo: the index maps read it, so a dead tile is never
 fetched (its steps repeat the last live block, which Mosaic does not fetch again) and never
 computed (`pl.when(step < count)`). lo is a one-element int32 array, so one compilation serves
@@ -75,8 +75,8 @@ class _Config:
     block: B, the positions of a query block and of a key block.
     hi: largest delay, or None.
     num_blocks: blocks of the padded sequence.
-    max_kv: live key blocks listed per query block (the forward's reduction length).
-    max_q: live query blocks listed per key block (the dk/dv kernel's reduction length).
+    max_kv: grid steps over the live key blocks of a query block (`blocks.max_key_blocks`).
+    max_q: grid steps over the live query blocks of a key block (`blocks.max_query_blocks`).
     segmented: whether document ids are passed.
     interpret: False to compile with Mosaic, else `pallas_call`'s interpret argument.
   """
@@ -109,10 +109,10 @@ def _check_block_size(block: int, seq_len: int, compiled: bool) -> None:
 
 # ----------------------------------------------------------------------------------- the kernels
 #
-# Every kernel takes the scalar-prefetched tables (index, count) and lo, then its blocked inputs
+# Every kernel takes the scalar-prefetched ranges (first, count) and lo, then its blocked inputs
 # (the document ids last, when segmented), its outputs and its scratch. On the query-major grid
-# (b, h, n, step), query block n reads key block index[b, n, step]; on the key-major grid, key
-# block n reads query block index[b, n, step]. Steps from count[b, n] on compute nothing.
+# (b, h, n, step), query block n reads key block first[b, n] + step; on the key-major grid, key
+# block n reads query block first[b, n] + step. Steps from count[b, n] on compute nothing.
 
 
 class _Tile(NamedTuple):
@@ -126,7 +126,7 @@ class _Tile(NamedTuple):
 
 def _step(
     config: _Config,
-    index_ref: Any,
+    first_ref: Any,
     count_ref: Any,
     lo_ref: Any,
     refs: tuple[Any, ...],
@@ -135,9 +135,8 @@ def _step(
 ) -> tuple[Bool[Array, ""], _Tile, tuple[Any, ...]]:
   """(whether this grid step's tile is live, the tile, the refs after the document ids)."""
   b, n, step = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-  width = config.max_q if key_major else config.max_kv
   row = b * config.num_blocks + n
-  other = index_ref[row * width + step]
+  other = blocks.visited_block(first_ref[row], count_ref[row], step)
   query_block, key_block = (other, n) if key_major else (n, other)
   split = 2 if config.segmented else 0
   tile = _Tile(query_block, key_block, lo_ref[0], refs[:split])
@@ -182,9 +181,9 @@ def _lanes(x: Float[Array, "i 1"]) -> Float[Array, "i l"]:
   return jnp.broadcast_to(x, (x.shape[0], NUM_LANES))
 
 
-def _forward_kernel(index_ref, count_ref, lo_ref, q_ref, k_ref, v_ref, *refs, config: _Config):
+def _forward_kernel(first_ref, count_ref, lo_ref, q_ref, k_ref, v_ref, *refs, config: _Config):
   """Folds the live key blocks of one query block into y and its per-row (max, sum)."""
-  live, tile, refs = _step(config, index_ref, count_ref, lo_ref, refs, key_major=False)
+  live, tile, refs = _step(config, first_ref, count_ref, lo_ref, refs, key_major=False)
   y_ref, max_out_ref, sum_out_ref, max_ref, sum_ref, acc_ref = refs
 
   @pl.when(pl.program_id(3) == 0)
@@ -210,11 +209,11 @@ def _forward_kernel(index_ref, count_ref, lo_ref, q_ref, k_ref, v_ref, *refs, co
 
 
 def _correction_kernel(
-    index_ref, count_ref, lo_ref, q_ref, k_ref, v_ref, dy_ref, max_ref, sum_ref, *refs, config
+    first_ref, count_ref, lo_ref, q_ref, k_ref, v_ref, dy_ref, max_ref, sum_ref, *refs, config
 ):
   """D = sum_s p dp for the rows of one query block."""
   live, tile, (correction_out_ref, correction_ref) = _step(
-      config, index_ref, count_ref, lo_ref, refs, key_major=False
+      config, first_ref, count_ref, lo_ref, refs, key_major=False
   )
 
   @pl.when(pl.program_id(3) == 0)
@@ -232,7 +231,7 @@ def _correction_kernel(
 
 
 def _dq_kernel(
-    index_ref,
+    first_ref,
     count_ref,
     lo_ref,
     q_ref,
@@ -247,7 +246,7 @@ def _dq_kernel(
 ):
   """dq = sum_s p (dp - D) k for the rows of one query block."""
   live, tile, (dq_ref, dq_acc_ref) = _step(
-      config, index_ref, count_ref, lo_ref, refs, key_major=False
+      config, first_ref, count_ref, lo_ref, refs, key_major=False
   )
 
   @pl.when(pl.program_id(3) == 0)
@@ -269,7 +268,7 @@ def _dq_kernel(
 
 
 def _dkv_kernel(
-    index_ref,
+    first_ref,
     count_ref,
     lo_ref,
     q_ref,
@@ -284,7 +283,7 @@ def _dkv_kernel(
 ):
   """dk = sum_t p (dp - D) q and dv = sum_t p dy for the columns of one key block."""
   live, tile, (dk_ref, dv_ref, dk_acc_ref, dv_acc_ref) = _step(
-      config, index_ref, count_ref, lo_ref, refs, key_major=True
+      config, first_ref, count_ref, lo_ref, refs, key_major=True
   )
 
   @pl.when(pl.program_id(3) == 0)
@@ -319,11 +318,12 @@ def _own_block(b, n, step, *tables):
   return n
 
 
-def _scheduled_block(config: _Config, width: int) -> Any:
-  """Where the side a grid reduces over finds its block: the table's entry for the grid step."""
+def _scheduled_block(config: _Config) -> Any:
+  """Where the side a grid reduces over finds its block: the schedule's for the grid step."""
 
-  def block(b, n, step, index_ref, *_):
-    return index_ref[(b * config.num_blocks + n) * width + step]
+  def block(b, n, step, first_ref, count_ref, *_):
+    row = b * config.num_blocks + n
+    return blocks.visited_block(first_ref[row], count_ref[row], step)
 
   return block
 
@@ -362,15 +362,16 @@ def _call(
     out_specs: list[pl.BlockSpec],
     out_shape: list[jax.ShapeDtypeStruct],
     scratch: list[tuple[int, ...]],
-    index: Int[Array, "b n w"],
+    first: Int[Array, "b n"],
     count: Int[Array, "b n"],
+    steps: int,
     lo: Int[Array, "1"],
     inputs: list[Array],
 ) -> list[Array]:
-  """One kernel over the grid (b, h, block, live block of the other side)."""
+  """One kernel over the grid (b, h, block, step over the live blocks of the other side)."""
   batch, heads = inputs[0].shape[:2]
-  grid = (batch, heads, config.num_blocks, index.shape[-1])
-  # The tables go flat: SMEM is small, and pads the trailing dims of a multi-dimensional array.
+  grid = (batch, heads, config.num_blocks, steps)
+  # The ranges go flat: SMEM is small, and pads the trailing dims of a multi-dimensional array.
   call = pl.pallas_call(
       functools.partial(kernel, config=config),
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -391,7 +392,7 @@ def _call(
   # with v1's key norms a single rounded q . k is off by far more than the softmax can absorb.
   precise = inputs[0].dtype == jnp.float32
   with jax.default_matmul_precision("highest") if precise else contextlib.nullcontext():
-    return call(index.reshape(-1), count.reshape(-1), lo, *inputs)
+    return call(first.reshape(-1), count.reshape(-1), lo, *inputs)
 
 
 def _forward(
@@ -407,7 +408,7 @@ def _forward(
   batch, heads, seq_len, dim = q.shape
   value_dim = v.shape[-1]
   block = config.block
-  queries, keys = _own_block, _scheduled_block(config, config.max_kv)
+  queries, keys = _own_block, _scheduled_block(config)
   stats = jax.ShapeDtypeStruct((batch, heads, seq_len, NUM_LANES), jnp.float32)
   y, row_max, row_sum = _call(
       config,
@@ -425,8 +426,9 @@ def _forward(
       ],
       out_shape=[jax.ShapeDtypeStruct((batch, heads, seq_len, value_dim), v.dtype), stats, stats],
       scratch=[(block, 1), (block, 1), (block, value_dim)],
-      index=schedule.kv_index,
+      first=schedule.kv_first,
       count=schedule.kv_count,
+      steps=config.max_kv,
       lo=lo,
       inputs=[q, k, v, *(segments or ())],
   )
@@ -478,8 +480,8 @@ def _retrieve_bwd(config, residuals, dy):
   row_max, row_sum = (jnp.broadcast_to(x[..., None], stats_shape) for x in (row_max, row_sum))
 
   # Query-major: query block n reads its live key blocks.
-  queries, keys = _own_block, _scheduled_block(config, config.max_kv)
-  common = dict(index=schedule.kv_index, count=schedule.kv_count, lo=lo)
+  queries, keys = _own_block, _scheduled_block(config)
+  common = dict(first=schedule.kv_first, count=schedule.kv_count, steps=config.max_kv, lo=lo)
   (correction,) = _call(
       config,
       _correction_kernel,
@@ -503,7 +505,7 @@ def _retrieve_bwd(config, residuals, dy):
   )
 
   # Key-major: key block n reads its live query blocks.
-  queries, keys = _scheduled_block(config, config.max_q), _own_block
+  queries, keys = _scheduled_block(config), _own_block
   dk, dv = _call(
       config,
       _dkv_kernel,
@@ -514,8 +516,9 @@ def _retrieve_bwd(config, residuals, dy):
           jax.ShapeDtypeStruct(v.shape, v.dtype),
       ],
       scratch=[(block, dim), (block, value_dim)],
-      index=schedule.q_index,
+      first=schedule.q_first,
       count=schedule.q_count,
+      steps=config.max_q,
       lo=lo,
       inputs=inputs,
   )
@@ -563,8 +566,8 @@ def _retrieve_padded(
       block=block,
       hi=hi,
       num_blocks=num_blocks,
-      max_kv=schedule.kv_index.shape[-1],
-      max_q=schedule.q_index.shape[-1],
+      max_kv=blocks.max_key_blocks(block, block, hi, num_blocks),
+      max_q=blocks.max_query_blocks(block, block, hi, num_blocks),
       segmented=segment_ids is not None,
       interpret=interpret,
   )

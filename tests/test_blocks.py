@@ -26,12 +26,12 @@ def _live_pairs(segment_ids, seq_len, block_q, block_k, lo, hi):
   return live
 
 
-def _listed(index, count):
-  """The set of (b, row, block) the compact table lists."""
+def _listed(first, count):
+  """The set of (b, row, block) the ranges hold."""
   return {
-      (b, r, int(index[b, r, n]))
-      for b in range(index.shape[0])
-      for r in range(index.shape[1])
+      (b, r, int(first[b, r]) + n)
+      for b in range(first.shape[0])
+      for r in range(first.shape[1])
       for n in range(int(count[b, r]))
   }
 
@@ -68,16 +68,37 @@ def test_schedule_lists_exactly_the_live_tiles(packed, block_q, block_k, lo, hi)
     exact = _live_pairs(segment_ids, 100, block_q, block_k, lo, hi)
     assert not (exact & ~live).any()
   expected = {tuple(x) for x in np.argwhere(live)}
-  kv_index, kv_count = np.asarray(sched.kv_index), np.asarray(sched.kv_count)
-  assert _listed(kv_index, kv_count) == expected
-  q_index, q_count = np.asarray(sched.q_index), np.asarray(sched.q_count)
-  assert _listed(q_index, q_count) == {(b, j, i) for b, i, j in expected}
-  # Ascending, and padded by repeating the last live block (0 when there is none).
-  for index, count in ((kv_index, kv_count), (q_index, q_count)):
-    for b, r in itertools.product(*map(range, count.shape)):
-      n = int(count[b, r])
-      assert list(index[b, r, :n]) == sorted(index[b, r, :n])
-      assert set(index[b, r, n:]) <= {int(index[b, r, n - 1]) if n else 0}
+  kv_first, kv_count = np.asarray(sched.kv_first), np.asarray(sched.kv_count)
+  assert _listed(kv_first, kv_count) == expected
+  q_first, q_count = np.asarray(sched.q_first), np.asarray(sched.q_count)
+  assert _listed(q_first, q_count) == {(b, j, i) for b, i, j in expected}
+  # Within the static bounds that size the kernels' grids and loops.
+  num_q, num_k = kv_count.shape[1], q_count.shape[1]
+  assert kv_count.max() <= blocks.max_key_blocks(block_q, block_k, hi, num_k)
+  assert q_count.max() <= blocks.max_query_blocks(block_q, block_k, hi, num_q)
+
+
+def test_ids_out_of_order_get_a_range_over_their_live_blocks():
+  """Document ids that are not increasing runs: the range spans every live tile, starts and ends
+  on one, and holds dead ones between, which the kernels' tile masks mask."""
+  segment_ids = np.tile(np.repeat([0, 1], 8), 4)[None]  # 0 x 8, 1 x 8, 0 x 8, ...
+  sched = blocks.schedule(segment_ids, batch=1, seq_len=64, block_q=8, block_k=8, lo=1, hi=None)
+  exact = _live_pairs(segment_ids, 64, 8, 8, 1, None)
+  first, count = np.asarray(sched.kv_first), np.asarray(sched.kv_count)
+  listed = _listed(first, count)
+  assert {tuple(x) for x in np.argwhere(exact)} < listed  # Dead tiles inside the ranges.
+  for i in range(8):
+    if count[0, i]:
+      assert exact[0, i, first[0, i]] and exact[0, i, first[0, i] + count[0, i] - 1]
+
+
+@pytest.mark.parametrize(
+    "first, count, steps",
+    [(3, 4, [3, 4, 5, 6, 6, 6]), (0, 0, [0, 0, 0]), (5, 1, [5, 5])],
+)
+def test_steps_past_the_count_revisit_the_last_live_block(first, count, steps):
+  visited = [int(blocks.visited_block(first, count, step)) for step in range(len(steps))]
+  assert visited == steps
 
 
 @pytest.mark.parametrize(
