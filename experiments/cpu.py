@@ -73,7 +73,10 @@ EXPERIMENTS = (
         name="mm2-shakespeare-char",
         description="Memory Mosaics v2 at nanoGPT's shakespeare_char size",
         model=MosaicV2Config(
-            **_CHAR, ffn_width=1024, short_term_window=64, long_term_delay=16,
+            **_CHAR,
+            ffn_width=1024,
+            short_term_window=64,
+            long_term_delay=16,
             long_term_delay_range=(16, 64),
         ),
         data=_CHAR_DATA,

@@ -1,4 +1,4 @@
-"""The v2 paper's runs ("Memory Mosaics at scale", SPEC §4): Memory Mosaics v2 and the Llama baseline.
+"""The v2 paper's runs ("Memory Mosaics at scale", design.md "Paper configurations"): v2 and Llama.
 
 Pretraining at context 4096 on the paper's (non-public) 200B / 1T token mixes with a Llama 3
 vocabulary, then a fine-tune at context 32768. The fine-tune recipe is not in the paper: ASSUMED the
@@ -80,7 +80,11 @@ def _experiments() -> tuple[Experiment, ...]:
             "Memory Mosaics v2 without long-term memory",
             MosaicV2Config(**common, dtype="bfloat16", long_term_memory=False),
         ),
-        (f"llama-{size}", "Llama baseline (multi-head attention)", LlamaConfig(**common, dtype="bfloat16")),
+        (
+            f"llama-{size}",
+            "Llama baseline (multi-head attention)",
+            LlamaConfig(**common, dtype="bfloat16"),
+        ),
     ]
     for name, what, model in variants:
       base = Experiment(

@@ -16,9 +16,7 @@ from mosaics_jax.config import (
     TrainConfig,
 )
 
-_DATA = DataConfig(
-    source="synthetic_induction", name="induction heads", seq_len=64, task_vocab=64
-)
+_DATA = DataConfig(source="synthetic_induction", name="induction heads", seq_len=64, task_vocab=64)
 _TRAIN = TrainConfig(
     batch_size=32,
     steps=300,

@@ -4,6 +4,7 @@ This package depends on jax alone and never imports `mosaics_jax`.
 """
 
 from kernels_pallas.bands import band_mask, document_positions, segment_starts, visible_counts
+from kernels_pallas.persistent import retrieve_persistent, retrieve_persistent_reference
 from kernels_pallas.retrieve import IMPLEMENTATIONS, retrieve
 from kernels_pallas.scans import linear_scan
 
@@ -13,6 +14,8 @@ __all__ = [
     "document_positions",
     "linear_scan",
     "retrieve",
+    "retrieve_persistent",
+    "retrieve_persistent_reference",
     "segment_starts",
     "visible_counts",
 ]

@@ -1,6 +1,6 @@
 """Band arithmetic shared by every retrieval implementation.
 
-A band is the set of key positions a query at time t may read (SPEC §1):
+A band is the set of key positions a query at time t may read (design.md, "Bands"):
 
     S(t) = { s : t - hi <= s <= t - lo,  segment_ids[s] == segment_ids[t] }
 

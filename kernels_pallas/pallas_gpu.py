@@ -379,7 +379,7 @@ def _call(
     kernel: Any,
     *,
     table: tuple[Int[Array, "b n"], Int[Array, "b n"]],
-    lo: Int[Array, "1"],
+    lo: Int[Array, 1],
     in_specs: list[pl.BlockSpec],
     inputs: list[Array],
     segments: Int[Array, "b t"] | None,
@@ -423,7 +423,7 @@ def _forward(
     v: Float[Array, "b s h e"],
     segments: Int[Array, "b t"] | None,
     schedule: blocks.Schedule,
-    lo: Int[Array, "1"],
+    lo: Int[Array, 1],
 ) -> tuple[Float[Array, "b t h e"], Float[Array, "b h t"], Float[Array, "b h t"]]:
   """y (input dtype) and the per-row max and sum (float32; 0 and 1 on empty rows)."""
   batch, seq_len, heads, dim = q.shape
@@ -450,7 +450,7 @@ def _retrieve(
     v: Float[Array, "b s h e"],
     segments: Int[Array, "b t"] | None,
     schedule: blocks.Schedule,
-    lo: Int[Array, "1"],
+    lo: Int[Array, 1],
 ) -> Float[Array, "b t h e"]:
   """Blocked retrieval on padded arrays, with a recomputing backward pass."""
   return _forward(config, q, k, v, segments, schedule, lo)[0]

@@ -365,7 +365,7 @@ def _call(
     first: Int[Array, "b n"],
     count: Int[Array, "b n"],
     steps: int,
-    lo: Int[Array, "1"],
+    lo: Int[Array, 1],
     inputs: list[Array],
 ) -> list[Array]:
   """One kernel over the grid (b, h, block, step over the live blocks of the other side)."""
@@ -402,7 +402,7 @@ def _forward(
     v: Float[Array, "b h s e"],
     segments: tuple[Int[Array, "b t l"], Int[Array, "b 8 s"]] | None,
     schedule: blocks.Schedule,
-    lo: Int[Array, "1"],
+    lo: Int[Array, 1],
 ) -> tuple[Float[Array, "b h t e"], Float[Array, "b h t"], Float[Array, "b h t"]]:
   """y (input dtype) and the per-row max and sum (float32; 0 and 1 on empty rows)."""
   batch, heads, seq_len, dim = q.shape
@@ -443,7 +443,7 @@ def _retrieve(
     v: Float[Array, "b h s e"],
     segments: tuple[Int[Array, "b t l"], Int[Array, "b 8 s"]] | None,
     schedule: blocks.Schedule,
-    lo: Int[Array, "1"],
+    lo: Int[Array, 1],
 ) -> Float[Array, "b h t e"]:
   """Blocked retrieval on padded, head-major arrays, with a recomputing backward pass."""
   return _forward(config, q, k, v, segments, schedule, lo)[0]

@@ -1,4 +1,4 @@
-"""The retrieval op of every associative memory (SPEC §1): validation and dispatch.
+"""The retrieval op of every associative memory (design.md, "Retrieval"): validation and dispatch.
 
     y[b, t, h] = sum_{s in S(t)} softmax_s(q[b, t, h] . k[b, s, h]) v[b, s, h]
     S(t) = { s : t - hi <= s <= t - lo,  segment_ids[b, s] == segment_ids[b, t] }

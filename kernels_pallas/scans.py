@@ -1,4 +1,4 @@
-"""The key recurrences of Memory Mosaics as one parallel linear scan (SPEC §2).
+"""The key recurrences of Memory Mosaics as one parallel linear scan (design.md, "Key recurrences").
 
 Both key extractors are the recurrence
 
@@ -86,7 +86,7 @@ def _chunked_scan(
 
 
 def linear_scan(
-    a: Float[Array, "b t h"] | Float[Array, "h"],
+    a: Float[Array, "b t h"] | Float[Array, " h"],
     x: Float[Array, "b t h d"],
     *,
     reset: Bool[Array, "b t"] | None = None,

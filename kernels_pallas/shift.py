@@ -101,7 +101,7 @@ def _pad_last(x: Array, size: int) -> Array:
   return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _splash_kernel(seq_len: int, heads: int, window: int | None, interpret: bool):
   """The splash attention kernel for a causal (window None) or causal sliding-window mask.
 

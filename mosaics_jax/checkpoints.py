@@ -113,7 +113,9 @@ def check_or_save_config(workdir: pathlib.Path, experiment: config_lib.Experimen
     try:
       saved = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-      raise CheckpointError(f"{path} is not valid JSON ({e}); remove it or use another workdir")
+      raise CheckpointError(
+          f"{path} is not valid JSON ({e}); remove it or use another workdir"
+      ) from None
     new = config_lib.to_dict(experiment)["model"]
     old = saved.get("model", {})
     differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))

@@ -2,7 +2,7 @@
 
 Configs are plain data. They never import models, training or data code, so experiment files and
 checkpoints can carry them around freely. Every choice the papers leave open is a field here whose
-docstring says ASSUMED (SPEC.md).
+docstring says ASSUMED (listed in docs/design.md).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MosaicV1Config(ModelConfig):
-  """Memory Mosaics v1, numerically as the official nanoMosaics `MemoryMosaic` (SPEC §2, v1).
+  """Memory Mosaics v1, numerically as the official nanoMosaics `MemoryMosaic` (design.md, "v1").
 
   Field names follow nanoMosaics' `MemoryMosaicConfig` where one exists: block_size, pmem_size,
   pmem_count, bias.
@@ -86,7 +86,7 @@ class MosaicV1Config(ModelConfig):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MosaicV2Config(ModelConfig):
-  """Memory Mosaics v2 (SPEC §2-3): short-term, long-term and persistent (SwiGLU) memories."""
+  """Memory Mosaics v2 (design.md, "v2"): short-term, long-term and persistent (SwiGLU) memories."""
 
   family: ClassVar[str] = "mm2"
 
@@ -167,7 +167,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-  """The optimisation recipe (SPEC §4 for the paper experiments) and the run's bookkeeping."""
+  """The optimisation recipe (design.md, "Training recipe") and the run's bookkeeping."""
 
   batch_size: int = 8  # Sequences per optimizer step, over all processes.
   steps: int = 1000  # Optimizer steps.
@@ -189,8 +189,16 @@ class TrainConfig:
   keep_checkpoints: int = 3
 
   def __post_init__(self):
-    for name in ("batch_size", "steps", "grad_accum", "log_every", "eval_every",
-                 "eval_batches", "checkpoint_every", "keep_checkpoints"):
+    for name in (
+        "batch_size",
+        "steps",
+        "grad_accum",
+        "log_every",
+        "eval_every",
+        "eval_batches",
+        "checkpoint_every",
+        "keep_checkpoints",
+    ):
       if getattr(self, name) < 1:
         raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
     if self.batch_size % self.grad_accum:
@@ -291,7 +299,7 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
   kwargs = {}
   for key, value in data.items():
     if key not in fields:
-      raise ConfigError(_unknown(key, fields, cls.__name__))
+      raise ConfigError(unknown_key(key, fields, cls.__name__))
     hint = hints[key]
     if hint is ModelConfig or (isinstance(hint, type) and dataclasses.is_dataclass(hint)):
       value = from_dict(hint, value)
@@ -310,24 +318,8 @@ def _to_lists(value: Any) -> Any:
   return [_to_lists(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def override(config: Any, path: str, value: Any) -> Any:
-  """Returns `config` with the field at dotted `path` (e.g. "model.num_layers") replaced."""
-  head, _, rest = path.partition(".")
-  fields = {f.name for f in dataclasses.fields(config) if f.init}
-  if head not in fields:
-    raise ConfigError(_unknown(path, fields, type(config).__name__))
-  if rest:
-    child = getattr(config, head)
-    if not dataclasses.is_dataclass(child):
-      raise ConfigError(f"{type(config).__name__}.{head} has no field {rest!r}")
-    try:
-      value = override(child, rest, value)
-    except ConfigError as e:
-      raise ConfigError(f"in {head}: {e}") from None
-  return dataclasses.replace(config, **{head: value})
-
-
-def _unknown(key: str, known: Any, where: str) -> str:
+def unknown_key(key: str, known: Any, where: str) -> str:
+  """The message of an unknown key, with the closest known names."""
   close = difflib.get_close_matches(key.split(".")[0], sorted(known), n=3)
   hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(known))}"
   return f"unknown key {key!r} in {where}{hint}"

@@ -72,9 +72,7 @@ def logical_specs(boxed: Any) -> Any:
   return nn.get_partition_spec(boxed)
 
 
-def logical_shardings(
-    boxed: Any, mesh: jax.sharding.Mesh, rules: config_lib.AxisRules
-) -> Any:
+def logical_shardings(boxed: Any, mesh: jax.sharding.Mesh, rules: config_lib.AxisRules) -> Any:
   """A `NamedSharding` per leaf of `boxed` (with the tree structure of `nn.meta.unbox(boxed)`)."""
   return nn.logical_to_mesh_sharding(logical_specs(boxed), mesh, rules)
 
@@ -105,9 +103,7 @@ def _axis_size(mesh_axes: str | tuple[str, ...] | None, axis_sizes: Mapping[str,
   return math.prod(axis_sizes[n] for n in names)
 
 
-def check_divisible(
-    boxed: Any, axis_sizes: Mapping[str, int], rules: config_lib.AxisRules
-) -> None:
+def check_divisible(boxed: Any, axis_sizes: Mapping[str, int], rules: config_lib.AxisRules) -> None:
   """Raises `ShardingError` naming the first array whose dimension its mesh axes do not divide.
 
   Args:

@@ -22,8 +22,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from mosaics_jax import benchmarks, checkpoints, config as config_lib, models, optim, registry
-from mosaics_jax import sharding, train
+from mosaics_jax import checkpoints, config as config_lib, overrides, registry, sharding
+from mosaics_jax.analysis import bench_train
+from mosaics_jax.model import families
+from mosaics_jax.train import optim, step as step_lib
 
 FAMILIES = ("mm1-tiny", "mm2-tiny", "llama-tiny")
 TINY_SETS = {
@@ -38,7 +40,7 @@ TINY_SETS = {
 def tiny(name: str, **sets) -> config_lib.Experiment:
   exp = registry.get(name)
   for key, value in {**TINY_SETS, **sets}.items():
-    exp = config_lib.override(exp, key, value)
+    exp = overrides.override(exp, key, value)
   return exp
 
 
@@ -56,10 +58,10 @@ def specs(out: pathlib.Path) -> None:
   report = {}
   for name in FAMILIES:
     exp = tiny(name, mesh=config_lib.MeshConfig(data=2, fsdp=2, tensor=2))
-    model = models.build_model(exp.model)
+    model = families.build_model(exp.model)
     tx = optim.make_optimizer(exp.train)
-    placement = train.make_placement(exp, model, tx)
-    state = train.init_state(exp, model, tx, placement)
+    placement = step_lib.make_placement(exp, model, tx)
+    state = step_lib.init_state(exp, model, tx, placement)
     tokens = np.zeros((1, 32), np.int32)
     expected = sharding.param_shardings(model, tokens, placement.mesh, exp.mesh.rules)
     for x, s in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(expected)):
@@ -88,13 +90,13 @@ def specs(out: pathlib.Path) -> None:
 def restore(workdir: pathlib.Path) -> None:
   saved_on = config_lib.MeshConfig(data=1, fsdp=8, tensor=1)
   exp = tiny("mm2-tiny", mesh=saved_on, **{"model.num_layers": 1})
-  model = models.build_model(exp.model)
+  model = families.build_model(exp.model)
   tx = optim.make_optimizer(exp.train)
-  placement = train.make_placement(exp, model, tx)
-  state = train.init_state(exp, model, tx, placement)
+  placement = step_lib.make_placement(exp, model, tx)
+  state = step_lib.init_state(exp, model, tx, placement)
   # A step, so that the optimizer moments are not all zeros.
-  batch = benchmarks._synthetic_batch(exp, np.random.default_rng(0))
-  state, _ = train.make_train_step(exp, model, tx, placement)(state, batch)
+  batch = bench_train.synthetic_batch(exp, np.random.default_rng(0))
+  state, _ = step_lib.make_train_step(exp, model, tx, placement)(state, batch)
   saved = jax.tree.map(np.asarray, state)
   ckpts = checkpoints.Checkpoints(workdir / "checkpoints", 3)
   ckpts.save(1, state, {"position": 0})
@@ -104,10 +106,12 @@ def restore(workdir: pathlib.Path) -> None:
       ("data=2, tensor=4", config_lib.MeshConfig(data=2, fsdp=1, tensor=4)),
       ("one device", None),
   ]:
-    target = None if mesh is None else train.make_placement(
-        config_lib.override(exp, "mesh", mesh), model, tx
+    target = (
+        None
+        if mesh is None
+        else step_lib.make_placement(overrides.override(exp, "mesh", mesh), model, tx)
     )
-    template = train.abstract_state(exp, model, tx, target)
+    template = step_lib.abstract_state(exp, model, tx, target)
     step, restored, data_state = ckpts.restore_latest(template)
     assert step == 1 and data_state == {"position": 0}, (step, data_state)
     for x, t, s in zip(*(jax.tree.leaves(z) for z in (restored, template, saved))):
@@ -122,16 +126,16 @@ def steps(out: pathlib.Path, name: str, impl: str = "auto") -> None:
   """Three steps on one device and on (data=2, fsdp=2, tensor=2): losses and final params."""
   mesh = config_lib.MeshConfig(data=2, fsdp=2, tensor=2)
   exp = tiny(name, mesh=mesh, **{"model.num_layers": 1, "model.retrieve_impl": impl})
-  model = models.build_model(exp.model)
+  model = families.build_model(exp.model)
   tx = optim.make_optimizer(exp.train)
   rng = np.random.default_rng(0)
-  batches = [benchmarks._synthetic_batch(exp, rng) for _ in range(3)]
+  batches = [bench_train.synthetic_batch(exp, rng) for _ in range(3)]
   for batch in batches:  # Two documents per row, so document masks are exercised too.
     batch["segment_ids"][:, 20:] = 1
   report = {}
-  for label, placement in [("one", None), ("mesh", train.make_placement(exp, model, tx))]:
-    state = train.init_state(exp, model, tx, placement)
-    step = train.make_train_step(exp, model, tx, placement)
+  for label, placement in [("one", None), ("mesh", step_lib.make_placement(exp, model, tx))]:
+    state = step_lib.init_state(exp, model, tx, placement)
+    step = step_lib.make_train_step(exp, model, tx, placement)
     losses = []
     for batch in batches:
       state, stats = step(state, batch)

@@ -17,11 +17,12 @@ import pytest
 from jax._src import mesh as mesh_lib
 
 import kernels_pallas
-from mosaics_jax import aot, config as config_lib, models, registry
+from mosaics_jax import config as config_lib, registry
+from mosaics_jax.analysis import aot
 from mosaics_jax.cli import bench, info
+from mosaics_jax.model import families
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
-needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="compiling for TPU needs libtpu")
 TOPOLOGY = "v5e:2x2"  # The smallest slice libtpu describes by default: 4 chips, one device each.
 RETRIEVAL_KERNELS = {"forward_kernel", "correction_kernel", "dq_kernel", "dkv_kernel"}
 
@@ -30,7 +31,7 @@ def test_model_on_a_tpu_mesh_lowers_the_tpu_kernels():
   """On a mesh of TPU devices the model's retrievals lower to the Mosaic kernels, forward and
   backward, even where the host is a CPU: the mesh's platform picks the implementation."""
   experiment = registry.get("mm2-tiny")
-  model = models.build_model(experiment.model)
+  model = families.build_model(experiment.model)
   tokens = jax.ShapeDtypeStruct((2, 128), jnp.int32)
   params = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
   tpu = mesh_lib.AbstractDevice(device_kind="TPU v5 lite", num_cores=None, platform="tpu")
@@ -61,11 +62,9 @@ def test_compile_for_needs_an_experiment():
     info.main(["--compile-for", TOPOLOGY])
 
 
-@needs_libtpu
+@pytest.mark.tpu
 def test_train_step_compiles_for_a_tpu_slice():
-  report = aot.compile_for_topology(
-      registry.get("mm2-tiny"), TOPOLOGY, {"data": 2, "fsdp": 2}
-  )
+  report = aot.compile_for_topology(registry.get("mm2-tiny"), TOPOLOGY, {"data": 2, "fsdp": 2})
   assert (report.devices, report.device_kind) == (4, "TPU v5 lite")
   assert report.mesh == {"data": 2, "fsdp": 2, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1}
   # Two retrieval shapes (short- and long-term) of four kernels each; the layers share them.
@@ -76,7 +75,7 @@ def test_train_step_compiles_for_a_tpu_slice():
   assert report.hbm_bytes == 16 * 2**30 and report.peak_bytes < report.hbm_bytes
 
 
-@needs_libtpu
+@pytest.mark.tpu
 def test_rest_of_the_devices_and_slices():
   """-1 takes the devices the other sizes leave; dcn sizes compile for several slices."""
   experiment = registry.get("mm2-tiny")
@@ -86,7 +85,7 @@ def test_rest_of_the_devices_and_slices():
   assert report.hbm_bytes == 16 * 2**30
 
 
-@needs_libtpu
+@pytest.mark.tpu
 def test_two_core_chips_are_one_device():
   """A v4 chip's two TensorCores are one "megacore" device with the chip's 32 GiB."""
   devices = aot.topology_devices("v4:2x2x1")
@@ -95,19 +94,19 @@ def test_two_core_chips_are_one_device():
   assert report.hbm_bytes == 32 * 2**30
 
 
-@needs_libtpu
+@pytest.mark.tpu
 def test_unknown_topology_names_the_format():
   with pytest.raises(aot.AotError, match=r"'v9z:2x2'.*e\.g\. v5p:2x2x1"):
     aot.topology_devices("v9z:2x2")
 
 
-@needs_libtpu
+@pytest.mark.tpu
 def test_mesh_that_does_not_fit_the_slice():
   with pytest.raises(config_lib.ConfigError, match="has 2 devices but there are 4"):
     aot.compile_for_topology(registry.get("mm2-tiny"), TOPOLOGY, {"data": 2})
 
 
-@needs_libtpu
+@pytest.mark.tpu
 def test_cli_prints_the_plan_beside_the_compiled_step(capsys):
   assert info.main(["mm2-tiny", "--compile-for", TOPOLOGY, "--batch", "16", "--json"]) == 0
   out = json.loads(capsys.readouterr().out)
@@ -118,7 +117,7 @@ def test_cli_prints_the_plan_beside_the_compiled_step(capsys):
   assert compiled["peak_bytes"] > 0
 
 
-@needs_libtpu
+@pytest.mark.tpu
 @pytest.mark.parametrize("topology", ["v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
 def test_retrieval_kernels_compile_for_every_generation(topology):
   """Mosaic compiles the TPU kernels and splash attention, forward and backward, for each TPU
@@ -144,14 +143,27 @@ def test_retrieval_kernels_compile_for_every_generation(topology):
       lowered.compile()  # Raises if Mosaic rejects a kernel.
 
 
-@needs_libtpu
+@pytest.mark.tpu
 def test_kernel_table_compiled_for_a_tpu(capsys):
   """The kernels sweep compiled for a TPU: peak memory of the TPU implementations, no times."""
-  args = ["kernels", "--compile-for", TOPOLOGY, "--seq-lens", "2048", "4096", "--heads", "2",
-          "--head-dims", "64", "--bands", "short"]
+  args = [
+      "kernels",
+      "--compile-for",
+      TOPOLOGY,
+      "--seq-lens",
+      "2048",
+      "4096",
+      "--heads",
+      "2",
+      "--head-dims",
+      "64",
+      "--bands",
+      "short",
+  ]
   assert bench.main(args) == 0
-  rows = [line.split("|") for line in capsys.readouterr().out.splitlines()
-          if line.startswith("| short")]
+  rows = [
+      line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| short")
+  ]
   assert sorted({row[4].strip() for row in rows}) == ["pallas_tpu", "reference", "shift", "xla"]
   assert all(row[5].strip() == "compiled only" and float(row[8]) > 0 for row in rows)
   peak = {(row[4].strip(), int(row[2])): float(row[8]) for row in rows}

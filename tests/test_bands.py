@@ -1,4 +1,4 @@
-"""Band arithmetic: document positions and the visible counts n_t of SPEC §1's table."""
+"""Band arithmetic: document positions and the visible counts n_t of design.md's table of bands."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import kernels_pallas
-from mosaics_jax import bandwidth
+from mosaics_jax.model import bandwidth
 
 SEGMENTS = np.repeat([3, 3, 7, 1, 4], [5, 1, 9, 1, 14])[None]  # Documents of 6, 9, 1 and 14 tokens.
 
@@ -16,14 +16,16 @@ SEGMENTS = np.repeat([3, 3, 7, 1, 4], [5, 1, 9, 1, 14])[None]  # Documents of 6,
 def _brute_counts(segment_ids, lo, hi):
   """|S(t)| by enumerating every s: the definition itself."""
   seg = segment_ids[0]
-  return np.array([
-      sum(
-          1
-          for s in range(len(seg))
-          if lo <= t - s and (hi is None or t - s <= hi) and seg[s] == seg[t]
-      )
-      for t in range(len(seg))
-  ])
+  return np.array(
+      [
+          sum(
+              1
+              for s in range(len(seg))
+              if lo <= t - s and (hi is None or t - s <= hi) and seg[s] == seg[t]
+          )
+          for t in range(len(seg))
+      ]
+  )
 
 
 @pytest.mark.parametrize("lo, hi", [(1, None), (1, 3), (1, 255), (4, None), (2, 2), (40, None)])
@@ -55,7 +57,7 @@ def test_short_and_long_term_bands_overlap_by_h_minus_m():
   long = kernels_pallas.band_mask(t, s, m, None)
   both = np.flatnonzero(short & long)
   assert both.min() == t - h + 1 and both.max() == t - m and len(both) == h - m
-  assert bool((short | long)[: t].all()) and not bool((short | long)[t])
+  assert bool((short | long)[:t].all()) and not bool((short | long)[t])
 
 
 def test_document_positions_restart_at_each_document():
@@ -84,7 +86,9 @@ def test_adaptive_bandwidth_formula_and_reparameterisation():
 
 def test_adaptive_bandwidth_gradient_is_finite_at_zero_pairs():
   grads = jax.grad(
-      lambda a: bandwidth.adaptive_bandwidth(jnp.array([[0, 0, 5]]), jnp.ones(2), jnp.ones(2), a, 10.0).sum()
+      lambda a: bandwidth.adaptive_bandwidth(
+          jnp.array([[0, 0, 5]]), jnp.ones(2), jnp.ones(2), a, 10.0
+      ).sum()
   )(jnp.array([0.3, 0.7]))
   assert bool(jnp.isfinite(grads).all())
   # d/d alpha of n^alpha = n^alpha log n, from the one visible row.

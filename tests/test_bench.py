@@ -6,21 +6,42 @@ import re
 
 import jax
 
-from mosaics_jax import benchmarks
+from mosaics_jax.analysis import bench_kernels
 from mosaics_jax.cli import bench
 
 
 def test_train_table(capsys):
-  assert bench.main(
-      ["train", "mm1-tiny", "--steps", "2", "--repeats", "1", "--matmul-size", "256",
-       "--set", "train.batch_size=2", "data.seq_len=32"]
-  ) == 0
+  assert (
+      bench.main(
+          [
+              "train",
+              "mm1-tiny",
+              "--steps",
+              "2",
+              "--repeats",
+              "1",
+              "--matmul-size",
+              "256",
+              "--set",
+              "train.batch_size=2",
+              "data.seq_len=32",
+          ]
+      )
+      == 0
+  )
   out = capsys.readouterr().out
   header = [c.strip() for c in out.splitlines()[3].strip("|").split("|")]
-  assert header == ["experiment", "step (s)", "tokens/s", "train FLOPs/token", "model GFLOP/s",
-                    "matmul GFLOP/s", "MFU"]
+  assert header == [
+      "experiment",
+      "step (s)",
+      "tokens/s",
+      "train FLOPs/token",
+      "model GFLOP/s",
+      "matmul GFLOP/s",
+      "MFU",
+  ]
   assert "3 x forward FLOPs" in out
-  row = [l for l in out.splitlines() if l.startswith("| mm1-tiny")][0]
+  row = [line for line in out.splitlines() if line.startswith("| mm1-tiny")][0]
   mfu = float(re.search(r"([\d.]+)% \|$", row).group(1))
   tokens_per_second = float(row.split("|")[3])
   assert mfu > 0 and tokens_per_second > 0
@@ -41,8 +62,21 @@ def _kernel_rows(out):
   return rows
 
 
-KERNELS_ARGS = ["kernels", "--seq-lens", "512", "--heads", "2", "--head-dims", "16", "--dtype",
-                "float32", "--repeats", "1", "--matmul-size", "128"]
+KERNELS_ARGS = [
+    "kernels",
+    "--seq-lens",
+    "512",
+    "--heads",
+    "2",
+    "--head-dims",
+    "16",
+    "--dtype",
+    "float32",
+    "--repeats",
+    "1",
+    "--matmul-size",
+    "128",
+]
 
 
 def test_kernels_table(capsys):
@@ -50,9 +84,17 @@ def test_kernels_table(capsys):
   out = capsys.readouterr().out
   assert "float32 matmul (128^3)" in out and "backward = 2.5 x forward" in out
   header = [c.strip() for c in out.splitlines()[2].strip("|").split("|")]
-  assert header == ["band", "T", "head dim", "impl", "time (ms)", "useful TFLOP/s", "of matmul",
-                    "peak memory (MB)"]
-  impls = benchmarks.available_impls("cpu")
+  assert header == [
+      "band",
+      "T",
+      "head dim",
+      "impl",
+      "time (ms)",
+      "useful TFLOP/s",
+      "of matmul",
+      "peak memory (MB)",
+  ]
+  impls = bench_kernels.available_impls("cpu")
   assert {"reference", "xla"} <= set(impls)
   assert not any(name.startswith("pallas") for name in impls)
   rows = _kernel_rows(out)
@@ -70,9 +112,9 @@ def test_kernels_skips_dense_impls_that_do_not_fit(capsys):
 
 
 def test_kernels_rejects_impls_foreign_to_the_backend(capsys):
-  assert "pallas_tpu" not in benchmarks.available_impls("cpu")
-  assert "pallas_tpu" in benchmarks.available_impls("tpu")
-  assert benchmarks.impl_unavailable_reason("pallas_tpu", "gpu") == "runs on tpu only"
+  assert "pallas_tpu" not in bench_kernels.available_impls("cpu")
+  assert "pallas_tpu" in bench_kernels.available_impls("tpu")
+  assert bench_kernels.impl_unavailable_reason("pallas_tpu", "gpu") == "runs on tpu only"
   if jax.default_backend() == "cpu":
     assert bench.main([*KERNELS_ARGS, "--impls", "pallas_tpu"]) == 2
     assert "interpret mode on CPU is not a benchmark" in capsys.readouterr().err
@@ -80,17 +122,35 @@ def test_kernels_rejects_impls_foreign_to_the_backend(capsys):
 
 def test_train_profile_attributes_time_to_model_components(capsys, tmp_path):
   trace_dir = str(tmp_path / "trace")
-  assert bench.main(
-      ["train", "mm1-tiny", "--steps", "1", "--repeats", "1", "--matmul-size", "64",
-       "--set", "train.batch_size=2", "data.seq_len=32", "--profile", trace_dir]
-  ) == 0
+  assert (
+      bench.main(
+          [
+              "train",
+              "mm1-tiny",
+              "--steps",
+              "1",
+              "--repeats",
+              "1",
+              "--matmul-size",
+              "64",
+              "--set",
+              "train.batch_size=2",
+              "data.seq_len=32",
+              "--profile",
+              trace_dir,
+          ]
+      )
+      == 0
+  )
   out = capsys.readouterr().out
-  rows = [l.strip("|").split("|") for l in out.splitlines() if l.startswith("| ")]
+  rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ")]
   groups = {tuple(c.strip() for c in row[:3]) for row in rows}
   # Both memories of the layers, both passes, matmuls among them; the optimizer apart.
   for component in ("h_*/attn", "h_*/mlp"):
     assert {(component, "forward", "matmul"), (component, "backward", "matmul")} <= groups
-  assert any(component.startswith(("outside the model", "unattributed")) for component, _, _ in groups)
+  assert any(
+      component.startswith(("outside the model", "unattributed")) for component, _, _ in groups
+  )
   shares = [float(row[4].strip().rstrip("%")) for row in rows if row[4].strip().endswith("%")]
   assert 95.0 <= sum(shares) <= 100.5  # Rows under 0.1% are left out.
   assert list((tmp_path / "trace").rglob("*.xplane.pb"))

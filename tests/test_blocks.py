@@ -22,7 +22,9 @@ def _live_pairs(segment_ids, seq_len, block_q, block_k, lo, hi):
   num_q, num_k = -(-seq_len // block_q), -(-seq_len // block_k)
   live = np.zeros((pairs.shape[0], num_q, num_k), bool)
   for i, j in itertools.product(range(num_q), range(num_k)):
-    live[:, i, j] = pairs[:, i * block_q:(i + 1) * block_q, j * block_k:(j + 1) * block_k].any((1, 2))
+    live[:, i, j] = pairs[:, i * block_q : (i + 1) * block_q, j * block_k : (j + 1) * block_k].any(
+        (1, 2)
+    )
   return live
 
 
@@ -54,14 +56,16 @@ def test_schedule_lists_exactly_the_live_tiles(packed, block_q, block_k, lo, hi)
   live = np.broadcast_to(band_live, (2, *band_live.shape[1:]))
   if packed:
     ranges = lambda block: [
-        [(row[n:n + block].min(), row[n:n + block].max()) for n in range(0, 100, block)]
+        [(row[n : n + block].min(), row[n : n + block].max()) for n in range(0, 100, block)]
         for row in segment_ids
     ]
     q_ranges, k_ranges = ranges(block_q), ranges(block_k)
-    overlap = np.array([
-        [[qa <= kb and ka <= qb for ka, kb in k_row] for qa, qb in q_row]
-        for q_row, k_row in zip(q_ranges, k_ranges)
-    ])
+    overlap = np.array(
+        [
+            [[qa <= kb and ka <= qb for ka, kb in k_row] for qa, qb in q_row]
+            for q_row, k_row in zip(q_ranges, k_ranges)
+        ]
+    )
     live = live & overlap
     # Never fewer than the tiles that hold a pair (the range test is exact for packed ids but
     # blind to the band inside a tile).

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from mosaics_jax import config as config_lib, flops, registry
+from mosaics_jax import config as config_lib, overrides, registry
+from mosaics_jax.analysis import flops
 from mosaics_jax.cli import info
 
 # v2 paper Table 2: parameters (B) and forward FLOPs per token (B) at context 256.
@@ -58,7 +59,12 @@ def test_required_experiments_exist():
     assert registry.get(base).data.seq_len == 4096
     assert registry.get(f"{base}-32k").data.seq_len == 32768
   v1 = registry.get("mm1-babistories")
-  assert (v1.model.num_layers, v1.model.width, v1.model.num_heads, v1.data.seq_len) == (12, 768, 12, 512)
+  assert (v1.model.num_layers, v1.model.width, v1.model.num_heads, v1.data.seq_len) == (
+      12,
+      768,
+      12,
+      512,
+  )
 
 
 def test_paper_recipe():
@@ -77,17 +83,17 @@ def test_unknown_experiment_suggests_close_names():
 
 def test_override_by_dotted_path_and_unknown_keys():
   exp = registry.get("mm2-tiny")
-  changed = config_lib.override(exp, "model.num_layers", 5)
+  changed = overrides.override(exp, "model.num_layers", 5)
   assert changed.model.num_layers == 5 and exp.model.num_layers == 2
-  assert config_lib.override(exp, "train.steps", 7).train.steps == 7
+  assert overrides.override(exp, "train.steps", 7).train.steps == 7
   with pytest.raises(config_lib.ConfigError, match="did you mean num_layers"):
-    config_lib.override(exp, "model.num_layer", 5)
+    overrides.override(exp, "model.num_layer", 5)
   with pytest.raises(config_lib.ConfigError, match="did you mean train"):
-    config_lib.override(exp, "trian.steps", 5)
+    overrides.override(exp, "trian.steps", 5)
   with pytest.raises(config_lib.ConfigError, match="not divisible"):
-    config_lib.override(exp, "model.width", 66)
+    overrides.override(exp, "model.width", 66)
   with pytest.raises(config_lib.ConfigError, match="scan_chunk_size must be >= 1, got 0"):
-    config_lib.override(exp, "model.scan_chunk_size", 0)
+    overrides.override(exp, "model.scan_chunk_size", 0)
 
 
 def test_dict_round_trip_and_unknown_keys():

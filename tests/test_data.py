@@ -9,8 +9,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from mosaics_jax import data, tokenizers
 from mosaics_jax.config import DataConfig
+from mosaics_jax.train import data, tokenizers
 
 SHAKESPEARE = pathlib.Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
 FIELDS = {
@@ -94,8 +94,7 @@ def test_state_survives_json_and_resumes_the_same_batches(any_source):
 def test_processes_read_disjoint_shares_of_the_global_batch(any_source):
   whole = _take(any_source, 2, batch_size=8, seed=5)
   shares = [
-      _take(any_source, 2, batch_size=8, seed=5, process_index=p, process_count=2)
-      for p in range(2)
+      _take(any_source, 2, batch_size=8, seed=5, process_index=p, process_count=2) for p in range(2)
   ]
   for p in range(2):
     assert shares[p][0]["tokens"].shape == (4, any_source.seq_len)
@@ -213,16 +212,19 @@ def test_finite_val_pass_scores_every_target_once_on_every_process(positions):
   batches = [
       list(
           data.make_iterator(
-              positions, split="val", batch_size=4, seed=0, process_index=p, process_count=2,
+              positions,
+              split="val",
+              batch_size=4,
+              seed=0,
+              process_index=p,
+              process_count=2,
               repeat=False,
           )
       )
       for p in range(2)
   ]
   assert len(batches[0]) == len(batches[1]) > 0
-  scored = np.concatenate(
-      [b["targets"][b["loss_mask"] == 1] for share in batches for b in share]
-  )
+  scored = np.concatenate([b["targets"][b["loss_mask"] == 1] for share in batches for b in share])
   count = (1000 - boundary - 1) // positions.seq_len
   np.testing.assert_array_equal(
       np.sort(scored), np.arange(boundary + 1, boundary + 1 + count * positions.seq_len)
@@ -265,8 +267,13 @@ def test_hf_tokenizer(tmp_path):
   tokenizer.train_from_iterator([text], hf.trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
   tokenizer.save(str(tmp_path / "tokenizer.json"))
   (tmp_path / "text.txt").write_text(text)
-  cfg = DataConfig(source="text", path=str(tmp_path / "text.txt"), tokenizer="hf",
-                   tokenizer_path=str(tmp_path / "tokenizer.json"), seq_len=8)
+  cfg = DataConfig(
+      source="text",
+      path=str(tmp_path / "text.txt"),
+      tokenizer="hf",
+      tokenizer_path=str(tmp_path / "tokenizer.json"),
+      seq_len=8,
+  )
   assert data.vocab_size(cfg) == tokenizer.get_vocab_size() == 9
   batch = _take(cfg, 1)[0]
   np.testing.assert_array_equal(batch["tokens"][:, 1:], batch["targets"][:, :-1])

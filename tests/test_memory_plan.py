@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mosaics_jax import build_model, config as config_lib, memory_plan, registry, sharding
+from mosaics_jax import build_model, config as config_lib, overrides, registry, sharding
+from mosaics_jax.analysis import memory_plan
 from mosaics_jax.cli import info
 
 FAMILIES = ("mm1-tiny", "mm2-tiny", "llama-tiny")
@@ -80,7 +81,7 @@ def test_adamw_state_is_two_moments(mesh):
 
 
 def test_gradient_accumulation_keeps_an_accumulator():
-  experiment = config_lib.override(registry.get("mm2-tiny"), "train.grad_accum", 2)
+  experiment = overrides.override(registry.get("mm2-tiny"), "train.grad_accum", 2)
   plan = memory_plan.plan(experiment, MESH_222)
   assert plan.gradient_bytes == 2 * plan.param_bytes
   assert plan.device_batch == experiment.train.batch_size // 2 // 4
@@ -88,7 +89,7 @@ def test_gradient_accumulation_keeps_an_accumulator():
 
 @pytest.mark.parametrize("remat", (False, True))
 def test_v2_activations_grow_linearly_in_batch_and_context(remat):
-  experiment = config_lib.override(registry.get("mm2-tiny"), "model.remat", remat)
+  experiment = overrides.override(registry.get("mm2-tiny"), "model.remat", remat)
   act = lambda b, t: memory_plan.plan(experiment, {}, batch=b, context=t).activation_bytes
   base = act(2, 512)
   assert act(4, 512) == 2 * base
@@ -97,10 +98,10 @@ def test_v2_activations_grow_linearly_in_batch_and_context(remat):
 
 
 def test_remat_keeps_one_layer_and_the_block_inputs():
-  experiment = config_lib.override(registry.get("mm2-tiny"), "model.num_layers", 8)
+  experiment = overrides.override(registry.get("mm2-tiny"), "model.num_layers", 8)
   plain = dict(memory_plan.plan(experiment, {}).activations)
   rematted = dict(
-      memory_plan.plan(config_lib.override(experiment, "model.remat", True), {}).activations
+      memory_plan.plan(overrides.override(experiment, "model.remat", True), {}).activations
   )
   layer = rematted["one layer's saved tensors, recomputed"]
   assert plain["saved tensors, 8 layers"] == 8 * layer

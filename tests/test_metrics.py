@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mosaics_jax import metrics
 from mosaics_jax.cli import plot as plot_cli
+from mosaics_jax.train import metrics
 
 
 def _strict_lines(run: pathlib.Path) -> list[dict]:
@@ -29,23 +29,27 @@ def _strict_lines(run: pathlib.Path) -> list[dict]:
 def _write_steps(run: pathlib.Path, steps, **kwargs) -> None:
   with metrics.MetricsWriter(run, tensorboard=False, **kwargs) as writer:
     for step in steps:
-      writer.write(step, {"loss": 10.0 / step, "lr": 1e-3, "grad_norm": 1.0,
-                          "tokens_per_sec": 100.0})
+      writer.write(
+          step, {"loss": 10.0 / step, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_sec": 100.0}
+      )
 
 
 def test_round_trip_of_python_numpy_and_jax_scalars(tmp_path):
   with metrics.MetricsWriter(tmp_path, tensorboard=False) as writer:
-    writer.write(np.int64(3), {
-        "loss": np.float32(2.5),
-        "lr": jnp.asarray(1e-3, jnp.float32),
-        "grad_norm": jnp.asarray(0.5, jnp.bfloat16),
-        "tokens_per_sec": 1234.5,
-        "tokens": jnp.asarray(4096, jnp.int32),
-        "skipped": np.bool_(False),
-        "nan": float("nan"),
-        "inf": np.float64(-np.inf),
-        "note": "warm-up",
-    })
+    writer.write(
+        np.int64(3),
+        {
+            "loss": np.float32(2.5),
+            "lr": jnp.asarray(1e-3, jnp.float32),
+            "grad_norm": jnp.asarray(0.5, jnp.bfloat16),
+            "tokens_per_sec": 1234.5,
+            "tokens": jnp.asarray(4096, jnp.int32),
+            "skipped": np.bool_(False),
+            "nan": float("nan"),
+            "inf": np.float64(-np.inf),
+            "note": "warm-up",
+        },
+    )
     writer.write(4, {"step": 4, "split": "val", "loss": 2.25, "accuracy": jnp.asarray(0.75)})
   lines = _strict_lines(tmp_path)
   assert lines == metrics.read_metrics(tmp_path)
@@ -58,7 +62,10 @@ def test_round_trip_of_python_numpy_and_jax_scalars(tmp_path):
   assert train["skipped"] is False and train["note"] == "warm-up"
   assert train["nan"] is None and train["inf"] is None
   assert {k: val[k] for k in ("step", "split", "loss", "accuracy")} == {
-      "step": 4, "split": "val", "loss": 2.25, "accuracy": 0.75
+      "step": 4,
+      "split": "val",
+      "loss": 2.25,
+      "accuracy": 0.75,
   }
 
 
@@ -133,7 +140,7 @@ def _events(logdir: pathlib.Path) -> list:
     while offset < len(data):
       (length,) = struct.unpack_from("<Q", data, offset)
       offset += 12
-      events.append(event_pb2.Event.FromString(data[offset:offset + length]))
+      events.append(event_pb2.Event.FromString(data[offset : offset + length]))
       offset += length + 4
   return events
 
@@ -150,8 +157,16 @@ def test_tensorboard_events_hold_the_same_scalars(tmp_path):
   pytest.importorskip("tensorboardX")
   with metrics.MetricsWriter(tmp_path) as writer:
     for step in (1, 2):
-      writer.write(step, {"loss": 3.0 - step, "lr": 0.1 * step, "grad_norm": np.float32(0.5),
-                          "tokens_per_sec": 1e4, "note": "text is not a scalar"})
+      writer.write(
+          step,
+          {
+              "loss": 3.0 - step,
+              "lr": 0.1 * step,
+              "grad_norm": np.float32(0.5),
+              "tokens_per_sec": 1e4,
+              "note": "text is not a scalar",
+          },
+      )
     writer.write(2, {"split": "val", "loss": 1.5, "accuracy": 0.25})
   logdir = tmp_path / metrics.TENSORBOARD_DIR
   files = list(logdir.glob("events.out.tfevents.*"))
@@ -170,8 +185,11 @@ def test_resumed_tensorboard_writer_purges_the_lost_steps(tmp_path):
   event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
   with metrics.MetricsWriter(tmp_path, resume_step=7):
     pass
-  starts = [e.step for e in _events(tmp_path / metrics.TENSORBOARD_DIR)
-            if e.session_log.status == event_pb2.SessionLog.START]
+  starts = [
+      e.step
+      for e in _events(tmp_path / metrics.TENSORBOARD_DIR)
+      if e.session_log.status == event_pb2.SessionLog.START
+  ]
   assert starts == [8]
 
 
@@ -199,8 +217,10 @@ def test_ema_is_debiased_and_skips_gaps():
 def _fake_run(run: pathlib.Path, scale: float) -> None:
   with metrics.MetricsWriter(run, tensorboard=False) as writer:
     for step in range(1, 101):
-      writer.write(step, {"loss": scale * (1 + 5 / step), "lr": 1e-3, "grad_norm": 1.0,
-                          "tokens_per_sec": 1e3})
+      writer.write(
+          step,
+          {"loss": scale * (1 + 5 / step), "lr": 1e-3, "grad_norm": 1.0, "tokens_per_sec": 1e3},
+      )
       if step % 25 == 0:
         writer.write(step, {"split": "val", "loss": scale * (1.1 + 5 / step), "accuracy": 0.5})
 
@@ -216,8 +236,17 @@ def test_plot_of_two_runs_is_a_png_of_the_requested_size(tmp_path, capsys):
   _fake_run(tmp_path / "mm2-tiny", 1.0)
   _fake_run(tmp_path / "llama-tiny", 1.2)
   out = tmp_path / "figures" / "loss.png"
-  argv = [str(tmp_path / "mm2-tiny"), str(tmp_path / "llama-tiny"), "-o", str(out),
-          "--log-y", "--title", "tiny runs", "--smooth", "0.9"]
+  argv = [
+      str(tmp_path / "mm2-tiny"),
+      str(tmp_path / "llama-tiny"),
+      "-o",
+      str(out),
+      "--log-y",
+      "--title",
+      "tiny runs",
+      "--smooth",
+      "0.9",
+  ]
   assert plot_cli.main(argv) == 0
   assert capsys.readouterr().out.strip() == str(out)
   assert _png_size(out) == (800, 500)

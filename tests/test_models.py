@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mosaics_jax import build_model, config as config_lib, memories
+from mosaics_jax import build_model, config as config_lib, overrides
+from mosaics_jax.model import memories
 
 TINY = dict(vocab_size=50, num_layers=2, width=32, num_heads=4)
 CONFIGS = {
@@ -147,7 +148,7 @@ def test_config_errors_are_clear():
 
 
 def _np_v2_memory(p, x, lo, hi, cfg):
-  """SPEC §2 v2 equations, one position at a time in float64: the oracle of AssociativeMemory."""
+  """The v2 equations (design.md), one position at a time in float64: AssociativeMemory's oracle."""
   x = np.asarray(x, np.float64)[0]  # [t m]
   n_t, width = x.shape
   h, d = cfg.num_heads, cfg.head_dim
@@ -291,9 +292,9 @@ def _np_v1_keys(p, x, cfg, scale_pow):
 def test_v1_memories_match_nanomosaics_equations():
   cfg = CONFIGS["mm1"]
   x = jax.random.normal(jax.random.key(3), (2, 19, cfg.width))
-  ctx = memories.ContextMemory(cfg)
-  params = ctx.init(jax.random.key(4), x, None)["params"]
-  out = np.asarray(ctx.apply({"params": params}, x, None), np.float64)
+  ctx = memories.ContextMemory(cfg, hi=None)
+  params = ctx.init(jax.random.key(4), x, None, 1)["params"]
+  out = np.asarray(ctx.apply({"params": params}, x, None, 1), np.float64)
 
   k = _np_v1_keys(params["k_featurizer"], x, cfg, 1)
   pv = params["v_featurizer"]
@@ -301,9 +302,11 @@ def test_v1_memories_match_nanomosaics_equations():
   v = v.reshape(k.shape)
   c = np.asarray(pv["coef"], np.float64)[:, None]
   v = c * v + (1 - c) * np.concatenate([v[:, 1:], np.zeros_like(v[:, :1])], axis=1)
-  v = v / (np.linalg.norm(v, axis=-1, keepdims=True) + 1e-10) * np.exp(
-      10 * np.asarray(pv["val_scale"], np.float64)
-  )[:, None]
+  v = (
+      v
+      / (np.linalg.norm(v, axis=-1, keepdims=True) + 1e-10)
+      * np.exp(10 * np.asarray(pv["val_scale"], np.float64))[:, None]
+  )
   scores = np.einsum("bthd,bshd->bhts", k, k)
   n_t = x.shape[1]
   scores = np.where(np.tril(np.ones((n_t, n_t)), -1) > 0, scores, -np.inf)
@@ -352,55 +355,28 @@ def test_v1_initialisation_matches_nanomosaics():
   assert "lm_head" not in params  # Tied to wte.
 
 
-
-@pytest.mark.parametrize("batch, length, pmem_count", [(2, 150, 2), (1, 5, 1)])
-def test_v1_persistent_retrieve_matches_dense_einsum(batch, length, pmem_count):
-  """The chunked persistent memory (its own backward; b * t = 300 is not a multiple of the chunk)
-  equals the dense softmax over [c, b, t, h, p] differentiated by autodiff."""
-  heads, pairs, dim = 3, 7, 4
-  rng = np.random.default_rng(0)
-  k = jnp.asarray(rng.normal(size=(batch, length, heads, dim)), jnp.float32)
-  p_k, p_v = (
-      jnp.asarray(rng.normal(size=(pmem_count, heads, pairs, dim)), jnp.float32) for _ in range(2)
-  )
-  cotangent = jnp.asarray(rng.normal(size=k.shape), jnp.float32)
-
-  def dense(k, p_k, p_v):
-    weights = jax.nn.softmax(jnp.einsum("bthd,chpd->cbthp", k, p_k), axis=-1)
-    return jnp.einsum("cbthp,chpd->bthd", weights, p_v)
-
-  def loss(fn):
-    return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(fn(*a) * cotangent), argnums=(0, 1, 2)))
-
-  (value, grads), (expected_value, expected_grads) = (
-      loss(fn)(k, p_k, p_v) for fn in (memories._persistent_retrieve, dense)
-  )
-  np.testing.assert_allclose(value, expected_value, rtol=1e-5)
-  for g, e in zip(grads, expected_grads):
-    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
-
-
 @pytest.mark.parametrize("name", ["mm1-tiny", "mm2-tiny", "llama-tiny"])
 def test_training_with_pallas_kernels_matches_xla(name):
   """Two optimizer steps with the retrieval op as Pallas kernels (interpreted off GPU and TPU)
   give the losses and parameters of the XLA path."""
-  from mosaics_jax import optim, registry, train
-  from mosaics_jax.benchmarks import _synthetic_batch
+  from mosaics_jax import registry
+  from mosaics_jax.analysis.bench_train import synthetic_batch
+  from mosaics_jax.train import optim, step as step_lib
 
   exp = registry.get(name)
-  exp = config_lib.override(exp, "data.seq_len", 40)
-  exp = config_lib.override(exp, "train.batch_size", 2)
+  exp = overrides.override(exp, "data.seq_len", 40)
+  exp = overrides.override(exp, "train.batch_size", 2)
   rng = np.random.default_rng(0)
-  batches = [_synthetic_batch(exp, rng) for _ in range(2)]
+  batches = [synthetic_batch(exp, rng) for _ in range(2)]
   for batch in batches:  # Two documents per row, so document masks are exercised too.
     batch["segment_ids"][:, 20:] = 1
   runs = []
   for impl in ("xla", "pallas"):
-    e = config_lib.override(exp, "model.retrieve_impl", impl)
+    e = overrides.override(exp, "model.retrieve_impl", impl)
     model = build_model(e.model)
     tx = optim.make_optimizer(e.train)
-    state = train.init_state(e, model, tx)
-    step = jax.jit(train.make_train_step(e, model, tx))
+    state = step_lib.init_state(e, model, tx)
+    step = jax.jit(step_lib.make_train_step(e, model, tx))
     losses = []
     for batch in batches:
       state, stats = step(state, batch)

@@ -19,8 +19,9 @@ import jax
 import numpy as np
 import pytest
 
-from mosaics_jax import checkpoints, config as config_lib, distributed, metrics, models, optim
-from mosaics_jax import train
+from mosaics_jax import checkpoints, config as config_lib, distributed
+from mosaics_jax.model import families
+from mosaics_jax.train import metrics, optim, step as step_lib
 
 TIMEOUT_S = 240  # A process whose peer died waits in a collective: fail instead of hanging.
 STEPS = 3
@@ -51,15 +52,27 @@ def _free_port() -> int:
 
 def _start(workdir: pathlib.Path, devices: int, *flags: str, mesh: str = "") -> subprocess.Popen:
   """`mosaics-train` of the tiny mm2 run in a process with `devices` CPU devices."""
-  xla_flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get(
-      "XLA_FLAGS", ""))
+  xla_flags = re.sub(
+      r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", "")
+  )
   env = {
       **{k: v for k, v in os.environ.items() if not k.startswith("MOSAICS_")},
       "JAX_PLATFORMS": "cpu",
       "XLA_FLAGS": f"{xla_flags} --xla_force_host_platform_device_count={devices}",
   }
-  command = [sys.executable, "-m", "mosaics_jax.cli.train", "--experiment", "mm2-tiny",
-             "--workdir", str(workdir), "--no-progress", *flags, "--set", *SETS]
+  command = [
+      sys.executable,
+      "-m",
+      "mosaics_jax.cli.train",
+      "--experiment",
+      "mm2-tiny",
+      "--workdir",
+      str(workdir),
+      "--no-progress",
+      *flags,
+      "--set",
+      *SETS,
+  ]
   if mesh:
     command.append(mesh)
   return subprocess.Popen(
@@ -98,10 +111,10 @@ def _params(workdir: pathlib.Path) -> list[np.ndarray]:
   experiment = config_lib.from_dict(
       config_lib.Experiment, json.loads((workdir / checkpoints.CONFIG_FILE).read_text())
   )
-  model = models.build_model(experiment.model)
+  model = families.build_model(experiment.model)
   tx = optim.make_optimizer(experiment.train)
   ckpts = checkpoints.Checkpoints(workdir / "checkpoints", 3)
-  step, state, _ = ckpts.restore_latest(train.abstract_state(experiment, model, tx))
+  step, state, _ = ckpts.restore_latest(step_lib.abstract_state(experiment, model, tx))
   ckpts.close()
   assert step == STEPS
   return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
@@ -110,12 +123,14 @@ def _params(workdir: pathlib.Path) -> list[np.ndarray]:
 def test_two_processes_train_as_one(tmp_path):
   two, mesh, one = tmp_path / "two-processes", tmp_path / "two-devices", tmp_path / "one-device"
   cluster = ["--coordinator-address", f"localhost:{_free_port()}", "--num-processes", "2"]
-  stdout = _wait({
-      "process 0": _start(two, 1, *cluster, "--process-id", "0", mesh="mesh.data=2"),
-      "process 1": _start(two, 1, *cluster, "--process-id", "1", mesh="mesh.data=2"),
-      "two devices": _start(mesh, 2, mesh="mesh.data=2"),
-      "one device": _start(one, 1),
-  })
+  stdout = _wait(
+      {
+          "process 0": _start(two, 1, *cluster, "--process-id", "0", mesh="mesh.data=2"),
+          "process 1": _start(two, 1, *cluster, "--process-id", "1", mesh="mesh.data=2"),
+          "two devices": _start(mesh, 2, mesh="mesh.data=2"),
+          "one device": _start(one, 1),
+      }
+  )
   # Process 0 alone reports, and writes each metric once.
   assert "trained mm2-tiny to step 3" in stdout["process 0"]
   assert "trained" not in stdout["process 1"]
@@ -133,8 +148,11 @@ def test_two_processes_train_as_one(tmp_path):
 
 @pytest.fixture
 def no_cluster(monkeypatch):
-  for name in (distributed.ENV_COORDINATOR_ADDRESS, distributed.ENV_NUM_PROCESSES,
-               distributed.ENV_PROCESS_ID):
+  for name in (
+      distributed.ENV_COORDINATOR_ADDRESS,
+      distributed.ENV_NUM_PROCESSES,
+      distributed.ENV_PROCESS_ID,
+  ):
     monkeypatch.delenv(name, raising=False)
   monkeypatch.setattr(distributed, "cluster_detected", lambda: False)
   monkeypatch.setattr(jax.distributed, "initialize", lambda *a: pytest.fail("initialised"))

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mosaics_jax import config as config_lib, models, optim, registry, train
+from mosaics_jax import config as config_lib, overrides, registry
+from mosaics_jax.model import families
+from mosaics_jax.train import optim, step as step_lib
 
 
 def test_schedule_warms_up_then_decays_to_a_hundredth():
@@ -24,7 +26,7 @@ def test_schedule_warms_up_then_decays_to_a_hundredth():
 def test_weight_decay_spares_norms_scalars_and_bandwidths():
   cfg = registry.get("mm2-tiny").model
   params = jax.eval_shape(
-      lambda: models.build_model(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+      lambda: families.build_model(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
   )["params"]
   mask = optim.weight_decay_mask(params)
   layer = mask["layer_0"]
@@ -60,16 +62,16 @@ def _batch(exp, seed):
 
 def test_gradient_accumulation_matches_one_big_batch():
   exp = registry.get("llama-tiny")
-  exp = config_lib.override(exp, "data.seq_len", 16)
-  exp = config_lib.override(exp, "train.batch_size", 4)
+  exp = overrides.override(exp, "data.seq_len", 16)
+  exp = overrides.override(exp, "train.batch_size", 4)
   batch = _batch(exp, 0)
   results = []
   for accum in (1, 2):
-    e = config_lib.override(exp, "train.grad_accum", accum)
-    model = models.build_model(e.model)
+    e = overrides.override(exp, "train.grad_accum", accum)
+    model = families.build_model(e.model)
     tx = optim.make_optimizer(e.train)
-    state = train.init_state(e, model, tx)
-    new_state, stats = train.make_train_step(e, model, tx)(state, batch)
+    state = step_lib.init_state(e, model, tx)
+    new_state, stats = step_lib.make_train_step(e, model, tx)(state, batch)
     results.append((new_state["params"], stats))
   (p1, s1), (p2, s2) = results
   np.testing.assert_allclose(s1["grad_norm"], s2["grad_norm"], rtol=1e-5)
@@ -80,13 +82,12 @@ def test_gradient_accumulation_matches_one_big_batch():
 def test_long_term_delay_is_drawn_in_its_range_every_step():
   cfg = registry.get("mm2-tiny").model
   low, high = cfg.long_term_delay_range
-  draws = [
-      int(train._model_kwargs(cfg, jax.random.key(i))["ltm_delay"]) for i in range(200)
-  ]
+  family = families.of(cfg)
+  draws = [int(family.step_kwargs(cfg, jax.random.key(i))["ltm_delay"]) for i in range(200)]
   assert min(draws) == low and max(draws) == high
-  assert train._model_kwargs(cfg, None) == {"ltm_delay": cfg.long_term_delay}
-  no_ltm = config_lib.override(registry.get("mm2-tiny"), "model.long_term_memory", False)
-  assert train._model_kwargs(no_ltm.model, jax.random.key(0)) == {}
+  assert family.step_kwargs(cfg, None) == {"ltm_delay": cfg.long_term_delay}
+  no_ltm = overrides.override(registry.get("mm2-tiny"), "model.long_term_memory", False)
+  assert family.step_kwargs(no_ltm.model, jax.random.key(0)) == {}
 
 
 def test_grad_accum_must_divide_the_batch():

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernel_cases as kc
 from kernels_pallas import pallas_gpu
+
+import kernel_cases as kc
 
 B, H = kc.B, kc.H
 DIMS = (16, 32)  # (d, e)
@@ -150,9 +151,7 @@ def test_lowers_to_triton(dtype):
     y, vjp = jax.vjp(lambda *x: kernel(*x, lo=lo, hi=40, segment_ids=segment_ids), q, k, v)
     return y, vjp(cotangent)
 
-  args = [
-      jax.ShapeDtypeStruct((B, seq_len, H, dim), dtype) for dim in (dims[0], dims[0], dims[1])
-  ]
+  args = [jax.ShapeDtypeStruct((B, seq_len, H, dim), dtype) for dim in (dims[0], dims[0], dims[1])]
   args += [
       jax.ShapeDtypeStruct((B, seq_len, H, dims[1]), dtype),
       jax.ShapeDtypeStruct((), jnp.int32),
@@ -162,14 +161,12 @@ def test_lowers_to_triton(dtype):
   assert lowered.as_text().count("xla.gpu.triton") == 3
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["v1_packed", "short_term", "long_term_100_packed"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_compiled_on_gpu_matches_reference(name, dtype):
   """The kernels compiled with Triton (interpret=False), whatever the default."""
   case = kc.CASES[name]
   args = kc.inputs(11, case.seq_len, DIMS, dtype=dtype)
-  actual, expected = kc.compare(
-      pallas_gpu.retrieve_pallas_gpu, args, **case.band, interpret=False
-  )
+  actual, expected = kc.compare(pallas_gpu.retrieve_pallas_gpu, args, **case.band, interpret=False)
   kc.assert_matches(actual, expected, dtype)

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-import kernel_cases as kc
 from kernels_pallas import pallas_tpu
+
+import kernel_cases as kc
 
 B, H = kc.B, kc.H
 D, E = DIMS = (16, 8)

@@ -19,10 +19,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 
-# pylint: disable=wrong-import-position
-from mosaics_jax import build_model, checkpoints, config as config_lib, load, port, pretrained
-from mosaics_jax import torch_models
-from mosaics_jax.cli import port as port_cli
+# Imported after the skips: these need torch and safetensors.
+from mosaics_jax import build_model, checkpoints, config as config_lib, load  # noqa: E402
+from mosaics_jax.cli import port as port_cli  # noqa: E402
+from mosaics_jax.port import layout as port, nanomosaics, pretrained, torch_models  # noqa: E402
 
 TINY = dict(vocab_size=50, num_layers=2, width=32, num_heads=4)
 CONFIGS = {
@@ -30,9 +30,7 @@ CONFIGS = {
     "mm1-pmem2": config_lib.MosaicV1Config(
         **TINY, block_size=64, pmem_size=16, pmem_count=2, bias=False
     ),
-    "mm2": config_lib.MosaicV2Config(
-        **TINY, ffn_width=48, short_term_window=6, long_term_delay=3
-    ),
+    "mm2": config_lib.MosaicV2Config(**TINY, ffn_width=48, short_term_window=6, long_term_delay=3),
     "mm2-no-ltm": config_lib.MosaicV2Config(
         **TINY, ffn_width=48, short_term_window=6, long_term_memory=False
     ),
@@ -49,9 +47,16 @@ def _random_params(cfg: config_lib.ModelConfig, seed: int) -> port.Params:
   """Every parameter drawn at random, in ranges where exp(10 s) scales stay moderate."""
   rng = np.random.default_rng(seed)
   ranges = {
-      "coef": (0.0, 1.0), "gamma": (0.0, 1.0), "key_scale": (0.0, 0.1),
-      "val_scale": (-0.1, 0.1), "out_scale": (-0.1, 0.1), "leaky_key_beta": (-0.3, 0.3),
-      "theta": (-1.0, 1.0), "theta0": (0.0, 1.0), "theta1": (-1.0, 1.0), "theta_a": (-0.5, 0.5),
+      "coef": (0.0, 1.0),
+      "gamma": (0.0, 1.0),
+      "key_scale": (0.0, 0.1),
+      "val_scale": (-0.1, 0.1),
+      "out_scale": (-0.1, 0.1),
+      "leaky_key_beta": (-0.3, 0.3),
+      "theta": (-1.0, 1.0),
+      "theta0": (0.0, 1.0),
+      "theta1": (-1.0, 1.0),
+      "theta_a": (-0.5, 0.5),
   }
   flat = {}
   for path, shape in port.param_shapes(cfg).items():
@@ -98,8 +103,12 @@ def test_logits_match_pytorch(family):
   if isinstance(cfg, config_lib.MosaicV2Config) and cfg.long_term_memory:
     cases.append((SEGMENTS, {"ltm_delay": 5}))  # The delay as an argument, not the config's.
   for segments, kwargs in cases:
-    ours = apply({"params": params}, jnp.asarray(TOKENS),
-                 None if segments is None else jnp.asarray(segments), **kwargs)
+    ours = apply(
+        {"params": params},
+        jnp.asarray(TOKENS),
+        None if segments is None else jnp.asarray(segments),
+        **kwargs,
+    )
     theirs = _torch_logits(cfg, params, segments, **kwargs)
     diff = np.abs(np.asarray(ours) - theirs).max()
     assert diff <= TOLERANCE, (cfg.family, segments is not None, kwargs, diff)
@@ -122,33 +131,60 @@ def test_round_trips_are_exact(family, tmp_path):
 
 # nanoMosaics' parameter names and shapes for n_layer=1, n_head=2, n_embd=8, vocab_size=11,
 # block_size=16, pmem_count=3, pmem_size=5, bias=True (from nanoMosaics/mosaic_model.py).
-NANO_CONFIG = dict(n_layer=1, n_head=2, n_embd=8, vocab_size=11, block_size=16, bias=True,
-                   dropout=0.0, pmem_count=3, pmem_size=5)
+NANO_CONFIG = dict(
+    n_layer=1,
+    n_head=2,
+    n_embd=8,
+    vocab_size=11,
+    block_size=16,
+    bias=True,
+    dropout=0.0,
+    pmem_count=3,
+    pmem_size=5,
+)
 
 
 def _nano_names() -> dict[str, tuple[int, ...]]:
-  names = {"mosaic.wte.weight": (11, 8), "lm_head.weight": (11, 8),
-           "mosaic.ln_f.weight": (8,), "mosaic.ln_f.bias": (8,)}
+  names = {
+      "mosaic.wte.weight": (11, 8),
+      "lm_head.weight": (11, 8),
+      "mosaic.ln_f.weight": (8,),
+      "mosaic.ln_f.bias": (8,),
+  }
   h = "mosaic.h.0."
   for ln in ("ln_1", "ln_2"):
     names |= {h + ln + ".weight": (8,), h + ln + ".bias": (8,)}
   for mem in ("attn", "mlp"):
     k = h + mem + ".k_featurizer."
-    names |= {k + "W_k.weight": (8, 8), k + "W_k.bias": (8,), k + "key_scale": (1, 2, 1, 1),
-              k + "leaky_avg.leaky_key_beta": (1, 2, 1, 1), k + "leaky_avg.coef": (16, 16),
-              h + mem + ".c_proj.weight": (8, 8), h + mem + ".c_proj.bias": (8,)}
+    names |= {
+        k + "W_k.weight": (8, 8),
+        k + "W_k.bias": (8,),
+        k + "key_scale": (1, 2, 1, 1),
+        k + "leaky_avg.leaky_key_beta": (1, 2, 1, 1),
+        k + "leaky_avg.coef": (16, 16),
+        h + mem + ".c_proj.weight": (8, 8),
+        h + mem + ".c_proj.bias": (8,),
+    }
   v = h + "attn.v_featurizer."
-  names |= {v + "W_v.weight": (8, 8), v + "W_v.bias": (8,), v + "coef": (1, 2, 1, 1),
-            v + "val_scale": (1, 2, 1, 1), h + "attn.bias": (1, 1, 16, 16)}
-  names |= {h + "mlp.P_k": (3, 1, 2, 5, 4), h + "mlp.P_v": (3, 1, 2, 5, 4),
-            h + "mlp.out_scale": (1, 2, 1, 1)}
+  names |= {
+      v + "W_v.weight": (8, 8),
+      v + "W_v.bias": (8,),
+      v + "coef": (1, 2, 1, 1),
+      v + "val_scale": (1, 2, 1, 1),
+      h + "attn.bias": (1, 1, 16, 16),
+  }
+  names |= {
+      h + "mlp.P_k": (3, 1, 2, 5, 4),
+      h + "mlp.P_v": (3, 1, 2, 5, 4),
+      h + "mlp.out_scale": (1, 2, 1, 1),
+  }
   return names
 
 
 def test_nanomosaics_checkpoints(tmp_path):
-  cfg = port.config_from_model_args(NANO_CONFIG)
+  cfg = nanomosaics.config_from_model_args(NANO_CONFIG)
   params = _random_params(cfg, seed=3)
-  checkpoint = port.to_nanomosaics(cfg, params, iter_num=12)
+  checkpoint = nanomosaics.to_nanomosaics(cfg, params, iter_num=12)
   assert {n: tuple(x.shape) for n, x in checkpoint["model"].items()} == _nano_names()
   assert checkpoint["model_args"] == NANO_CONFIG and checkpoint["iter_num"] == 12
   assert "optimizer" in checkpoint  # nanoMosaics' train.py resumes from it.
@@ -163,7 +199,7 @@ def test_nanomosaics_checkpoints(tmp_path):
   assert exported.config == cfg and exported.step == 12 and _same(exported.params, params)
   argv = ["to-torch", "--format", "nanomosaics", str(tmp_path / "x"), str(tmp_path / "out.pt")]
   assert port_cli.main(argv) == 0
-  again = port.from_nanomosaics(torch.load(tmp_path / "out.pt", weights_only=True))
+  again = nanomosaics.from_nanomosaics(torch.load(tmp_path / "out.pt", weights_only=True))
   assert again.iter_num == 12 and _same(again.params, params)
 
 
@@ -191,8 +227,11 @@ def test_bad_tensors_are_listed_by_name():
   tensors["layer_1.ffn.w2.weight"] = np.zeros((3, 3), np.float32)
   with pytest.raises(port.PortError) as e:
     port.from_torch(cfg, tensors)
-  for text in ("missing (1): layer_0.w_o.weight", "unexpected (1): layer_0.extra",
-               "layer_1.ffn.w2.weight: (3, 3), expected (32, 48)"):
+  for text in (
+      "missing (1): layer_0.w_o.weight",
+      "unexpected (1): layer_0.extra",
+      "layer_1.ffn.w2.weight: (3, 3), expected (32, 48)",
+  ):
     assert text in str(e.value)
 
 
@@ -215,9 +254,9 @@ def test_wrong_family_is_refused(tmp_path, capsys):
   # nanoMosaics' GPT checkpoints have no persistent memory.
   gpt_args = {k: v for k, v in NANO_CONFIG.items() if not k.startswith("pmem")}
   with pytest.raises(port.PortError, match=r"missing \['pmem_count', 'pmem_size'\].*GPT"):
-    port.from_nanomosaics({"model": {}, "model_args": gpt_args})
+    nanomosaics.from_nanomosaics({"model": {}, "model_args": gpt_args})
   with pytest.raises(port.PortError, match=r"unknown \['n_kv_head'\]"):
-    port.config_from_model_args({**NANO_CONFIG, "n_kv_head": 2})
+    nanomosaics.config_from_model_args({**NANO_CONFIG, "n_kv_head": 2})
 
 
 def test_formats(tmp_path, capsys):

@@ -15,10 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernel_cases as kc
 import kernels_pallas
 from kernels_pallas import IMPLEMENTATIONS, retrieve, visible_counts
 from kernels_pallas.retrieve import resolve_impl
+
+import kernel_cases as kc
 
 B, H = kc.B, kc.H
 T, D, E = 37, 3, 5
@@ -152,7 +153,7 @@ def test_reference_gradients_match_finite_differences(name):
   eps = 1e-4
   for _ in range(2):
     directions = [rng.normal(size=x.shape) for x in primals]
-    shifted = lambda sign: np.sum(
+    shifted = lambda sign, directions=directions: np.sum(
         cotangent
         * _oracle(
             *(x + sign * eps * u for x, u in zip(primals, directions)),
@@ -191,9 +192,7 @@ def test_traced_lo_compiles_once(impl, block_size, hi):
         traces.append(lo)
 
       def loss(q, k, v):
-        y = retrieve(
-            q, k, v, lo=lo, hi=hi, segment_ids=SEGMENTS, impl=impl, block_size=block_size
-        )
+        y = retrieve(q, k, v, lo=lo, hi=hi, segment_ids=SEGMENTS, impl=impl, block_size=block_size)
         return jnp.sum(y**2), y
 
       (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)

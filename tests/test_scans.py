@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from kernels_pallas.bands import segment_starts
-from kernels_pallas.scans import SCAN_IMPLEMENTATIONS as IMPLS
-from kernels_pallas.scans import linear_scan
+from kernels_pallas.scans import SCAN_IMPLEMENTATIONS as IMPLS, linear_scan
 
 B, H, D = 2, 3, 4
 

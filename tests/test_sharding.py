@@ -19,9 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mosaics_jax import build_model, checkpoints, config as config_lib, optim, registry, sharding
-from mosaics_jax import train
-from mosaics_jax.cli import train as train_cli
+from mosaics_jax import (
+    build_model,
+    checkpoints,
+    config as config_lib,
+    overrides,
+    registry,
+    sharding,
+)
+from mosaics_jax.train import optim, step as step_lib
 
 TESTS = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
@@ -138,14 +144,14 @@ def test_checkpoint_restores_onto_other_meshes_and_one_device(tmp_path):
   process (checked there), and here, in a process with its own device count."""
   _run_on_8_devices("restore", tmp_path)
   saved = np.load(tmp_path / "saved_params.npz")
-  exp = config_lib.override(
+  exp = overrides.override(
       sharded_runs.tiny("mm2-tiny", **{"model.num_layers": 1}), "mesh", config_lib.MeshConfig()
   )
   model = build_model(exp.model)
   tx = optim.make_optimizer(exp.train)
-  placement = train.make_placement(exp, model, tx)
+  placement = step_lib.make_placement(exp, model, tx)
   ckpts = checkpoints.Checkpoints(tmp_path / "checkpoints", 3)
-  step, state, _ = ckpts.restore_latest(train.abstract_state(exp, model, tx, placement))
+  step, state, _ = ckpts.restore_latest(step_lib.abstract_state(exp, model, tx, placement))
   ckpts.close()
   assert step == 1
   restored = {
@@ -157,8 +163,9 @@ def test_checkpoint_restores_onto_other_meshes_and_one_device(tmp_path):
 
 
 def test_bad_mesh_sizes_are_clear_errors():
-  with pytest.raises(sharding.ShardingError, match=r"data=2, fsdp=2, tensor=2.*has 8 devices but"
-                     r" there are 1"):
+  with pytest.raises(
+      sharding.ShardingError, match=r"data=2, fsdp=2, tensor=2.*has 8 devices but" r" there are 1"
+  ):
     sharding.make_mesh(config_lib.MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:1])
   with pytest.raises(sharding.ShardingError, match="at most one of"):
     sharding.mesh_shape(config_lib.MeshConfig(data=-1, fsdp=-1), 8)
@@ -178,9 +185,7 @@ def _boxed_params(cfg: config_lib.ModelConfig):
 
 
 def test_indivisible_dimensions_name_the_parameter():
-  cfg = config_lib.MosaicV2Config(
-      vocab_size=64, num_layers=1, width=48, num_heads=3, ffn_width=64
-  )
+  cfg = config_lib.MosaicV2Config(vocab_size=64, num_layers=1, width=48, num_heads=3, ffn_width=64)
   axes = {"data": 1, "fsdp": 1, "tensor": 2}
   with pytest.raises(
       sharding.ShardingError,
@@ -192,8 +197,10 @@ def test_indivisible_dimensions_name_the_parameter():
   sharding.check_divisible(_boxed_params(llama), axes, config_lib.DEFAULT_AXIS_RULES)
   with pytest.raises(sharding.ShardingError, match="model.num_heads 3 is not divisible"):
     sharding.check_activations(llama, 8, axes, config_lib.DEFAULT_AXIS_RULES)
-  with pytest.raises(sharding.ShardingError, match="micro-batch 6 is not divisible by mesh axis"
-                     r" \('data', 'fsdp'\) of size 4"):
+  with pytest.raises(
+      sharding.ShardingError,
+      match="micro-batch 6 is not divisible by mesh axis" r" \('data', 'fsdp'\) of size 4",
+  ):
     sharding.check_activations(
         llama, 6, {"data": 2, "fsdp": 2, "tensor": 1}, config_lib.DEFAULT_AXIS_RULES
     )
@@ -211,10 +218,14 @@ def test_init_gives_plain_params_and_init_boxed_names_every_one(name):
 
 
 def test_mesh_is_set_like_any_field_and_round_trips():
-  exp = train_cli.apply_overrides(
+  exp = overrides.apply(
       registry.get("mm2-tiny"),
-      ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
-       'mesh.rules=[["batch", ["data", "fsdp"]], ["heads", "tensor"]]'],
+      [
+          "mesh.data=2",
+          "mesh.fsdp=2",
+          "mesh.tensor=2",
+          'mesh.rules=[["batch", ["data", "fsdp"]], ["heads", "tensor"]]',
+      ],
   )
   assert (exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor) == (2, 2, 2)
   assert exp.mesh.rules == (("batch", ("data", "fsdp")), ("heads", "tensor"))
@@ -228,4 +239,4 @@ def test_mesh_is_set_like_any_field_and_round_trips():
 def test_one_device_needs_no_placement():
   exp = registry.get("mm2-tiny")
   model = build_model(exp.model)
-  assert train.make_placement(exp, model, optim.make_optimizer(exp.train)) is None
+  assert step_lib.make_placement(exp, model, optim.make_optimizer(exp.train)) is None

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-import kernel_cases as kc
 from kernels_pallas import shift
+
+import kernel_cases as kc
 
 DIMS = (8, 4)  # (d, e), e != d: the libraries' common head dim is padding.
 
@@ -92,10 +93,7 @@ def test_default_implementation_per_backend():
     assert shift.default_implementation(jnp.bfloat16, 64, packed=True) == "xla"
 
 
-@pytest.mark.skipif(
-    shift.default_implementation(jnp.bfloat16, DIMS[0], packed=False) != "cudnn",
-    reason="cuDNN flash attention needs a CUDA GPU",
-)
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["short_term", "long_term_256"])
 def test_cudnn_matches_reference(name):
   _check_against_reference(kc.CASES[name], jnp.bfloat16, seed=5, implementation="cudnn")

@@ -14,8 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from mosaics_jax import checkpoints, config as config_lib, registry, train
+from mosaics_jax import checkpoints, config as config_lib, overrides, registry
 from mosaics_jax.cli import train as train_cli
+from mosaics_jax.train import loop, step as step_lib
 
 SHAKESPEARE = pathlib.Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
 
@@ -34,21 +35,25 @@ TINY_SETS = [
 
 
 def _tiny(steps: int, **sets) -> config_lib.Experiment:
-  exp = config_lib.override(registry.get("mm2-tiny"), "data", config_lib.DataConfig(
-      source="synthetic_induction", seq_len=32, task_vocab=32))
-  exp = train_cli.apply_overrides(exp, TINY_SETS + [f"train.steps={steps}"])
+  exp = overrides.override(
+      registry.get("mm2-tiny"),
+      "data",
+      config_lib.DataConfig(source="synthetic_induction", seq_len=32, task_vocab=32),
+  )
+  exp = overrides.apply(exp, TINY_SETS + [f"train.steps={steps}"])
   for key, value in sets.items():
-    exp = config_lib.override(exp, key.replace("__", "."), value)
+    exp = overrides.override(exp, key.replace("__", "."), value)
   return exp
 
 
 def _final_params(workdir: pathlib.Path, experiment) -> dict:
   """The params of the newest checkpoint, as numpy."""
-  from mosaics_jax import models, optim
+  from mosaics_jax.model import families
+  from mosaics_jax.train import optim
 
-  model = models.build_model(experiment.model)
+  model = families.build_model(experiment.model)
   tx = optim.make_optimizer(experiment.train)
-  template = train.init_state(experiment, model, tx)
+  template = step_lib.init_state(experiment, model, tx)
   ckpts = checkpoints.Checkpoints(workdir / "checkpoints", 3)
   step, state, _ = ckpts.restore_latest(template)
   ckpts.close()
@@ -56,8 +61,17 @@ def _final_params(workdir: pathlib.Path, experiment) -> dict:
 
 
 def _cli(workdir, *sets, experiment="mm2-tiny"):
-  base = [sys.executable, "-m", "mosaics_jax.cli.train", "--experiment", experiment,
-          "--workdir", str(workdir), "--no-progress", "--set"]
+  base = [
+      sys.executable,
+      "-m",
+      "mosaics_jax.cli.train",
+      "--experiment",
+      experiment,
+      "--workdir",
+      str(workdir),
+      "--no-progress",
+      "--set",
+  ]
   return base + list(sets)
 
 
@@ -91,38 +105,38 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
   result = subprocess.run(_cli(killed, *sets), capture_output=True, text=True)
   assert result.returncode == 0, result.stderr
 
-  exp = train_cli.apply_overrides(registry.get("mm2-tiny"), sets)
+  exp = overrides.apply(registry.get("mm2-tiny"), sets)
   step_a, params_a = _final_params(straight, exp)
   step_b, params_b = _final_params(killed, exp)
   assert step_a == step_b == steps
   for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
     np.testing.assert_array_equal(a, b)
   # The resumed run's metrics hold each step once.
-  records = [json.loads(l) for l in (killed / "metrics.jsonl").read_text().splitlines()]
+  records = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
   train_steps = [r["step"] for r in records if "split" not in r]
   assert train_steps == sorted(set(train_steps)) and train_steps[-1] == steps
 
 
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path):
   exp = _tiny(6, train__checkpoint_every=3)
-  train.train(exp, tmp_path, progress=False)
+  loop.train(exp, tmp_path, progress=False)
   latest = tmp_path / "checkpoints" / "6"
   for f in latest.rglob("*"):
     if f.is_file() and f.stat().st_size > 0 and "state" in str(f):
       f.write_bytes(b"\0garbage" * 8)
-  longer = config_lib.override(exp, "train.steps", 8)
+  longer = overrides.override(exp, "train.steps", 8)
   with pytest.warns(UserWarning, match="unreadable.*using the previous one"):
-    result = train.train(longer, tmp_path, progress=False)
+    result = loop.train(longer, tmp_path, progress=False)
   assert result.step == 8
-  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   steps = [r["step"] for r in records if "split" not in r]
   assert steps == sorted(set(steps))
 
 
 def test_a_short_run_learns_and_writes_metrics(tmp_path):
   exp = _tiny(40, train__learning_rate=1e-2, train__warmup_steps=4, train__eval_every=40)
-  result = train.train(exp, tmp_path, progress=False)
-  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  result = loop.train(exp, tmp_path, progress=False)
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   train_records = [r for r in records if "split" not in r]
   for key in ("step", "loss", "lr", "grad_norm", "tokens_per_sec"):
     assert key in train_records[0]
@@ -135,33 +149,33 @@ def test_a_short_run_learns_and_writes_metrics(tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   exp = _tiny(4, train__checkpoint_every=2)
-  train.train(exp, tmp_path, progress=False)
-  diverging = config_lib.override(
-      config_lib.override(exp, "train.steps", 10), "train.learning_rate", float("nan")
+  loop.train(exp, tmp_path, progress=False)
+  diverging = overrides.override(
+      overrides.override(exp, "train.steps", 10), "train.learning_rate", float("nan")
   )
-  with pytest.raises(train.TrainingError, match="loss is nan at step 6.*step 4"):
-    train.train(diverging, tmp_path, progress=False)
+  with pytest.raises(loop.TrainingError, match="loss is nan at step 6.*step 4"):
+    loop.train(diverging, tmp_path, progress=False)
   assert checkpoints.Checkpoints(tmp_path / "checkpoints", 3).steps()[-1] == 4
 
 
 def test_workdir_of_a_different_model_is_refused(tmp_path):
-  train.train(_tiny(2), tmp_path, progress=False)
-  other = config_lib.override(_tiny(2), "model.width", 64)
-  with pytest.raises(train.TrainingError, match="different model.*width: 32 there, 64 here"):
-    train.train(other, tmp_path, progress=False)
+  loop.train(_tiny(2), tmp_path, progress=False)
+  other = overrides.override(_tiny(2), "model.width", 64)
+  with pytest.raises(loop.TrainingError, match="different model.*width: 32 there, 64 here"):
+    loop.train(other, tmp_path, progress=False)
 
 
 def test_relative_workdir(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  assert train.train(_tiny(2, train__checkpoint_every=1), "runs/a", progress=False).step == 2
+  assert loop.train(_tiny(2, train__checkpoint_every=1), "runs/a", progress=False).step == 2
   assert (tmp_path / "runs/a/checkpoints/2").is_dir()
 
 
 def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / "a-file"
   blocker.write_text("")
-  with pytest.raises(train.TrainingError, match="cannot write to workdir"):
-    train.train(_tiny(2), blocker / "run", progress=False)
+  with pytest.raises(loop.TrainingError, match="cannot write to workdir"):
+    loop.train(_tiny(2), blocker / "run", progress=False)
 
 
 def test_unknown_set_key_suggests_names(tmp_path, capsys):
@@ -172,10 +186,14 @@ def test_unknown_set_key_suggests_names(tmp_path, capsys):
 
 
 def test_set_values_take_the_field_type():
-  exp = train_cli.apply_overrides(
+  exp = overrides.apply(
       registry.get("mm2-tiny"),
-      ["train.learning_rate=1", "model.long_term_delay_range=[3,9]", "data.path=123",
-       "model.dtype=bfloat16"],
+      [
+          "train.learning_rate=1",
+          "model.long_term_delay_range=[3,9]",
+          "data.path=123",
+          "model.dtype=bfloat16",
+      ],
   )
   assert exp.train.learning_rate == 1.0 and isinstance(exp.train.learning_rate, float)
   assert exp.model.long_term_delay_range == (3, 9)
@@ -184,48 +202,83 @@ def test_set_values_take_the_field_type():
 
 def test_missing_and_empty_data_files(tmp_path, capsys):
   sets = ["data.source=text", "data.tokenizer=byte", "train.steps=1"]
-  assert train_cli.main(
-      ["--experiment", "mm2-tiny", "--workdir", str(tmp_path / "a"), "--set", *sets,
-       f"data.path={tmp_path / 'nope.txt'}"]) == 2
+  assert (
+      train_cli.main(
+          [
+              "--experiment",
+              "mm2-tiny",
+              "--workdir",
+              str(tmp_path / "a"),
+              "--set",
+              *sets,
+              f"data.path={tmp_path / 'nope.txt'}",
+          ]
+      )
+      == 2
+  )
   assert "nope.txt" in capsys.readouterr().err
   empty = tmp_path / "empty.txt"
   empty.write_text("")
-  assert train_cli.main(
-      ["--experiment", "mm2-tiny", "--workdir", str(tmp_path / "b"), "--set", *sets,
-       f"data.path={empty}"]) == 2
+  assert (
+      train_cli.main(
+          [
+              "--experiment",
+              "mm2-tiny",
+              "--workdir",
+              str(tmp_path / "b"),
+              "--set",
+              *sets,
+              f"data.path={empty}",
+          ]
+      )
+      == 2
+  )
   assert "empty" in capsys.readouterr().err
 
 
 def test_data_shorter_than_one_batch(tmp_path, capsys):
   short = tmp_path / "short.txt"
   short.write_text("to be or not to be")
-  assert train_cli.main(
-      ["--experiment", "mm2-tiny", "--workdir", str(tmp_path / "run"), "--set",
-       "data.source=text", "data.tokenizer=byte", f"data.path={short}"]) == 2
+  assert (
+      train_cli.main(
+          [
+              "--experiment",
+              "mm2-tiny",
+              "--workdir",
+              str(tmp_path / "run"),
+              "--set",
+              "data.source=text",
+              "data.tokenizer=byte",
+              f"data.path={short}",
+          ]
+      )
+      == 2
+  )
   assert "short.txt" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not SHAKESPEARE.exists(), reason="../shared/data/tinyshakespeare missing")
 def test_tokenizer_vocabulary_larger_than_the_model(tmp_path):
-  exp = config_lib.override(
-      _tiny(1), "data",
+  exp = overrides.override(
+      _tiny(1),
+      "data",
       config_lib.DataConfig(source="text", tokenizer="char", path=str(SHAKESPEARE), seq_len=32),
   )
-  exp = config_lib.override(exp, "model.vocab_size", 40)
-  with pytest.raises(train.TrainingError, match="65 token ids but model.vocab_size is 40"):
-    train.train(exp, tmp_path, progress=False)
+  exp = overrides.override(exp, "model.vocab_size", 40)
+  with pytest.raises(loop.TrainingError, match="65 token ids but model.vocab_size is 40"):
+    loop.train(exp, tmp_path, progress=False)
 
 
 def test_a_partial_checkpoint_is_never_used(tmp_path):
   """Orbax writes into a temporary directory and renames it when complete: a crash leaves only
   the temporary one, which restore ignores."""
   exp = _tiny(4, train__checkpoint_every=2)
-  train.train(exp, tmp_path, progress=False)
+  loop.train(exp, tmp_path, progress=False)
   partial = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1234"
   partial.mkdir()
   (partial / "state").mkdir()
   assert checkpoints.Checkpoints(tmp_path / "checkpoints", 3).steps() == [2, 4]
-  result = train.train(config_lib.override(exp, "train.steps", 6), tmp_path, progress=False)
+  result = loop.train(overrides.override(exp, "train.steps", 6), tmp_path, progress=False)
   assert result.step == 6
 
 
@@ -233,22 +286,28 @@ def test_a_partial_checkpoint_is_never_used(tmp_path):
 def test_quickstart_one_layer_induction(tmp_path, name, learns):
   """The v1 claim on a shortened schedule: one memory layer solves induction, one attention
   layer (RoPE) does not."""
-  exp = train_cli.apply_overrides(
+  exp = overrides.apply(
       registry.get(name), ["train.steps=80", "train.eval_every=80", "train.checkpoint_every=80"]
   )
-  accuracy = train.train(exp, tmp_path, progress=False).val["accuracy"]
+  accuracy = loop.train(exp, tmp_path, progress=False).val["accuracy"]
   assert accuracy >= 0.95 if learns else accuracy < 0.2
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SHAKESPEARE.exists(), reason="../shared/data/tinyshakespeare missing")
-@pytest.mark.parametrize("name", ["mm1-shakespeare-char", "mm2-shakespeare-char",
-                                  "llama-shakespeare-char"])
+@pytest.mark.parametrize(
+    "name", ["mm1-shakespeare-char", "mm2-shakespeare-char", "llama-shakespeare-char"]
+)
 def test_shakespeare_experiments_run(tmp_path, name):
-  exp = train_cli.apply_overrides(
+  exp = overrides.apply(
       registry.get(name),
-      [f"data.path={SHAKESPEARE}", "train.steps=3", "train.batch_size=4", "train.eval_every=3",
-       "train.eval_batches=1"],
+      [
+          f"data.path={SHAKESPEARE}",
+          "train.steps=3",
+          "train.batch_size=4",
+          "train.eval_every=3",
+          "train.eval_batches=1",
+      ],
   )
-  result = train.train(exp, tmp_path, progress=False)
+  result = loop.train(exp, tmp_path, progress=False)
   assert result.step == 3 and np.isfinite(result.val["loss"])

@@ -1,9 +1,9 @@
 """`mosaics-bench`: benchmarks that print a table.
 
-    mosaics-bench kernels [--seq-lens 4096 ... 65536] [--impls ...] [--bands short long]
-        [--heads 16] [--head-dims 64 128] [--dtype bfloat16] [--max-dense-gb GB]
-        [--compile-for TOPOLOGY]
-    mosaics-bench train EXPERIMENT [--set key=value ...] [--steps 5] [--repeats 3] [--profile DIR]
+mosaics-bench kernels [--seq-lens 4096 ... 65536] [--impls ...] [--bands short long]
+    [--heads 16] [--head-dims 64 128] [--dtype bfloat16] [--max-dense-gb GB]
+    [--compile-for TOPOLOGY]
+mosaics-bench train EXPERIMENT [--set key=value ...] [--steps 5] [--repeats 3] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 
 import kernels_pallas
-from mosaics_jax import aot, benchmarks, config as config_lib, registry
-from mosaics_jax.cli import train as train_cli
+from mosaics_jax import config as config_lib
+from mosaics_jax.analysis import aot, bench_kernels, bench_train, profile, timing
+from mosaics_jax.cli import common
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
       help="default: every implementation this backend runs natively",
   )
   kernels.add_argument(
-      "--bands", nargs="+", choices=list(benchmarks.KERNEL_BANDS), default=["short", "long"]
+      "--bands", nargs="+", choices=list(bench_kernels.KERNEL_BANDS), default=["short", "long"]
   )
   kernels.add_argument("--batch", type=int, default=1)
   kernels.add_argument("--heads", type=int, default=16)
@@ -45,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
       "--max-dense-gb",
       type=float,
       help="memory a dense (T x T) implementation may use; default: the device's memory, or"
-      f" {benchmarks.DEFAULT_MAX_DENSE_GB:g} where the device reports none",
+      f" {bench_kernels.DEFAULT_MAX_DENSE_GB:g} where the device reports none",
   )
   kernels.add_argument(
       "--matmul-size", type=int, default=4096, help="n of the n^3 yardstick matmul in --dtype"
@@ -61,13 +62,7 @@ def _parser() -> argparse.ArgumentParser:
       "train", help="tokens/s and MFU of an experiment's jitted training step, synthetic data"
   )
   train.add_argument("experiment", help="experiment name (mosaics-info --list)")
-  train.add_argument(
-      "--set",
-      nargs="+",
-      default=[],
-      metavar="KEY=VALUE",
-      help="override config fields by dotted path, e.g. train.batch_size=16 model.dropout=0",
-  )
+  common.add_set_flag(train)
   train.add_argument("--steps", type=int, default=5, help="training steps per timed repeat")
   train.add_argument("--repeats", type=int, default=3)
   train.add_argument("--matmul-size", type=int, default=2048, help="n of the fp32 n^3 yardstick")
@@ -93,32 +88,33 @@ def _kernels(args: argparse.Namespace) -> int:
       print(f"mosaics-bench: error: {e}", file=sys.stderr)
       return 2
   backend = jax.default_backend() if target is None else target.platform
-  impls = args.impls or benchmarks.available_impls(backend)
+  impls = args.impls or bench_kernels.available_impls(backend)
   for impl in impls:
-    if reason := benchmarks.impl_unavailable_reason(impl, backend):
-      print(f"mosaics-bench: error: {impl} is not benchmarked on {backend}: {reason}",
-            file=sys.stderr)
+    if reason := bench_kernels.impl_unavailable_reason(impl, backend):
+      print(
+          f"mosaics-bench: error: {impl} is not benchmarked on {backend}: {reason}", file=sys.stderr
+      )
       return 2
   device_bytes = (
-      benchmarks.device_memory_bytes() if target is None else aot.hbm_per_device([target])
+      bench_kernels.device_memory_bytes() if target is None else aot.hbm_per_device([target])
   )
   max_dense_bytes = (
       args.max_dense_gb * 2**30
       if args.max_dense_gb is not None
-      else device_bytes or benchmarks.DEFAULT_MAX_DENSE_GB * 2**30
+      else device_bytes or bench_kernels.DEFAULT_MAX_DENSE_GB * 2**30
   )
   dtype = jnp.dtype(args.dtype)
   rate, target_name = None, None
   if target is None:
-    rate = benchmarks.matmul_flops_per_second(args.matmul_size, args.repeats, dtype)
+    rate = timing.matmul_flops_per_second(args.matmul_size, args.repeats, dtype)
   else:
     target_name = f"one {target.device_kind} of {args.compile_for}"
   print(
-      benchmarks.kernels_header(
+      bench_kernels.kernels_header(
           rate, args.matmul_size, args.dtype, args.batch, args.heads, target_name
       )
   )
-  rows = benchmarks.kernels(
+  rows = bench_kernels.kernels(
       impls,
       matmul_rate=rate,
       seq_lens=tuple(args.seq_lens),
@@ -132,8 +128,8 @@ def _kernels(args: argparse.Namespace) -> int:
       target=target,
   )
   for row in rows:
-    print(benchmarks.format_kernel_row(row), flush=True)
-  print(benchmarks.kernels_footer(backend, max_dense_bytes))
+    print(bench_kernels.format_kernel_row(row), flush=True)
+  print(bench_kernels.kernels_footer(backend, max_dense_bytes))
   return 0
 
 
@@ -143,22 +139,22 @@ def main(argv: list[str] | None = None) -> int:
     return _kernels(args)
   elif args.command == "train":
     if min(args.steps, args.repeats, args.matmul_size) < 1:
-      print("mosaics-bench: error: --steps, --repeats and --matmul-size must be >= 1",
-            file=sys.stderr)
+      print(
+          "mosaics-bench: error: --steps, --repeats and --matmul-size must be >= 1", file=sys.stderr
+      )
       return 2
     try:
-      experiment = train_cli.apply_overrides(registry.get(args.experiment), args.set)
+      experiment = common.experiment(args.experiment, args.set)
     except config_lib.ConfigError as e:
-      print(f"mosaics-bench: error: {e}", file=sys.stderr)
-      return 2
-    row = benchmarks.train_throughput(
+      return common.fail("mosaics-bench", e)
+    row = bench_train.train_throughput(
         experiment, steps=args.steps, repeats=args.repeats, matmul_size=args.matmul_size
     )
-    print(benchmarks.format_train(row))
+    print(bench_train.format_train(row))
     if args.profile:
-      rows = benchmarks.train_profile(experiment, args.profile)
+      rows = profile.train_profile(experiment, args.profile)
       print()
-      print(benchmarks.format_profile(rows, args.profile))
+      print(profile.format_profile(rows, args.profile))
   return 0
 
 

@@ -19,8 +19,9 @@ import argparse
 import json
 import sys
 
-from mosaics_jax import aot, config as config_lib, flops, memory_plan, registry
-from mosaics_jax.cli import train as train_cli
+from mosaics_jax import config as config_lib, overrides, registry
+from mosaics_jax.analysis import aot, flops, memory_plan
+from mosaics_jax.cli import common
 
 # The paper's context of FLOP counts.
 FLOP_CONTEXT = 256
@@ -54,13 +55,7 @@ def _parser() -> argparse.ArgumentParser:
       type=int,
       help="with --mesh or --compile-for: the global batch size (default: train.batch_size)",
   )
-  parser.add_argument(
-      "--set",
-      nargs="+",
-      default=[],
-      metavar="KEY=VALUE",
-      help="override config fields as mosaics-train does, e.g. model.remat=true",
-  )
+  common.add_set_flag(parser)
   parser.add_argument("--json", action="store_true", help="print one JSON object")
   parser.add_argument(
       "--markdown", action="store_true", help="with --list: the zoo table of README.md"
@@ -91,8 +86,10 @@ def _list(as_json: bool) -> str:
   experiments = registry.all_experiments()
   if as_json:
     return json.dumps(
-        {name: {"family": e.model.family, "description": e.description}
-         for name, e in experiments.items()}
+        {
+            name: {"family": e.model.family, "description": e.description}
+            for name, e in experiments.items()
+        }
     )
   width = max(map(len, experiments))
   return "\n".join(
@@ -157,15 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.list:
       print(_list(args.json))
     elif args.experiment:
-      experiment = train_cli.apply_overrides(registry.get(args.experiment), args.set)
+      experiment = common.experiment(args.experiment, args.set)
       plan = compiled = None
       mesh = None if args.mesh is None else memory_plan.parse_mesh(args.mesh)
       if args.compile_for is not None:
-        target = experiment
-        if args.batch is not None:
-          target = config_lib.override(target, "train.batch_size", args.batch)
-        if args.context is not None:
-          target = config_lib.override(target, "data.seq_len", args.context)
+        target = overrides.resize(experiment, args.batch, args.context)
         compiled = aot.compile_for_topology(target, args.compile_for, mesh)
         mesh = compiled.mesh  # -1 resolved, for the plan beside it.
       if mesh is not None:
@@ -174,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
       _parser().error("give an experiment name or --list")
   except config_lib.ConfigError as e:
-    print(f"mosaics-info: error: {e}", file=sys.stderr)
-    return 2
+    return common.fail("mosaics-info", e)
   return 0
 
 

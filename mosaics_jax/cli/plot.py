@@ -1,6 +1,6 @@
 """`mosaics-plot`: the train and val loss of training runs on one figure.
 
-    mosaics-plot runs/mm2-tiny runs/llama-tiny -o loss.png [--log-y] [--title T] [--smooth 0.9]
+mosaics-plot runs/mm2-tiny runs/llama-tiny -o loss.png [--log-y] [--title T] [--smooth 0.9]
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--log-y", action="store_true", help="logarithmic loss axis")
   parser.add_argument("--title", help="figure title")
   parser.add_argument(
-      "--smooth", type=float, default=0.0, metavar="A",
+      "--smooth",
+      type=float,
+      default=0.0,
+      metavar="A",
       help="EMA weight of the past in [0, 1) for the train loss (default 0: raw)",
   )
   return parser
@@ -31,10 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f"--smooth must be in [0, 1), got {args.smooth}")
   try:
     # matplotlib is the optional `plots` extra: without it only this command fails.
-    from mosaics_jax import plots
+    from mosaics_jax.train import plots
   except ImportError as e:
-    print(f"mosaics-plot: error: {e}; install the plots extra: pip install"
-          " 'mosaics-jax[plots]'", file=sys.stderr)
+    print(
+        f"mosaics-plot: error: {e}; install the plots extra: pip install" " 'mosaics-jax[plots]'",
+        file=sys.stderr,
+    )
     return 1
   try:
     path = plots.plot_runs(

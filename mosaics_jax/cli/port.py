@@ -15,7 +15,9 @@ import argparse
 import pickle
 import sys
 
-from mosaics_jax import config as config_lib, port, pretrained
+from mosaics_jax import config as config_lib
+from mosaics_jax.cli import common
+from mosaics_jax.port import layout, nanomosaics, pretrained
 
 FORMATS = ("nanomosaics", "library")
 
@@ -62,10 +64,12 @@ def _from_torch(args) -> str:
     # weights_only: a checkpoint is data; never run the code a pickle may carry.
     checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
-    raise port.PortError(f"{args.checkpoint} holds more than tensors and plain data: {e}") from None
+    raise layout.PortError(
+        f"{args.checkpoint} holds more than tensors and plain data: {e}"
+    ) from None
   if not isinstance(checkpoint, dict):
-    raise port.PortError(f"{args.checkpoint} holds a {type(checkpoint).__name__}, not a dict")
-  nano = port.from_nanomosaics(checkpoint)
+    raise layout.PortError(f"{args.checkpoint} holds a {type(checkpoint).__name__}, not a dict")
+  nano = nanomosaics.from_nanomosaics(checkpoint)
   pretrained.save_exported(args.out_dir, nano.config, nano.params, step=nano.iter_num)
   return f"wrote {args.out_dir} ({nano.config.family}, step {nano.iter_num})"
 
@@ -74,7 +78,7 @@ def _to_torch(args) -> str:
   import torch  # pylint: disable=import-outside-toplevel
 
   model = pretrained.load(args.ckpt_dir)
-  checkpoint = port.to_nanomosaics(model.config, model.params, iter_num=model.step or 0)
+  checkpoint = nanomosaics.to_nanomosaics(model.config, model.params, iter_num=model.step or 0)
   torch.save(checkpoint, args.out)
   return f"wrote {args.out} (nanoMosaics MemoryMosaic, iter_num {checkpoint['iter_num']})"
 
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
     if getattr(args, "format", None) == "library":
-      raise port.PortError(_LIBRARY)
+      raise layout.PortError(_LIBRARY)
     if args.command == "from-torch":
       message = _from_torch(args)
     elif args.command == "to-torch":
@@ -98,9 +102,8 @@ def main(argv: list[str] | None = None) -> int:
       message = _export(args, args.ckpt_dir, "pytorch")
     else:
       message = _export(args, args.dir, "flax")
-  except (port.PortError, config_lib.ConfigError, FileNotFoundError) as e:
-    print(f"mosaics-port: error: {e}", file=sys.stderr)
-    return 2
+  except (layout.PortError, config_lib.ConfigError, FileNotFoundError) as e:
+    return common.fail("mosaics-port", e)
   print(message)
   return 0
 

@@ -3,9 +3,9 @@
     plan = memory_plan.plan(registry.get("mm2-large"), {"dcn_data": 2, "fsdp": 128})
     print(memory_plan.format_plan(plan))
 
-No device is needed and nothing is allocated: the parameters and the optimizer state are
-`jax.eval_shape`d (the model's `init_boxed` and the experiment's `optim.make_optimizer`), so the
-mesh may be far larger than the machine. Each array's per-device shard follows its logical axis
+No device is needed and nothing is allocated: the parameters and the optimizer state are the train
+state's shapes (`train.step.boxed_state_shapes`, with the experiment's optimizer), so the mesh may
+be far larger than the machine. Each array's per-device shard follows its logical axis
 names and the experiment's `mesh.rules` exactly as training shards it (`mosaics_jax.sharding`); a
 dimension that its mesh axes do not divide is an error naming the parameter, as in training.
 
@@ -16,18 +16,20 @@ dimension that its mesh axes do not divide is an error naming the parameter, as 
 - activations: an ESTIMATE, not a measurement (XLA fuses, schedules and frees buffers as it sees
   fit; run one step and read the profiler for the real peak). Per device, b = micro-batch rows
   (batch_size / grad_accum over the mesh axes of "batch"), t = context, widths over their axes:
-    * without remat, every layer keeps the tensors its backward pass reads (`_layer_tensors`:
-      the residual-stream input, norm outputs, projections, keys and values in the compute dtype
-      and float32, the retrieval's q, k, v and output, the SwiGLU's three [b, t, ffn] tensors,
-      and the retrieval residuals: two float32 [b, t, h] row statistics, or a single-block call's
-      [b, h, t, t] float32 probabilities);
+    * without remat, every layer keeps the tensors its backward pass reads: the residual-stream
+      input and norm outputs, the retrieval residuals (two float32 [b, t, h] row statistics, or a
+      single-block call's [b, h, t, t] float32 probabilities) of each band of the family, and
+      what the family lists (`Family.layer_activations`: projections, keys and values in the
+      compute dtype and float32, the retrieval's q, k, v and output, the SwiGLU's three
+      [b, t, ffn] tensors);
     * with remat (`model.remat`), every layer keeps only its [b, t, width] input, plus one
       layer's tensors above while its backward recomputes them;
     * retrieval temporaries: the largest call's 4 float32 [b, h, t, B] score-sized buffers of
       one block offset (scores, probabilities, their cotangents), B the XLA path's block size
       (`kernels_pallas.xla.default_block_size`): O(t * B), linear in t. The Pallas kernels keep
-      these tiles in on-chip memory, so on TPU and GPU this term is an upper bound. v1's
-      persistent memory adds 4 float32 [h, 256, pmem_count * pmem_size] chunk buffers;
+      these tiles in on-chip memory, so on TPU and GPU this term is an upper bound. A family may
+      add buffers of its own (`Family.layer_temporaries`: v1's persistent memory adds 4 float32
+      [h, 256, pmem_count * pmem_size] chunk buffers);
     * the final norm's input and output, and the logits: the classifier's [b, t, vocab] output
       in the compute dtype, its float32 copy and the float32 cross-entropy gradient.
   Per-head scalars ([b, t, h] gates), integer inputs and the embedding lookup are ignored.
@@ -47,7 +49,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas import xla
-from mosaics_jax import config as config_lib, flops, memories, models, optim, sharding
+from mosaics_jax import config as config_lib, overrides, sharding
+from mosaics_jax.model import families, family as family_lib
+from mosaics_jax.train import optim, step
 
 # Keys of a mesh: the sizes of MeshConfig. The planned mesh's axis data spans data * dcn_data
 # devices, fsdp spans fsdp * dcn_fsdp, tensor spans tensor.
@@ -57,8 +61,6 @@ RETRIEVAL_TEMPORARIES = 4
 _F32 = 4
 
 _RESIDUAL = ("batch", "length", "embed")
-_HEADS = ("batch", "length", "heads", "kv")
-_MLP = ("batch", "length", "mlp")
 _LOGITS = ("batch", "length", "vocab")
 _ROW_STATS = ("batch", "length", "heads")
 _OFFSET_SCORES = ("batch", None, "heads", None, None)  # [b, blocks, h, B, B] of one offset.
@@ -117,16 +119,6 @@ class Plan:
     }
 
 
-@dataclasses.dataclass(frozen=True)
-class _Tensor:
-  """`count` arrays of a global shape whose dimensions carry logical axis names."""
-
-  names: tuple[str | None, ...]
-  shape: tuple[int, ...]
-  itemsize: int
-  count: int = 1
-
-
 def parse_mesh(text: str) -> dict[str, int]:
   """{"data": 2, "fsdp": 4} from "data=2,fsdp=4"; names are those of MESH_SIZES."""
   sizes: dict[str, int] = {}
@@ -166,20 +158,11 @@ def _mesh_config(sizes: Mapping[str, int], rules: config_lib.AxisRules) -> confi
   return config_lib.MeshConfig(**{**dict.fromkeys(MESH_SIZES, 1), **sizes}, rules=rules)
 
 
-def _abstract_state(experiment: config_lib.Experiment) -> dict[str, Any]:
-  """Boxed params and optimizer state as ShapeDtypeStructs (param shapes do not depend on t)."""
-  model = models.build_model(experiment.model)
-  tx = optim.make_optimizer(experiment.train)
-
-  def init(tokens):
-    params = model.init_boxed(jax.random.key(0), tokens)["params"]
-    return {"params": params, "opt_state": tx.init(params)}
-
-  return jax.eval_shape(init, jax.ShapeDtypeStruct((1, 8), jnp.int32))
-
-
 def _shard_bytes(
-    tensor: _Tensor, mesh: jax.sharding.AbstractMesh, rules: config_lib.AxisRules, what: str
+    tensor: family_lib.Activation,
+    mesh: jax.sharding.AbstractMesh,
+    rules: config_lib.AxisRules,
+    what: str,
 ) -> int:
   """Bytes of `tensor`'s shard on each device; `what` names it in the error if it does not fit."""
   spec = nn.logical_to_mesh_axes(tensor.names, rules)
@@ -194,9 +177,7 @@ def _shard_bytes(
   return tensor.count * math.prod(shape) * tensor.itemsize
 
 
-def _tree_bytes(
-    tree: Any, mesh: jax.sharding.AbstractMesh, rules: config_lib.AxisRules
-) -> int:
+def _tree_bytes(tree: Any, mesh: jax.sharding.AbstractMesh, rules: config_lib.AxisRules) -> int:
   """Per-device bytes of a tree of (boxed or plain) ShapeDtypeStructs; plain leaves replicated."""
   total = 0
   leaves = jax.tree_util.tree_leaves_with_path(
@@ -208,64 +189,42 @@ def _tree_bytes(
     else:
       names, value = (None,) * len(leaf.shape), leaf
     where = jax.tree_util.keystr(path)
-    total += _shard_bytes(_Tensor(names, value.shape, value.dtype.itemsize), mesh, rules, where)
+    total += _shard_bytes(
+        family_lib.Activation(names, value.shape, value.dtype.itemsize), mesh, rules, where
+    )
   return total
 
 
 def _retrieval_tensors(
-    b: int, t: int, h: int, band: tuple[int, int | None]
-) -> tuple[_Tensor, _Tensor]:
+    b: int, t: int, h: int, band: family_lib.Band
+) -> tuple[family_lib.Activation, family_lib.Activation]:
   """(what one retrieval call keeps for its backward, its temporaries) on the XLA path."""
-  block = xla.default_block_size(t, band[1])
+  block = xla.default_block_size(t, band.hi)
   blocks = -(-t // block)
   offset = (b, blocks, h, block, block)
   if blocks == 1:  # Differentiated by autodiff, which keeps the probabilities.
-    saved = _Tensor(_OFFSET_SCORES, offset, _F32)
+    saved = family_lib.Activation(_OFFSET_SCORES, offset, _F32)
   else:  # The recomputing backward keeps each row's max and sum.
-    saved = _Tensor(_ROW_STATS, (b, t, h), _F32, 2)
-  return saved, _Tensor(_OFFSET_SCORES, offset, _F32, RETRIEVAL_TEMPORARIES)
+    saved = family_lib.Activation(_ROW_STATS, (b, t, h), _F32, 2)
+  return saved, family_lib.Activation(_OFFSET_SCORES, offset, _F32, RETRIEVAL_TEMPORARIES)
 
 
 def _layer_tensors(
     model: config_lib.ModelConfig, b: int, t: int
-) -> tuple[list[_Tensor], list[_Tensor]]:
+) -> tuple[list[family_lib.Activation], list[family_lib.Activation]]:
   """(tensors one layer keeps for its backward pass, the transient buffers of each of its calls),
   global shapes for a micro-batch of b sequences of t tokens."""
-  c = jnp.dtype(model.dtype).itemsize
-  m, h, d = model.width, model.num_heads, model.head_dim
-  residual = lambda itemsize, count: _Tensor(_RESIDUAL, (b, t, m), itemsize, count)
-  heads = lambda itemsize, count: _Tensor(_HEADS, (b, t, h, d), itemsize, count)
-  retrievals = [_retrieval_tensors(b, t, h, band) for band in flops.retrieval_bands(model).values()]
+  family = families.of(model)
+  c = family_lib.itemsize(model)
+  retrievals = [
+      _retrieval_tensors(b, t, model.num_heads, band) for band in family.bands(model).values()
+  ]
   saved = [s for s, _ in retrievals]
   temporaries = [temporary for _, temporary in retrievals]
   # Each block: its input and first norm's output, then the second norm's input and output.
-  saved.append(residual(c, 4))
-  n = len(retrievals)
-  if isinstance(model, config_lib.MosaicV2Config):
-    saved += [
-        heads(c, 2 * n),  # W_phi x, W_psi x.
-        heads(_F32, 4 * n),  # Keys: gated scan input, scan output, normalised; the query.
-        heads(_F32, 3 * n),  # Values: projection, mix, normalised.
-        heads(c, 4 * n),  # The retrieval's q, k, v and output.
-        _Tensor(_MLP, (b, t, model.ffn_width), c, 3),  # SwiGLU gate, up and their product.
-    ]
-  elif isinstance(model, config_lib.LlamaConfig):
-    saved += [
-        heads(c, 4),  # Rotated q, k; v; the attention output.
-        _Tensor(_MLP, (b, t, model.ffn_width), c, 3),
-    ]
-  else:  # v1: the contextual memory, then the persistent memory.
-    pairs = model.pmem_count * model.pmem_size
-    saved += [
-        heads(c, 2),  # W_k x, W_v x.
-        heads(_F32, 6),  # Keys: scan input, output, normalised; values: projected, mixed, normed.
-        heads(c, 3),  # The retrieval's k (also its query), v and output.
-        heads(c, 1),  # Persistent memory: W_k x,
-        heads(_F32, 4),  # its keys (scan input, output, normalised) and float32 output,
-        heads(c, 2),  # and its key and output in the compute dtype.
-    ]
-    chunk = min(memories.PERSISTENT_CHUNK, b * t)
-    temporaries.append(_Tensor(("heads", None, None), (h, chunk, pairs), _F32, 4))
+  saved.append(family_lib.Activation(_RESIDUAL, (b, t, model.width), c, 4))
+  saved += family.layer_activations(model, b, t)
+  temporaries += family.layer_temporaries(model, b, t)
   return saved, temporaries
 
 
@@ -283,7 +242,7 @@ def _activations(
   saved, temporaries = _layer_tensors(model, b, t)
   layer = size(saved, "an activation")
   layers = model.num_layers
-  residual = _Tensor(_RESIDUAL, (b, t, model.width), c)
+  residual = family_lib.Activation(_RESIDUAL, (b, t, model.width), c)
   if model.remat:
     block_input = _shard_bytes(residual, mesh, rules, "the residual stream")
     terms = [
@@ -292,15 +251,17 @@ def _activations(
     ]
   else:
     terms = [(f"saved tensors, {layers} layers", layers * layer)]
-  logits = _Tensor(_LOGITS, (b, t, model.vocab_size), c + 2 * _F32)
+  logits = family_lib.Activation(_LOGITS, (b, t, model.vocab_size), c + 2 * _F32)
   terms += [
       # One call runs at a time: the largest one's buffers.
-      ("retrieval temporaries (largest call)", max(
-          _shard_bytes(x, mesh, rules, "a retrieval temporary") for x in temporaries
-      )),
-      ("final norm, logits, loss gradient", size(
-          [dataclasses.replace(residual, count=2), logits], "the logits"
-      )),
+      (
+          "retrieval temporaries (largest call)",
+          max(_shard_bytes(x, mesh, rules, "a retrieval temporary") for x in temporaries),
+      ),
+      (
+          "final norm, logits, loss gradient",
+          size([dataclasses.replace(residual, count=2), logits], "the logits"),
+      ),
   ]
   return tuple(terms)
 
@@ -324,21 +285,24 @@ def plan(
       fit the experiment; `sharding.ShardingError` (a ConfigError) where a parameter, the
       micro-batch or the heads do not divide by their mesh axes.
   """
-  if batch is not None:
-    experiment = config_lib.override(experiment, "train.batch_size", batch)
-  if context is not None:
-    experiment = config_lib.override(experiment, "data.seq_len", context)
+  experiment = overrides.resize(experiment, batch, context)
   model, train = experiment.model, experiment.train
   t = experiment.data.seq_len
-  if isinstance(model, config_lib.MosaicV1Config) and t > model.block_size:
-    raise config_lib.ConfigError(f"context {t} exceeds the model's block_size {model.block_size}")
+  max_length = families.of(model).max_length(model)
+  if max_length is not None and t > max_length:
+    raise config_lib.ConfigError(f"context {t} exceeds the model's block_size {max_length}")
   cfg = _mesh_config(mesh_sizes, experiment.mesh.rules)
-  axis_sizes = {"data": cfg.data * cfg.dcn_data, "fsdp": cfg.fsdp * cfg.dcn_fsdp,
-                "tensor": cfg.tensor}
+  axis_sizes = {
+      "data": cfg.data * cfg.dcn_data,
+      "fsdp": cfg.fsdp * cfg.dcn_fsdp,
+      "tensor": cfg.tensor,
+  }
   mesh = jax.sharding.AbstractMesh(tuple(axis_sizes.values()), tuple(axis_sizes))
   rules = cfg.rules
 
-  state = _abstract_state(experiment)
+  state = step.boxed_state_shapes(
+      experiment, families.build_model(model), optim.make_optimizer(train)
+  )
   sharding.check_divisible(state["params"], axis_sizes, rules)
   micro_batch = train.batch_size // train.grad_accum
   sharding.check_activations(model, micro_batch, axis_sizes, rules)

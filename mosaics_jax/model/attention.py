@@ -6,26 +6,30 @@ Axis legend: b = batch, t = query time, s = key time, m = model width, h = heads
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 import kernels_pallas
-from mosaics_jax import config as config_lib, layers
+from mosaics_jax import config as config_lib
+from mosaics_jax.model import layers
 
 
 class Attention(layers.PlainInit):
-  """softmax(q k^T / sqrt(d)) v over s <= t inside the document, q and k rotated by RoPE.
+  """softmax(q k^T / sqrt(d)) v over the band inside the document, q and k rotated by RoPE.
 
-  It is the retrieval op with the band [0, inf): the same blocked XLA path and kernels as the
-  memories, in O(T) memory, and the library attention through `retrieve_impl="shift"`.
+  It is the retrieval op with the causal band [0, inf) (`llama.LlamaFamily.bands`): the same
+  blocked XLA path and kernels as the memories, in O(T) memory, and the library attention through
+  `retrieve_impl="shift"`.
   """
 
   config: config_lib.LlamaConfig
   layer_index: int
+  hi: int | None
 
   @nn.compact
   def __call__(
-      self, x: Float[Array, "b t m"], segment_ids: Int[Array, "b t"] | None
+      self, x: Float[Array, "b t m"], segment_ids: Int[Array, "b t"] | None, lo: int | jax.Array
   ) -> Float[Array, "b t m"]:
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
@@ -42,7 +46,5 @@ class Attention(layers.PlainInit):
     k = layers.rope(k, positions, cfg.rope_theta)
     q = q * jnp.asarray(cfg.head_dim**-0.5, q.dtype)
     q, k, v = (layers.constrain(z, "batch", "length", "heads", "kv") for z in (q, k, v))
-    y = layers.retrieve(
-        q, k, v, lo=0, hi=None, segment_ids=segment_ids, impl=cfg.retrieve_impl
-    )
+    y = layers.retrieve(q, k, v, lo=lo, hi=self.hi, segment_ids=segment_ids, impl=cfg.retrieve_impl)
     return dense("wo", "heads", "embed")(layers.merge_heads(y))

@@ -8,18 +8,17 @@ and no global backend is switched.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import math
 import os
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
-from matplotlib import figure as figure_lib
-from matplotlib import lines as lines_lib
-from matplotlib.backends import backend_agg
 import numpy as np
+from matplotlib import figure as figure_lib, lines as lines_lib
+from matplotlib.backends import backend_agg
 
-from mosaics_jax import metrics
+from mosaics_jax.train import metrics
 
 
 def ema(values: Sequence[float], smoothing: float) -> np.ndarray:
@@ -48,9 +47,11 @@ def ema(values: Sequence[float], smoothing: float) -> np.ndarray:
 def _loss_curve(records: list[dict[str, Any]], split: str) -> tuple[np.ndarray, np.ndarray]:
   """The steps and losses of the records of `split`, by step; a null loss becomes NaN."""
   points = sorted(
-      ((r["step"], np.nan if r["loss"] is None else r["loss"])
-       for r in records
-       if r.get("split", "train") == split and "loss" in r),
+      (
+          (r["step"], np.nan if r["loss"] is None else r["loss"])
+          for r in records
+          if r.get("split", "train") == split and "loss" in r
+      ),
       key=lambda point: point[0],
   )
   steps, losses = zip(*points) if points else ((), ())
@@ -121,15 +122,22 @@ def plot_runs(
     else:
       ax.plot(train_steps, train_loss, color=color, linewidth=1.0)
     ax.plot(
-        val_steps, val_loss, "o", color=color, markersize=5, markeredgecolor="white",
-        markeredgewidth=0.5, zorder=3,
+        val_steps,
+        val_loss,
+        "o",
+        color=color,
+        markersize=5,
+        markeredgecolor="white",
+        markeredgewidth=0.5,
+        zorder=3,
     )
     handles.append(lines_lib.Line2D([], [], color=color, marker="o", markersize=5, label=label))
   train_key = f"train (EMA {smoothing:g})" if smoothing else "train"
   handles += [
       lines_lib.Line2D([], [], color="grey", linewidth=1.0, label=train_key),
-      lines_lib.Line2D([], [], color="grey", marker="o", linestyle="none", markersize=5,
-                       label="val"),
+      lines_lib.Line2D(
+          [], [], color="grey", marker="o", linestyle="none", markersize=5, label="val"
+      ),
   ]
   ax.legend(handles=handles, loc="upper right", fontsize="small")
   ax.set_xlabel("step")

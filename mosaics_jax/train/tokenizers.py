@@ -12,18 +12,21 @@ from typing import Any, Protocol
 import numpy as np
 from jaxtyping import Int
 
-Ids = Int[np.ndarray, "t"]
+Ids = Int[np.ndarray, " t"]
 
 
 class Tokenizer(Protocol):
   """What the data pipelines and samplers need of a tokenizer."""
 
   @property
-  def vocab_size(self) -> int: ...
+  def vocab_size(self) -> int:
+    ...
 
-  def encode(self, text: str) -> Ids: ...
+  def encode(self, text: str) -> Ids:
+    ...
 
-  def decode(self, ids: Sequence[int] | Ids) -> str: ...
+  def decode(self, ids: Sequence[int] | Ids) -> str:
+    ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,5 +101,5 @@ class HFTokenizer:
     return self.tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=False)
 
 
-def _code_points(text: str) -> Int[np.ndarray, "t"]:
+def _code_points(text: str) -> Int[np.ndarray, " t"]:
   return np.frombuffer(text.encode("utf-32-le"), np.uint32)

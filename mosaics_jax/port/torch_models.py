@@ -1,14 +1,14 @@
 """PyTorch implementations of the three families, for weights exported by `mosaics_jax.port`.
 
-Written from the equations of SPEC.md, for inference in float32 (no dropout, no caches). They give
-the JAX models' logits to float rounding on the same weights:
+Written from the equations of docs/design.md, for inference in float32 (no dropout, no caches).
+They give the JAX models' logits to float rounding on the same weights:
 
 - `MemoryMosaic`: Memory Mosaics v1 with nanoMosaics' module and tensor names and shapes
   (`mosaic.wte`, `mosaic.h.{i}.attn`, `lm_head`, per-head scalars [1, H, 1, 1], the causal-mask and
   leaky-average buffers), so that a `to-torch --format nanomosaics` file loads with
   `load_state_dict(strict=True)`, here and into the official `MemoryMosaic`.
 - `MosaicV2` and `Llama`: module names mirror the Flax ones, so the state dict is exactly the
-  tensors of `mosaics-port to-safetensors` (names in `mosaics_jax.port`).
+  tensors of `mosaics-port to-safetensors` (names in `mosaics_jax.port.layout`).
 
     model = torch_models.from_directory("exported/")   # config.json + model.safetensors
     logits = model(torch.as_tensor(tokens))             # [batch, seq, vocab]
@@ -31,7 +31,7 @@ try:
   from torch.nn import functional as F
 except ImportError as e:  # pragma: no cover - exercised only without torch.
   raise ImportError(
-      "mosaics_jax.torch_models needs PyTorch: `pip install torch` (a CPU build is enough)"
+      "mosaics_jax.port.torch_models needs PyTorch: `pip install torch` (a CPU build is enough)"
   ) from e
 
 from mosaics_jax import config as config_lib
@@ -204,6 +204,7 @@ class _PersistentMemory(nn.Module):
 
 
 class _MosaicV1Block(nn.Module):
+
   def __init__(self, cfg: config_lib.MosaicV1Config):
     super().__init__()
     norm = lambda: nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps, bias=cfg.bias)
@@ -248,6 +249,7 @@ class MemoryMosaic(nn.Module):
 
 
 class _SwiGLU(nn.Module):
+
   def __init__(self, width: int, hidden: int):
     super().__init__()
     self.w1 = nn.Linear(width, hidden, bias=False)
@@ -343,6 +345,7 @@ class _AssociativeMemory(nn.Module):
 
 
 class _MosaicV2Block(nn.Module):
+
   def __init__(self, cfg: config_lib.MosaicV2Config):
     super().__init__()
     self.cfg = cfg
@@ -420,6 +423,7 @@ class _Attention(nn.Module):
 
 
 class _LlamaBlock(nn.Module):
+
   def __init__(self, cfg: config_lib.LlamaConfig):
     super().__init__()
     self.attn_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
@@ -473,7 +477,7 @@ def from_directory(path: str | pathlib.Path) -> nn.Module:
 def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
   """Loads every parameter of `model` from `tensors`, which may leave out buffers and tied copies.
 
-  The files of `mosaics_jax.port` hold each parameter once and no buffers (v1's masks are
+  The files of `mosaics_jax.port.layout` hold each parameter once and no buffers (v1's masks are
   regenerated), so this is `load_state_dict(strict=True)` but for those.
   """
   result = model.load_state_dict(tensors, strict=False)

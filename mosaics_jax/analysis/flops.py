@@ -1,6 +1,6 @@
 """Parameter counts (from shapes only) and forward FLOPs per token by the v2 paper's convention.
 
-Convention (SPEC §4, after Casson 2023; forward only, default context 256):
+Convention (design.md, "FLOP counts", after Casson 2023; forward only, default context 256):
     FLOPs/token = 2 * (every matmul weight except the input embedding; the classifier counts)
                 + for every memory or attention of every layer, 2 * 2 * width * (context / 2).
 The second line assumes every query reads half the context. `band_exact` instead uses the mean
@@ -12,31 +12,23 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from mosaics_jax import config as config_lib, models
+import kernels_pallas
+from mosaics_jax import config as config_lib
+from mosaics_jax.model import families, family as family_lib
 
 # Parameter leaves that are matmul weights (Dense kernels, the v1 persistent memories' pairs).
 _MATMUL_LEAVES = ("kernel", "P_k", "P_v")
-_LABELS = {
-    "wte": "embedding (tied classifier)",
-    "embed": "embedding",
-    "classifier": "classifier",
-    "attn": "contextual memory",
-    "mlp": "persistent memory",
-    "short_term": "short-term memory",
-    "long_term": "long-term memory",
-    "w_o": "W_o (memory output)",
-    "ffn": "persistent memory (SwiGLU)",
-    "attention": "attention",
-}
 
 
 @dataclasses.dataclass(frozen=True)
 class Component:
+  """A part of the model (embedding, a memory, norms, ...) with its size and cost."""
+
   name: str
   params: int
   flops_per_token: float
@@ -44,6 +36,8 @@ class Component:
 
 @dataclasses.dataclass(frozen=True)
 class Report:
+  """Parameters and forward FLOPs per token of a model, by the paper's convention and by bands."""
+
   params: int
   flops_per_token: float
   flops_per_token_band_exact: float
@@ -60,57 +54,34 @@ class Report:
     }
 
 
-def retrieval_bands(config: config_lib.ModelConfig) -> dict[str, tuple[int, int | None]]:
-  """The modules of each layer that read the context, with their band (lo, hi)."""
-  if isinstance(config, config_lib.MosaicV1Config):
-    return {"attn": (1, None)}
-  if isinstance(config, config_lib.MosaicV2Config):
-    bands = {"short_term": (1, config.short_term_window - 1)}
-    if config.long_term_memory:
-      bands["long_term"] = (config.long_term_delay, None)
-    return bands
-  return {"attention": (0, None)}  # Causal attention reads s <= t.
-
-
-def param_shapes(config: config_lib.ModelConfig) -> dict:
-  """The params pytree as ShapeDtypeStructs (`jax.eval_shape`: nothing is allocated)."""
-  model = models.build_model(config)
-  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-  shapes = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)
-  return shapes["params"]
-
-
-def mean_visible(context: int, lo: int, hi: int | None) -> float:
-  """Mean over t < context of the number of pairs the band (lo, hi) holds."""
-  t = np.arange(context)
-  n = t - lo + 1
-  if hi is not None:
-    n = np.minimum(n, hi - lo + 1)
-  return float(np.maximum(n, 0).mean())
+def mean_visible(context: int, band: family_lib.Band) -> float:
+  """Mean over t < context of the number of pairs the band holds (`visible_counts`)."""
+  return float(np.mean(kernels_pallas.visible_counts(None, context, band.lo, band.hi)))
 
 
 def count(config: config_lib.ModelConfig, context: int = 256) -> Report:
   """Parameters and forward FLOPs per token of a model, split by component."""
-  tied = isinstance(config, config_lib.MosaicV1Config)
+  family = families.of(config)
   params: dict[str, int] = {}
   flops: dict[str, float] = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(families.param_shapes(config))[0]:
     keys = [p.key for p in path]
-    name = _component(keys)
+    name = _component(keys, family.labels)
     size = int(np.prod(leaf.shape))
     params[name] = params.get(name, 0) + size
-    if keys[-1] in _MATMUL_LEAVES or (tied and keys[-1] == "embedding"):
+    if keys[-1] in _MATMUL_LEAVES or (family.tied_embedding and keys[-1] == "embedding"):
       flops[name] = flops.get(name, 0.0) + 2.0 * size
 
   paper_extra, exact_extra = {}, {}
-  for module, (lo, hi) in retrieval_bands(config).items():
-    label = _LABELS[module]
+  for module, band in family.bands(config).items():
+    label = family.labels[module]
     per_layer = 2 * 2 * config.width
     paper_extra[label] = config.num_layers * per_layer * context / 2
-    exact_extra[label] = config.num_layers * per_layer * mean_visible(context, lo, hi)
+    exact_extra[label] = config.num_layers * per_layer * mean_visible(context, band)
 
   # Input to output: the embedding first, then the layers' components, the classifier last.
-  order = lambda name: (name != _LABELS["embed"] and name != _LABELS["wte"], name == "classifier")
+  embedding = family.labels.get("embed", family.labels.get("wte"))
+  order = lambda name: (name != embedding, name == family.labels.get("classifier"))
   components = tuple(
       Component(name, params[name], flops.get(name, 0.0) + paper_extra.get(name, 0.0))
       for name in sorted(params, key=order)
@@ -125,10 +96,10 @@ def count(config: config_lib.ModelConfig, context: int = 256) -> Report:
   )
 
 
-def _component(keys: list[str]) -> str:
+def _component(keys: list[str], labels: Mapping[str, str]) -> str:
   """The component a parameter belongs to: its module inside a layer, or its top-level module."""
   if re.fullmatch(r"(h|layer)_\d+", keys[0]):
     keys = keys[1:]
   if "norm" in keys[0] or keys[0].startswith("ln_"):
     return "norms"
-  return _LABELS.get(keys[0], keys[0])
+  return labels.get(keys[0], keys[0])

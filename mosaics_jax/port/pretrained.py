@@ -5,8 +5,9 @@
 - an exported directory (`config.json` + `model.safetensors`), which `save_exported` and
   `mosaics-port` write. Its safetensors metadata says the layout: "flax" (our parameter paths
   joined with "/", Flax shapes: what `save_exported` writes) or "pytorch" (the names and shapes of
-  `mosaics_jax.port`, what `mosaics-port to-safetensors` writes). A file without that metadata,
-  such as a PyTorch state dict saved with `safetensors.torch.save_model`, is read as "pytorch".
+  `mosaics_jax.port.layout`, what `mosaics-port to-safetensors` writes). A file without that
+  metadata, such as a PyTorch state dict saved with `safetensors.torch.save_model`, is read as
+  "pytorch".
 
     model = mosaics_jax.load("runs/quickstart")
     logits = model.logits(tokens)     # int [batch, seq] -> numpy float32 [batch, seq, vocab]
@@ -30,7 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Float, Int
 
-from mosaics_jax import checkpoints, config as config_lib, models, port
+from mosaics_jax import checkpoints, config as config_lib
+from mosaics_jax.model import families
+from mosaics_jax.port import layout as layout_lib
 
 WEIGHTS_FILE = "model.safetensors"
 LAYOUTS = ("flax", "pytorch")
@@ -42,7 +45,7 @@ class Pretrained:
 
   config: config_lib.ModelConfig
   model: flax.linen.Module
-  params: port.Params
+  params: layout_lib.Params
   step: int | None  # The training step of the weights, when known.
 
   @functools.cached_property
@@ -76,10 +79,10 @@ def load(path: str | os.PathLike) -> Pretrained:
     step, params = _restore_params(path / "checkpoints")
   else:
     raise FileNotFoundError(f"{path} has neither {WEIGHTS_FILE} nor checkpoints/")
-  return Pretrained(config=config, model=models.build_model(config), params=params, step=step)
+  return Pretrained(config=config, model=families.build_model(config), params=params, step=step)
 
 
-def _restore_params(directory: pathlib.Path) -> tuple[int, port.Params]:
+def _restore_params(directory: pathlib.Path) -> tuple[int, layout_lib.Params]:
   # No template: Orbax restores the saved tree as it is, and only the params are kept.
   restored = checkpoints.Checkpoints(directory, keep=1 << 30).restore_latest(None)
   if restored is None:
@@ -89,17 +92,19 @@ def _restore_params(directory: pathlib.Path) -> tuple[int, port.Params]:
   return step, params
 
 
-def _read_weights(config: config_lib.ModelConfig, path: pathlib.Path) -> port.Params:
+def _read_weights(config: config_lib.ModelConfig, path: pathlib.Path) -> layout_lib.Params:
   from safetensors import numpy as st_numpy, safe_open  # pylint: disable=import-outside-toplevel
 
   with safe_open(path, framework="np") as f:
     layout = (f.metadata() or {}).get("layout")
   tensors = st_numpy.load_file(path)
   if layout in (None, "pytorch"):
-    return jax.tree.map(jnp.asarray, port.from_torch(config, tensors))
+    return jax.tree.map(jnp.asarray, layout_lib.from_torch(config, tensors))
   if layout != "flax":
-    raise port.PortError(f"{path}: unknown layout {layout!r} in its metadata; known: {LAYOUTS}")
-  expected = {"/".join(p): s for p, s in port.param_shapes(config).items()}
+    raise layout_lib.PortError(
+        f"{path}: unknown layout {layout!r} in its metadata; known: {LAYOUTS}"
+    )
+  expected = {"/".join(p): s for p, s in layout_lib.param_shapes(config).items()}
   missing = sorted(set(expected) - set(tensors))
   unexpected = sorted(set(tensors) - set(expected))
   misshaped = sorted(
@@ -108,7 +113,7 @@ def _read_weights(config: config_lib.ModelConfig, path: pathlib.Path) -> port.Pa
       if n in tensors and tensors[n].shape != s
   )
   if missing or unexpected or misshaped:
-    raise port.PortError(
+    raise layout_lib.PortError(
         f"{path} does not fit its {config.family} config: missing {missing}, unexpected"
         f" {unexpected}, mis-shaped {misshaped}"
     )
@@ -119,7 +124,7 @@ def _read_weights(config: config_lib.ModelConfig, path: pathlib.Path) -> port.Pa
 def save_exported(
     directory: str | os.PathLike,
     config: config_lib.ModelConfig,
-    params: port.Params,
+    params: layout_lib.Params,
     *,
     step: int | None = None,
     layout: str = "flax",
@@ -132,7 +137,7 @@ def save_exported(
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   if layout == "pytorch":
-    tensors = port.to_torch(config, params)
+    tensors = layout_lib.to_torch(config, params)
   else:
     flat = flax.traverse_util.flatten_dict(flax.core.meta.unbox(params))
     tensors = {"/".join(p): np.ascontiguousarray(x, np.float32) for p, x in flat.items()}

@@ -22,7 +22,10 @@ from typing import Any
 import jax
 from jax.experimental import topologies
 
-from mosaics_jax import config as config_lib, data, memory_plan, models, optim, sharding, train
+from mosaics_jax import config as config_lib, sharding
+from mosaics_jax.analysis import memory_plan
+from mosaics_jax.model import families
+from mosaics_jax.train import data, optim, step as step_lib
 
 # Topology names as libtpu parses them: generation, then chips per dimension.
 TOPOLOGY_EXAMPLES = "v5p:2x2x1, v5p:4x4x4, v5e:2x2, v5e:4x4, v6e:4x4, v4:2x2x1"
@@ -66,7 +69,10 @@ class CompileReport:
   @property
   def peak_bytes(self) -> int:
     return (
-        self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+        self.argument_bytes
+        + self.output_bytes
+        - self.alias_bytes
+        + self.temp_bytes
         + self.code_bytes
     )
 
@@ -143,20 +149,20 @@ def compile_train_step(
   """
   ici, dcn = sharding.mesh_shape(experiment.mesh, len(devices))
   mesh_sizes = dict(zip(config_lib.MESH_AXES, ici)) | {"dcn_data": dcn[0], "dcn_fsdp": dcn[1]}
-  model = models.build_model(experiment.model)
+  model = families.build_model(experiment.model)
   tx = optim.make_optimizer(experiment.train)
-  placement = train.make_placement(experiment, model, tx, devices)
+  placement = step_lib.make_placement(experiment, model, tx, devices)
   if placement is None:  # A one-device mesh: make_placement leaves it unsharded.
     raise AotError("compiling ahead of time needs a topology of more than one device")
-  state = train.abstract_state(experiment, model, tx, placement)
+  state = step_lib.abstract_state(experiment, model, tx, placement)
   shape = (experiment.train.batch_size, experiment.data.seq_len)
   batch = {
       name: jax.ShapeDtypeStruct(shape, dtype, sharding=placement.batch)
       for name, dtype in data.BATCH_DTYPES.items()
   }
-  in_shardings, out_shardings = train.train_step_shardings(placement)
+  in_shardings, out_shardings = step_lib.train_step_shardings(placement)
   step = jax.jit(
-      train.train_step_fn(experiment, model, tx),
+      step_lib.train_step_fn(experiment, model, tx),
       in_shardings=in_shardings,
       out_shardings=out_shardings,
       donate_argnums=0,
@@ -167,7 +173,9 @@ def compile_train_step(
   try:
     compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
-    raise AotError(f"XLA could not compile the train step for {topology or 'the devices'}: {e}")
+    raise AotError(
+        f"XLA could not compile the train step for {topology or 'the devices'}: {e}"
+    ) from None
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   return CompileReport(

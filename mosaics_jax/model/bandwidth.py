@@ -15,14 +15,14 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from mosaics_jax import layers
+from mosaics_jax.model import layers
 
 
 def adaptive_bandwidth(
     counts: Int[Array, "b t"],
-    theta0: Float[Array, "h"],
-    theta1: Float[Array, "h"],
-    theta_a: Float[Array, "h"],
+    theta0: Float[Array, " h"],
+    theta1: Float[Array, " h"],
+    theta_a: Float[Array, " h"],
     max_log: float,
 ) -> Float[Array, "b t h"]:
   """beta_t per head from the reparameterised (theta0, theta1, theta_a)."""

@@ -1,4 +1,7 @@
-"""The optimizer: AdamW after global-norm clipping, linear warm-up then cosine decay (SPEC §4)."""
+"""The optimizer: AdamW after global-norm clipping, linear warm-up then cosine decay.
+
+The v2 paper's recipe (design.md, "Training recipe") with every number a `TrainConfig` field.
+"""
 
 from __future__ import annotations
 

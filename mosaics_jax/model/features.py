@@ -1,4 +1,4 @@
-"""Key and value feature extractors of Memory Mosaics (SPEC §2).
+"""Key and value feature extractors of Memory Mosaics (design.md).
 
 v1 (nanoMosaics): leaky-average keys with a learned per-head scale, and values that mix the next
 token's projection; v2: gated time-varying keys (Eq. 8) and convolutional values (Eq. 9).
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 import kernels_pallas
-from mosaics_jax import layers
+from mosaics_jax.model import layers
 
 
 def l2_normalize(z: Float[Array, "... d"], eps: float) -> Float[Array, "... d"]:
@@ -38,7 +38,7 @@ def next_in_document(
 
 
 def value_mix(
-    v: Float[Array, "b t h d"], weight: Float[Array, "h"], segment_ids: Int[Array, "b t"] | None
+    v: Float[Array, "b t h d"], weight: Float[Array, " h"], segment_ids: Int[Array, "b t"] | None
 ) -> Float[Array, "b t h d"]:
   """vbar_t = c * v_t + (1 - c) * v_{t+1} with a per-head c: the value looks one step ahead."""
   c = weight[:, None]

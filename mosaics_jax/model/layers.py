@@ -76,9 +76,9 @@ def retrieve(
   specs = (heads_spec,) * 3 + tuple(spec for _, spec in optional)
   args = (q, k, v) + tuple(x for x, _ in optional)
   # check_vma=False: pallas_call's outputs carry no varying-axes type for shard_map to check.
-  return jax.shard_map(
-      per_shard, mesh=mesh, in_specs=specs, out_specs=heads_spec, check_vma=False
-  )(*args)
+  return jax.shard_map(per_shard, mesh=mesh, in_specs=specs, out_specs=heads_spec, check_vma=False)(
+      *args
+  )
 
 
 class PlainInit(nn.Module):

@@ -18,7 +18,6 @@ A run directory DIR holds
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import json
 import math
 import operator
@@ -26,8 +25,9 @@ import os
 import pathlib
 import tempfile
 import time
-from typing import Any
 import warnings
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -216,9 +216,7 @@ class MetricsWriter:
     if self._tensorboard is not None:
       for name, value in values.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-          self._tensorboard.add_scalar(
-              f"{split or 'train'}/{name}", float(value), global_step=step
-          )
+          self._tensorboard.add_scalar(f"{split or 'train'}/{name}", float(value), global_step=step)
 
   def close(self) -> None:
     """Flushes and closes both outputs; closing twice is harmless."""

@@ -45,8 +45,8 @@ import grain
 import numpy as np
 from jaxtyping import Bool, Int
 
-from mosaics_jax import tokenizers as tokenizers_lib
 from mosaics_jax.config import DataConfig
+from mosaics_jax.train import tokenizers as tokenizers_lib
 
 Split = Literal["train", "val"]
 Example = dict[str, np.ndarray]  # The fields of the module docstring, each of shape [t].
@@ -154,8 +154,8 @@ def induction_example(rng: np.random.Generator, *, seq_len: int, task_vocab: int
   pair (context[i], context[i + 1]), so the target at the query is the symbol that followed its
   earlier occurrence. The distance back to that occurrence is random, so no position rule solves the
   task: it takes an induction head. A query is an answer only when every earlier occurrence of its
-  symbol was followed by that same symbol (repeated symbols may make the rule ambiguous). The context
-  is unpredictable noise, so the loss is taken on the answers only.
+  symbol was followed by that same symbol (repeated symbols may make the rule ambiguous). The
+  context is unpredictable noise, so the loss is taken on the answers only.
 
   Args:
     rng: the example's generator.
@@ -207,7 +207,7 @@ def mqar_example(
   return _example(sequence, answers, answers)
 
 
-def window_example(window: Int[np.ndarray, "t+1"], eot_id: int | None) -> Example:
+def window_example(window: Int[np.ndarray, " t+1"], eot_id: int | None) -> Example:
   """The example of seq_len + 1 consecutive tokens, documents delimited by `eot_id`."""
   if eot_id is None:
     ones = np.ones(len(window) - 1, bool)
@@ -219,10 +219,10 @@ def window_example(window: Int[np.ndarray, "t+1"], eot_id: int | None) -> Exampl
 
 
 def _example(
-    sequence: Int[np.ndarray, "t+1"],
-    loss_mask: Bool[np.ndarray, "t"],
-    answer_mask: Bool[np.ndarray, "t"],
-    segment_ids: Int[np.ndarray, "t"] | None = None,
+    sequence: Int[np.ndarray, " t+1"],
+    loss_mask: Bool[np.ndarray, " t"],
+    answer_mask: Bool[np.ndarray, " t"],
+    segment_ids: Int[np.ndarray, " t"] | None = None,
 ) -> Example:
   fields = {
       "tokens": sequence[:-1],
@@ -256,7 +256,7 @@ def _synthetic_example(
 class _Windows:
   """Maps example i to the window at begin + i * stride; i >= count gives padding."""
 
-  tokens: Int[np.ndarray, "n"]  # All the file's tokens, possibly a memmap.
+  tokens: Int[np.ndarray, " n"]  # All the file's tokens, possibly a memmap.
   begin: int
   stride: int
   count: int
@@ -378,12 +378,12 @@ def _tokenizer(cfg: DataConfig, text: str) -> tokenizers_lib.Tokenizer:
   return tokenizers_lib.HFTokenizer.from_file(cfg.tokenizer_path)
 
 
-def _text_ids(cfg: DataConfig) -> Int[np.ndarray, "n"]:
+def _text_ids(cfg: DataConfig) -> Int[np.ndarray, " n"]:
   text = _read_text(cfg)
   return _tokenizer(cfg, text).encode(text)
 
 
-def _token_file(cfg: DataConfig) -> Int[np.memmap, "n"]:
+def _token_file(cfg: DataConfig) -> Int[np.memmap, " n"]:
   """The token file as a read-only memmap: it is never read whole into memory."""
   if cfg.token_dtype not in TOKEN_DTYPES:
     raise DataError(
@@ -403,4 +403,3 @@ def _token_file(cfg: DataConfig) -> Int[np.memmap, "n"]:
         " check data.token_dtype"
     )
   return np.memmap(path, dtype=dtype, mode="r")
-

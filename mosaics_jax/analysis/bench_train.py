@@ -1,0 +1,134 @@
+"""`mosaics-bench train`: tokens/s and model-FLOPs utilisation of an experiment's jitted training
+step (the step `mosaics-train` runs, `train.step.make_train_step`) on synthetic batches, against an
+fp32 matmul timed in the same process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mosaics_jax.analysis import flops
+from mosaics_jax.model import families
+from mosaics_jax.train import optim, step
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRow:
+  """Throughput and model-FLOPs utilisation of one experiment's training step."""
+
+  experiment: str
+  batch_size: int
+  seq_len: int
+  dtype: str
+  step_seconds: float  # Median over repeats of one jitted training step.
+  tokens_per_second: float
+  train_flops_per_token: float  # 3 x forward FLOPs per token (flops.count at context seq_len).
+  model_gflops: float  # Achieved: tokens/s x train FLOPs per token.
+  matmul_gflops: float  # fp32 matmul_size^3, timed in the same process.
+  matmul_size: int
+  mfu: float  # model_gflops / matmul_gflops.
+
+
+def synthetic_batch(experiment, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """One training batch of random tokens, shaped and typed as `mosaics_jax.data` yields them."""
+  shape = (experiment.train.batch_size, experiment.data.seq_len)
+  vocab = experiment.model.vocab_size
+  ones = np.ones(shape, np.float32)
+  return {
+      "tokens": rng.integers(0, vocab, shape, dtype=np.int32),
+      "targets": rng.integers(0, vocab, shape, dtype=np.int32),
+      "segment_ids": np.zeros(shape, np.int32),  # One document per row, like a text file.
+      "loss_mask": ones,
+      "answer_mask": np.zeros(shape, np.float32),
+  }
+
+
+def compiled_train_step(experiment, num_batches: int):
+  """(jitted step, state after one warm-up step, `num_batches` distinct synthetic batches)."""
+  model = families.build_model(experiment.model)
+  tx = optim.make_optimizer(experiment.train)
+  step_fn = step.make_train_step(experiment, model, tx)
+  state = step.init_state(experiment, model, tx)
+  rng = np.random.default_rng(0)
+  batches = [jax.device_put(synthetic_batch(experiment, rng)) for _ in range(num_batches)]
+  # Compile and warm up; the step donates its state, so always go on from the returned one.
+  state = run_steps(step_fn, state, batches[-1:])
+  return step_fn, state, batches
+
+
+def run_steps(step_fn, state, batches):
+  """Runs one training step per batch and waits for the result; returns the new state."""
+  for batch in batches:
+    state, stats = step_fn(state, batch)
+  jax.block_until_ready((state, stats))
+  return state
+
+
+def train_throughput(
+    experiment, steps: int = 5, repeats: int = 3, matmul_size: int = 2048
+) -> TrainRow:
+  """Tokens/s of the jitted training step on synthetic batches, against an fp32 matmul.
+
+  The step is `train.make_train_step` with the experiment's optimizer, compiled once and warmed up
+  by one step; each repeat times `steps` consecutive steps on distinct random batches, then the
+  matmul, so both see the same load on a shared machine. Medians over repeats. Model FLOPs follow
+  the paper convention: 3 x the forward FLOPs of `flops.count(model, context=seq_len)`.
+  """
+  step_fn, state, batches = compiled_train_step(experiment, steps + 1)
+  a = jnp.ones((matmul_size, matmul_size), jnp.float32)
+  matmul = jax.jit(jnp.matmul).lower(a, a).compile()
+  jax.block_until_ready(matmul(a, a))
+
+  step_times, matmul_times = [], []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    state = run_steps(step_fn, state, batches[:steps])
+    step_times.append((time.perf_counter() - start) / steps)
+    for _ in range(3):
+      start = time.perf_counter()
+      jax.block_until_ready(matmul(a, a))
+      matmul_times.append(time.perf_counter() - start)
+  step_seconds = statistics.median(step_times)
+
+  seq_len = experiment.data.seq_len
+  tokens_per_second = experiment.train.batch_size * seq_len / step_seconds
+  train_flops = 3 * flops.count(experiment.model, context=seq_len).flops_per_token
+  model_rate = tokens_per_second * train_flops
+  matmul_rate = 2 * matmul_size**3 / statistics.median(matmul_times)
+  return TrainRow(
+      experiment=experiment.name,
+      batch_size=experiment.train.batch_size,
+      seq_len=seq_len,
+      dtype=experiment.model.dtype,
+      step_seconds=step_seconds,
+      tokens_per_second=tokens_per_second,
+      train_flops_per_token=train_flops,
+      model_gflops=model_rate / 1e9,
+      matmul_gflops=matmul_rate / 1e9,
+      matmul_size=matmul_size,
+      mfu=model_rate / matmul_rate,
+  )
+
+
+def format_train(row: TrainRow) -> str:
+  lines = [
+      f"training step of {row.experiment}: batch {row.batch_size} x {row.seq_len} tokens,"
+      f" {row.dtype}, synthetic data",
+      "model FLOPs/token = 3 x forward FLOPs (mosaics-info convention at context"
+      f" {row.seq_len}; backward = 2 x forward); MFU = model GFLOP/s / fp32 matmul"
+      f" ({row.matmul_size}^3) GFLOP/s in this process",
+      "",
+      "| experiment | step (s) | tokens/s | train FLOPs/token | model GFLOP/s | matmul GFLOP/s |"
+      " MFU |",
+      "|---|---:|---:|---:|---:|---:|---:|",
+      f"| {row.experiment} | {row.step_seconds:.3f} | {row.tokens_per_second:.0f} |"
+      f" {row.train_flops_per_token / 1e6:.2f}M | {row.model_gflops:.1f} |"
+      f" {row.matmul_gflops:.1f} | {row.mfu:.1%} |",
+  ]
+  return "\n".join(lines)

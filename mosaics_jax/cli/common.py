@@ -1,0 +1,35 @@
+"""What the command-line tools share: the `--set` flag, reading an experiment, and error exits."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from mosaics_jax import config as config_lib, overrides, registry
+
+SET_HELP = (
+    "override config fields by dotted path, e.g. train.steps=100 model.num_layers=2; repeatable"
+)
+
+
+def add_set_flag(parser: argparse.ArgumentParser) -> None:
+  """`--set KEY=VALUE ...`, which may be given several times; all assignments accumulate."""
+  parser.add_argument(
+      "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help=SET_HELP
+  )
+
+
+def experiment(name: str, assignments: Sequence[str]) -> config_lib.Experiment:
+  """The experiment `name` with the `--set` assignments applied; a key given twice is an error."""
+  keys = [a.partition("=")[0] for a in assignments]
+  repeated = sorted({k for k in keys if keys.count(k) > 1})
+  if repeated:
+    raise config_lib.ConfigError(f"--set gives {', '.join(repeated)} more than once")
+  return overrides.apply(registry.get(name), assignments)
+
+
+def fail(prog: str, error: Exception | str, code: int = 2) -> int:
+  """Prints `prog: error: ...` to stderr and returns the exit code."""
+  print(f"{prog}: error: {error}", file=sys.stderr)
+  return code

@@ -1,0 +1,87 @@
+"""The Transformer baseline of the v2 paper: Llama with full multi-head attention (no GQA).
+
+    x += Attention(N1 x);  x += W2(silu(W1 N2 x) * W3 N2 x)
+
+RoPE at positions inside each document, RMSNorm pre-norms, untied embedding and classifier.
+Attention is the retrieval op with the causal band [0, inf). `FAMILY` holds the family's facts.
+
+Axis legend: b = batch, t = time, v = vocabulary.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from mosaics_jax import config as config_lib
+from mosaics_jax.model import attention, family, layers, lm
+
+# Causal self-attention reads s <= t: lo = 0, where a memory has lo >= 1.
+CAUSAL_BAND = family.Band(lo=0, hi=None)
+
+
+class LlamaBlock(nn.Module):
+  """x += Attention(N1 x); x += SwiGLU(N2 x)."""
+
+  config: config_lib.LlamaConfig
+  layer_index: int
+
+  @nn.compact
+  def __call__(self, x, segment_ids, deterministic: bool):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
+    ((name, band),) = FAMILY.bands(cfg).items()
+    attend = attention.Attention(cfg, self.layer_index, hi=band.hi, name=name)
+    x = x + drop(attend(lm.rms_norm(cfg, "attn_norm")(x), segment_ids, band.lo))
+    h = lm.rms_norm(cfg, "ffn_norm")(x)
+    return x + drop(layers.SwiGLU(cfg.ffn_width, self.layer_index, dtype=dtype, name="ffn")(h))
+
+
+class Llama(lm.LanguageModel):
+  """The Transformer baseline: Llama blocks, untied embedding and classifier.
+
+  Initialisation follows the v2 paper's Table 6 like the Memory Mosaics it is compared with
+  (ASSUMED: the paper does not give the baseline's).
+  """
+
+  config: config_lib.LlamaConfig
+
+  @nn.compact
+  def __call__(
+      self,
+      tokens: Int[Array, "b t"],
+      segment_ids: Int[Array, "b t"] | None = None,
+      *,
+      deterministic: bool = True,
+  ) -> Float[Array, "b t v"]:
+    return lm.untied_decoder(self.config, tokens, segment_ids, LlamaBlock, (), deterministic)
+
+
+class LlamaFamily(family.Family):
+  """The facts of the Llama baseline."""
+
+  config_class = config_lib.LlamaConfig
+  module_class = Llama
+  labels = {
+      "embed": "embedding",
+      "classifier": "classifier",
+      "attention": "attention",
+      "ffn": "persistent memory (SwiGLU)",
+  }
+  torch_mark = ".attention."
+
+  def bands(self, config, ltm_delay=None) -> dict[str, family.Band]:
+    del config, ltm_delay
+    return {"attention": CAUSAL_BAND}
+
+  def layer_activations(self, config, b, t) -> list[family.Activation]:
+    c = family.itemsize(config)
+    return [
+        family.Activation.heads(config, b, t, c, 4),  # Rotated q, k; v; the attention output.
+        family.Activation.mlp(config.ffn_width, b, t, c, 3),  # SwiGLU gate, up, their product.
+    ]
+
+
+FAMILY = LlamaFamily()

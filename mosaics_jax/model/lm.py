@@ -1,0 +1,140 @@
+"""What the language models of the zoo share: input checks, embeddings, norms, remat, logits.
+
+Every model maps (tokens, segment_ids) to logits and is functional: `init` gives a plain params
+pytree, `apply` is pure. Packed sequences carry `segment_ids` (one id per document, documents are
+contiguous runs); no memory, recurrence or attention ever crosses a document boundary.
+
+    model = families.build_model(config)
+    params = model.init(rng, tokens)["params"]
+    logits = model.apply({"params": params}, tokens, segment_ids)
+
+Every parameter and the key activations carry logical axis names (`layers.logical`), which
+`mosaics_jax.sharding` maps onto a device mesh; `init_boxed` gives the parameters with them.
+
+Axis legend: b = batch, t = time, m = model width, v = vocabulary.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from mosaics_jax import config as config_lib
+from mosaics_jax.model import layers
+
+
+def check_inputs(
+    tokens: jax.Array, segment_ids: jax.Array | None, max_length: int | None = None
+) -> None:
+  """Raises ValueError naming the problem with the tokens or segment ids."""
+  # Out-of-range token ids cannot be checked under jit; the data pipeline checks them.
+  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(
+        f"tokens must be an integer array [batch, seq], got {tokens.dtype} {tokens.shape}"
+    )
+  if segment_ids is not None and (
+      segment_ids.shape != tokens.shape or not jnp.issubdtype(segment_ids.dtype, jnp.integer)
+  ):
+    raise ValueError(
+        f"segment_ids must be an integer array of the tokens' shape {tokens.shape}, got"
+        f" {segment_ids.dtype} {segment_ids.shape}"
+    )
+  if max_length is not None and tokens.shape[1] > max_length:
+    raise ValueError(
+        f"sequence length {tokens.shape[1]} exceeds the model's block_size {max_length}"
+    )
+
+
+def _norm_init(init: nn.initializers.Initializer) -> nn.initializers.Initializer:
+  return layers.logical(init, "norm")
+
+
+def layer_norm(cfg: config_lib.MosaicV1Config, name: str) -> nn.LayerNorm:
+  """v1's LayerNorm (GPT-2's, biases if cfg.bias)."""
+  return nn.LayerNorm(
+      cfg.layer_norm_eps,
+      use_bias=cfg.bias,
+      scale_init=_norm_init(nn.initializers.ones_init()),
+      bias_init=_norm_init(nn.initializers.zeros_init()),
+      name=name,
+  )
+
+
+def rms_norm(cfg: config_lib.MosaicV2Config | config_lib.LlamaConfig, name: str) -> nn.RMSNorm:
+  """The RMSNorm of v2 and Llama blocks (pre-norm)."""
+  return nn.RMSNorm(
+      cfg.norm_eps,
+      dtype=jnp.dtype(cfg.dtype),
+      scale_init=_norm_init(nn.initializers.ones_init()),
+      name=name,
+  )
+
+
+def embed(cfg: config_lib.ModelConfig, init: nn.initializers.Initializer, name: str) -> nn.Embed:
+  """The token embedding [vocab, width]."""
+  return nn.Embed(
+      cfg.vocab_size,
+      cfg.width,
+      embedding_init=layers.logical(init, "vocab", "embed"),
+      dtype=jnp.dtype(cfg.dtype),
+      name=name,
+  )
+
+
+def classifier(cfg: config_lib.ModelConfig, init: nn.initializers.Initializer) -> nn.Dense:
+  """The untied output layer [width, vocab] of v2 and Llama."""
+  return nn.Dense(
+      cfg.vocab_size,
+      use_bias=False,
+      kernel_init=layers.logical(init, "embed", "vocab"),
+      dtype=jnp.dtype(cfg.dtype),
+      name="classifier",
+  )
+
+
+def residual(x: Float[Array, "b t m"]) -> Float[Array, "b t m"]:
+  """The residual stream, sharded as its logical axes say."""
+  return layers.constrain(x, "batch", "length", "embed")
+
+
+def logits(x: Float[Array, "b t v"]) -> Float[Array, "b t v"]:
+  """The classifier's output as float32 logits, sharded over the vocabulary."""
+  return layers.constrain(x, "batch", "length", "vocab").astype(jnp.float32)
+
+
+class LanguageModel(layers.PlainInit):
+  """A model of the zoo: `init` gives plain arrays, `init_boxed` them with logical axis names."""
+
+
+def maybe_remat(block: type[nn.Module], remat: bool) -> type[nn.Module]:
+  """The block, rematerialised in the backward pass if asked; `deterministic` (last) is static."""
+  if not remat:
+    return block
+  # static_argnums counts the module as argument 0.
+  return nn.remat(block, static_argnums=(len(inspect.signature(block.__call__).parameters) - 1,))
+
+
+def untied_decoder(
+    cfg: config_lib.MosaicV2Config | config_lib.LlamaConfig,
+    tokens: Int[Array, "b t"],
+    segment_ids: Int[Array, "b t"] | None,
+    block: type[nn.Module],
+    block_args: tuple,
+    deterministic: bool,
+) -> Float[Array, "b t v"]:
+  """Embedding, `num_layers` pre-norm blocks, final RMSNorm and an untied classifier: the frame of
+  v2 and Llama, initialised as the v2 paper's Table 6 says. Called inside a compact `__call__`;
+  `block(cfg, i)` is layer i, called as (x, segment_ids, *block_args, deterministic)."""
+  check_inputs(tokens, segment_ids)
+  init = layers.truncated_normal(layers.depth_scaled_std(cfg.width, 0))
+  x = embed(cfg, init, "embed")(tokens)
+  x = residual(nn.Dropout(cfg.dropout, deterministic=deterministic)(x))
+  block = maybe_remat(block, cfg.remat)
+  for i in range(cfg.num_layers):
+    x = residual(block(cfg, i, name=f"layer_{i}")(x, segment_ids, *block_args, deterministic))
+  x = rms_norm(cfg, "final_norm")(x)
+  return logits(classifier(cfg, init)(x))

@@ -1,0 +1,178 @@
+"""Associative memories: each reads its pairs through `kernels_pallas.retrieve` (design.md).
+
+| memory                    | band (lo, hi)     | query                     |
+|---------------------------|-------------------|---------------------------|
+| v1 contextual memory      | (1, None)         | the scaled key itself     |
+| v2 short-term memory      | (1, h - 1)        | beta_t * k_t (Eq. 6)      |
+| v2 long-term memory       | (m, None)         | beta_t * k_t (Eq. 6)      |
+
+Each family's `bands` (`mm1.py`, `mm2.py`) is where these bands are set; a memory takes its `hi`
+as an attribute and its `lo`, which may be traced, as an argument. The v1 persistent memory
+retrieves from learned pairs (P_k, P_v) instead of the context
+(`kernels_pallas.retrieve_persistent`).
+
+Axis legend: b = batch, t = time, m = model width, h = heads, d = head dim, p = persistent pairs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+import kernels_pallas
+from mosaics_jax import config as config_lib
+from mosaics_jax.model import bandwidth, features, layers
+
+
+def _v1_key_extractor(cfg: config_lib.MosaicV1Config, dtype) -> features.KeyFeatureExtractorV1:
+  return features.KeyFeatureExtractorV1(
+      num_heads=cfg.num_heads,
+      bias=cfg.bias,
+      init_std=cfg.init_std,
+      exp_scaling=cfg.exp_scaling,
+      key_scale_init=cfg.key_scale_init,
+      key_scale_max=cfg.key_scale_max,
+      leaky_init=cfg.leaky_init,
+      eps=cfg.feature_eps,
+      scan_impl=cfg.scan_impl,
+      scan_chunk_size=cfg.scan_chunk_size,
+      dtype=dtype,
+      name="k_featurizer",
+  )
+
+
+def _c_proj(cfg: config_lib.MosaicV1Config, dtype) -> nn.Dense:
+  # nanoMosaics' GPT-2 style scaled init of the residual projections.
+  std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+  return nn.Dense(
+      cfg.width,
+      use_bias=cfg.bias,
+      kernel_init=layers.logical(nn.initializers.normal(std), "heads", "embed"),
+      bias_init=layers.logical(nn.initializers.zeros_init(), "embed"),
+      dtype=dtype,
+      name="c_proj",
+  )
+
+
+def _per_head(x: Float[Array, "b t h d"]) -> Float[Array, "b t h d"]:
+  # Heads are independent memories: sharded over heads, retrieval needs no communication.
+  return layers.constrain(x, "batch", "length", "heads", "kv")
+
+
+class ContextMemory(layers.PlainInit):
+  """v1 contextual memory: softmax(k_t . k_s) over its band, then c_proj (ContextMem)."""
+
+  config: config_lib.MosaicV1Config
+  hi: int | None
+
+  @nn.compact
+  def __call__(
+      self, x: Float[Array, "b t m"], segment_ids: Int[Array, "b t"] | None, lo: int | jax.Array
+  ) -> Float[Array, "b t m"]:
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    k = _v1_key_extractor(cfg, dtype)(x, segment_ids, scale_pow=1)
+    v = features.ValueFeatureExtractorV1(
+        num_heads=cfg.num_heads,
+        bias=cfg.bias,
+        init_std=cfg.init_std,
+        exp_scaling=cfg.exp_scaling,
+        val_scale_init=cfg.val_scale_init,
+        eps=cfg.feature_eps,
+        dtype=dtype,
+        name="v_featurizer",
+    )(x, segment_ids)
+    # The key scale is the bandwidth: the query is the key itself.
+    k, v = (_per_head(z.astype(dtype)) for z in (k, v))
+    y = layers.retrieve(k, k, v, lo=lo, hi=self.hi, segment_ids=segment_ids, impl=cfg.retrieve_impl)
+    return _c_proj(cfg, dtype)(layers.merge_heads(y))
+
+
+class PersistentMemoryV1(layers.PlainInit):
+  """v1 persistent memory: mean_i softmax(k P_k[i]^T) P_v[i] * exp(exp_scaling s_o), then c_proj."""
+
+  config: config_lib.MosaicV1Config
+
+  @nn.compact
+  def __call__(
+      self, x: Float[Array, "b t m"], segment_ids: Int[Array, "b t"] | None
+  ) -> Float[Array, "b t m"]:
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    # p = 2: the stored keys P_k carry no scale, so the query carries it twice.
+    k = _per_head(_v1_key_extractor(cfg, dtype)(x, segment_ids, scale_pow=2).astype(dtype))
+    shape = (cfg.pmem_count, cfg.num_heads, cfg.pmem_size, cfg.head_dim)
+    init = layers.logical(
+        nn.initializers.normal(1.0 / math.sqrt(cfg.head_dim)), "pmem", "heads", "pairs", "kv"
+    )
+    p_k = self.param("P_k", init, shape).astype(dtype)
+    p_v = self.param("P_v", init, shape).astype(dtype)
+    out_scale = self.param(
+        "out_scale",
+        layers.logical(nn.initializers.constant(cfg.out_scale_init), "heads"),
+        (cfg.num_heads,),
+    )
+    y = kernels_pallas.retrieve_persistent(k, p_k, p_v)
+    y = y / cfg.pmem_count * jnp.exp(cfg.exp_scaling * out_scale)[:, None]
+    return _c_proj(cfg, dtype)(layers.merge_heads(y.astype(dtype)))
+
+
+class AssociativeMemory(layers.PlainInit):
+  """A v2 associative memory over one band: gated keys, convolutional values, adaptive bandwidth.
+
+  `hi` is static (the short-term window); `lo` may be traced (the long-term delay m).
+  """
+
+  config: config_lib.MosaicV2Config
+  layer_index: int
+  hi: int | None
+
+  @nn.compact
+  def __call__(
+      self,
+      x: Float[Array, "b t m"],
+      segment_ids: Int[Array, "b t"] | None,
+      lo: int | jax.Array,
+  ) -> Float[Array, "b t h d"]:
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    k = features.GatedKeyExtractor(
+        num_heads=cfg.num_heads,
+        layer_index=self.layer_index,
+        gate_bias=cfg.gate_bias,
+        eps=cfg.feature_eps,
+        scan_impl=cfg.scan_impl,
+        scan_chunk_size=cfg.scan_chunk_size,
+        dtype=dtype,
+        name="key",
+    )(x, segment_ids)
+    v = features.ConvValueExtractor(
+        num_heads=cfg.num_heads,
+        layer_index=self.layer_index,
+        eps=cfg.feature_eps,
+        scale_init=cfg.value_scale_init,
+        scale_max=cfg.value_scale_max,
+        dtype=dtype,
+        name="value",
+    )(x, segment_ids)
+    counts = kernels_pallas.visible_counts(segment_ids, x.shape[1], lo, self.hi)
+    beta = bandwidth.AdaptiveBandwidth(
+        num_heads=cfg.num_heads,
+        initial=cfg.bandwidth_init,
+        max_log=cfg.bandwidth_max,
+        name="bandwidth",
+    )(counts)
+    q = beta[..., None] * k
+    return layers.retrieve(
+        _per_head(q.astype(dtype)),
+        _per_head(k.astype(dtype)),
+        _per_head(v.astype(dtype)),
+        lo=lo,
+        hi=self.hi,
+        segment_ids=segment_ids,
+        impl=cfg.retrieve_impl,
+    )

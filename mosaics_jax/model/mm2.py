@@ -1,0 +1,132 @@
+"""Memory Mosaics v2 ("Memory Mosaics at scale"; design.md, "v2").
+
+    x += W_o [ShortTerm(N1 x); LongTerm(N1 x)]     (concatenated heads, 2d -> d)
+    x += W2(silu(W1 N2 x) * W3 N2 x)               (the persistent memory, a SwiGLU)
+
+with RMSNorm pre-norms, an untied embedding and classifier, and no position encoding. Without
+long-term memory (`long_term_memory=False`) W_o is d -> d over the short-term output. `FAMILY`
+holds the family's facts (`family.Family`): the two bands, and the long-term delay m drawn at
+every training step.
+
+Axis legend: b = batch, t = time, v = vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from mosaics_jax import config as config_lib
+from mosaics_jax.model import family, layers, lm, memories
+
+SHORT_TERM, LONG_TERM = "short_term", "long_term"
+
+
+class MosaicV2Block(nn.Module):
+  """x += W_o [ShortTerm(N1 x); LongTerm(N1 x)];  x += SwiGLU(N2 x)."""
+
+  config: config_lib.MosaicV2Config
+  layer_index: int
+
+  @nn.compact
+  def __call__(self, x, segment_ids, ltm_delay, deterministic: bool):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
+    h = lm.rms_norm(cfg, "norm1")(x)
+    outputs = []
+    for name, band in FAMILY.bands(cfg, ltm_delay).items():
+      memory = memories.AssociativeMemory(cfg, self.layer_index, hi=band.hi, name=name)
+      y = memory(h, segment_ids, band.lo)
+      # The Table 2 ablation: the parameters stay, the output goes.
+      outputs.append(jnp.zeros_like(y) if name == LONG_TERM and cfg.drop_long_term_memory else y)
+    y = jnp.concatenate([layers.merge_heads(o) for o in outputs], axis=-1)
+    init = layers.truncated_normal(layers.depth_scaled_std(cfg.width, self.layer_index))
+    # The input of w_o is [short-term heads; long-term heads], each heads-major.
+    w_o = nn.Dense(
+        cfg.width,
+        use_bias=False,
+        kernel_init=layers.logical(init, "heads", "embed"),
+        dtype=dtype,
+        name="w_o",
+    )
+    x = x + drop(w_o(y))
+    h = lm.rms_norm(cfg, "norm2")(x)
+    ffn = layers.SwiGLU(cfg.ffn_width, self.layer_index, dtype=dtype, name="ffn")
+    return x + drop(ffn(h))
+
+
+class MosaicV2(lm.LanguageModel):
+  """Memory Mosaics v2: untied embedding and classifier, RMSNorm pre-norm blocks."""
+
+  config: config_lib.MosaicV2Config
+
+  @nn.compact
+  def __call__(
+      self,
+      tokens: Int[Array, "b t"],
+      segment_ids: Int[Array, "b t"] | None = None,
+      *,
+      ltm_delay: int | jax.Array | None = None,
+      deterministic: bool = True,
+  ) -> Float[Array, "b t v"]:
+    """`ltm_delay` is the long-term delay m (may be traced); None uses config.long_term_delay."""
+    cfg = self.config
+    ltm_delay = cfg.long_term_delay if ltm_delay is None else ltm_delay
+    return lm.untied_decoder(cfg, tokens, segment_ids, MosaicV2Block, (ltm_delay,), deterministic)
+
+
+class MosaicV2Family(family.Family):
+  """The facts of Memory Mosaics v2."""
+
+  config_class = config_lib.MosaicV2Config
+  module_class = MosaicV2
+  labels = {
+      "embed": "embedding",
+      "classifier": "classifier",
+      SHORT_TERM: "short-term memory",
+      LONG_TERM: "long-term memory",
+      "w_o": "W_o (memory output)",
+      "ffn": "persistent memory (SwiGLU)",
+  }
+  torch_mark = f".{SHORT_TERM}."
+
+  def bands(
+      self, config: config_lib.MosaicV2Config, ltm_delay: int | jax.Array | None = None
+  ) -> dict[str, family.Band]:
+    """Short-term: pairs t-h+1 .. t-1; long-term: pairs ..t-m (v2 paper, Eq. 10)."""
+    bands = {SHORT_TERM: family.Band(lo=1, hi=config.short_term_window - 1)}
+    if config.long_term_memory:
+      lo = config.long_term_delay if ltm_delay is None else ltm_delay
+      bands[LONG_TERM] = family.Band(lo=lo, hi=None)
+    return bands
+
+  def step_kwargs(self, config: config_lib.MosaicV2Config, key: jax.Array | None) -> dict[str, Any]:
+    """m drawn uniformly from long_term_delay_range at a training step (one m per step: ASSUMED);
+    long_term_delay at inference."""
+    if not config.long_term_memory:
+      return {}
+    if key is None:
+      return {"ltm_delay": config.long_term_delay}
+    low, high = config.long_term_delay_range
+    return {"ltm_delay": jax.random.randint(key, (), low, high + 1)}
+
+  def layer_activations(self, config, b, t) -> list[family.Activation]:
+    c = family.itemsize(config)
+    f32 = 4
+    n = len(self.bands(config))
+    heads = lambda itemsize, count: family.Activation.heads(config, b, t, itemsize, count)
+    return [
+        heads(c, 2 * n),  # W_phi x, W_psi x.
+        heads(f32, 4 * n),  # Keys: gated scan input, scan output, normalised; the query.
+        heads(f32, 3 * n),  # Values: projection, mix, normalised.
+        heads(c, 4 * n),  # The retrieval's q, k, v and output.
+        family.Activation.mlp(config.ffn_width, b, t, c, 3),  # SwiGLU gate, up, their product.
+    ]
+
+
+FAMILY = MosaicV2Family()

@@ -1,0 +1,236 @@
+"""The train step as a pure function, its jitted and sharded forms, and the train state.
+
+    step = train_step_fn(experiment, model, tx)          # pure: (state, batch) -> (state, stats)
+    jitted = make_train_step(experiment, model, tx)      # what mosaics-train runs
+
+The state is a dict: step, params, opt_state, and rng (raw key data, so Orbax saves it as-is). At
+step n the dropout masks and the model's per-step arguments (v2's long-term delay m,
+`Family.step_kwargs`) derive from `fold_in(rng, n)`, so a resumed run continues bit for bit.
+`mosaics_jax.analysis` compiles and times this same step (AOT compilation, benchmarks).
+
+On more than one device a `Placement` holds the mesh and the shardings of the state and batches:
+parameters and optimizer state are created sharded as their logical axes and the mesh rules say
+(`mosaics_jax.sharding`), batches are sharded over their batch axis, and each step is one jit with
+those shardings. One device runs exactly as without a mesh.
+
+Axis legend: b = batch, t = time, a = gradient-accumulation micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mosaics_jax import config as config_lib, sharding
+from mosaics_jax.model import families
+from mosaics_jax.train import optim
+
+Batch = dict[str, np.ndarray]
+State = dict[str, Any]  # step, params, opt_state, rng (raw key data, so Orbax saves it as-is).
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where a multi-device run keeps its arrays."""
+
+  mesh: jax.sharding.Mesh
+  rules: config_lib.AxisRules
+  state: Any  # A NamedSharding per leaf of the train state.
+  batch: jax.sharding.NamedSharding  # Of every [b t] batch array.
+
+  @contextlib.contextmanager
+  def context(self):
+    """The mesh and the logical axis rules, for tracing the models' sharding constraints."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
+  def jit(self, fn, in_shardings, out_shardings, **kwargs) -> Callable:
+    """`fn` jitted with these shardings, traced and run in `context`, host batches sharded."""
+    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, **kwargs)
+
+    def run(first, batch: Batch):
+      with self.context():
+        return jitted(first, sharding.put_batch(batch, self.batch))
+
+    return run
+
+
+def make_placement(experiment: config_lib.Experiment, model, tx, devices=None) -> Placement | None:
+  """The placement of `experiment` on the mesh of `devices` (default: all); None on one device.
+
+  Raises `sharding.ShardingError` if the mesh does not fit the devices, or the parameters, batch
+  or heads do not divide by their mesh axes.
+  """
+  mesh = sharding.make_mesh(experiment.mesh, devices)
+  if mesh.size == 1:
+    return None
+  rules = experiment.mesh.rules
+  boxed = boxed_state_shapes(experiment, model, tx)
+  sharding.check_divisible(boxed["params"], mesh.shape, rules)
+  cfg = experiment.train
+  sharding.check_activations(experiment.model, cfg.batch_size // cfg.grad_accum, mesh.shape, rules)
+  return Placement(
+      mesh=mesh,
+      rules=rules,
+      state=sharding.logical_shardings(boxed, mesh, rules),
+      batch=sharding.batch_sharding(mesh, rules),
+  )
+
+
+def _loss(params, model, batch: Batch, kwargs, dropout_key) -> tuple[jax.Array, dict]:
+  deterministic = dropout_key is None
+  logits = model.apply(
+      {"params": params},
+      batch["tokens"],
+      batch["segment_ids"],
+      deterministic=deterministic,
+      rngs=None if deterministic else {"dropout": dropout_key},
+      **kwargs,
+  )
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  mask = batch["loss_mask"]
+  loss_sum, weight = jnp.sum(ce * mask), jnp.sum(mask)
+  correct = (jnp.argmax(logits, -1) == batch["targets"]) * batch["answer_mask"]
+  stats = {
+      "loss_sum": loss_sum,
+      "weight": weight,
+      "correct": jnp.sum(correct),
+      "answers": jnp.sum(batch["answer_mask"]),
+  }
+  return loss_sum / jnp.maximum(weight, 1.0), stats
+
+
+def train_step_fn(
+    experiment: config_lib.Experiment, model, tx: optax.GradientTransformation
+) -> Callable[[State, Batch], tuple[State, dict]]:
+  """One optimizer step over a global batch, as a pure function (not jitted)."""
+  cfg = experiment.train
+  schedule = optim.learning_rate(cfg)
+  grad_fn = jax.value_and_grad(_loss, has_aux=True)
+
+  def step(state: State, batch: Batch) -> tuple[State, dict]:
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    dropout_key, delay_key = jax.random.split(key)
+    kwargs = families.of(experiment.model).step_kwargs(experiment.model, delay_key)
+    dropout_key = dropout_key if experiment.model.dropout > 0 else None
+    # [b t] -> [a b/a t]: the gradient is the mean over micro-batches.
+    micro = jax.tree.map(
+        lambda x: nn.with_logical_constraint(
+            x.reshape(cfg.grad_accum, -1, *x.shape[1:]), (None, "batch", "length")
+        ),
+        batch,
+    )
+
+    def accumulate(grads, micro_batch):
+      (loss, _), g = grad_fn(state["params"], model, micro_batch, kwargs, dropout_key)
+      return jax.tree.map(jnp.add, grads, g), loss
+
+    zeros = jax.tree.map(jnp.zeros_like, state["params"])
+    grads, losses = jax.lax.scan(accumulate, zeros, micro)
+    grads = jax.tree.map(lambda g: g / cfg.grad_accum, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_state = {
+        "step": state["step"] + 1,
+        "params": optax.apply_updates(state["params"], updates),
+        "opt_state": opt_state,
+        "rng": state["rng"],
+    }
+    return new_state, {
+        "loss": jnp.mean(losses),
+        "grad_norm": optax.tree_utils.tree_norm(grads),
+        "lr": schedule(state["step"]),
+    }
+
+  return step
+
+
+def train_step_shardings(placement: Placement) -> tuple[Any, Any]:
+  """(in_shardings, out_shardings) of the train step: (state, batch) -> (state, stats)."""
+  return (placement.state, placement.batch), (placement.state, sharding.replicated(placement.mesh))
+
+
+def make_train_step(
+    experiment: config_lib.Experiment,
+    model,
+    tx: optax.GradientTransformation,
+    placement: Placement | None = None,
+) -> Callable[[State, Batch], tuple[State, dict]]:
+  """The jitted train step; it donates the state it is given."""
+  step = train_step_fn(experiment, model, tx)
+  if placement is None:
+    return jax.jit(step, donate_argnums=0)
+  in_shardings, out_shardings = train_step_shardings(placement)
+  return placement.jit(step, in_shardings, out_shardings, donate_argnums=0)
+
+
+def make_eval_step(
+    experiment: config_lib.Experiment, model, placement: Placement | None = None
+) -> Callable[[Any, Batch], dict]:
+  """The jitted evaluation step: (params, batch) -> the loss and accuracy sums of the batch."""
+  kwargs = families.of(experiment.model).step_kwargs(experiment.model, None)
+  fn = lambda params, batch: _loss(params, model, batch, kwargs, None)[1]
+  if placement is None:
+    return jax.jit(fn)
+  return placement.jit(
+      fn,
+      in_shardings=(placement.state["params"], placement.batch),
+      out_shardings=sharding.replicated(placement.mesh),
+  )
+
+
+def _boxed_init(experiment: config_lib.Experiment, model, tx) -> Callable[[], State]:
+  """The initial state, its params and optimizer moments boxed with their logical axis names."""
+  key = jax.random.key(experiment.train.seed)
+  param_key, run_key = jax.random.split(key)
+  tokens = jnp.zeros((1, experiment.data.seq_len), jnp.int32)
+
+  def init():
+    params = model.init_boxed(param_key, tokens)["params"]
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "rng": jax.random.key_data(run_key),
+    }
+
+  return init
+
+
+def boxed_state_shapes(experiment: config_lib.Experiment, model, tx) -> State:
+  """The initial state as `jax.ShapeDtypeStruct`s, its params and optimizer moments boxed with
+  their logical axis names (`nn.LogicallyPartitioned`); nothing is allocated."""
+  return jax.eval_shape(_boxed_init(experiment, model, tx))
+
+
+def init_state(
+    experiment: config_lib.Experiment, model, tx, placement: Placement | None = None
+) -> State:
+  """The initial train state; with a placement, created sharded (never whole on one device)."""
+  init = _boxed_init(experiment, model, tx)
+  out_shardings = None if placement is None else placement.state
+  return jax.jit(lambda: nn.meta.unbox(init()), out_shardings=out_shardings)()
+
+
+def abstract_state(
+    experiment: config_lib.Experiment, model, tx, placement: Placement | None = None
+) -> State:
+  """The train state as `jax.ShapeDtypeStruct`s with their shardings, initialising nothing."""
+  shapes = nn.meta.unbox(boxed_state_shapes(experiment, model, tx))
+  if placement is None:
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: one_device, shapes)
+  else:
+    shardings = placement.state
+  return jax.tree.map(
+      lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+      shapes,
+      shardings,
+  )
