@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Int
 
 IntLike = int | Int[Array, ""]
 
 
 def band_mask(
-    t: Int[Array, "*q"], s: Int[Array, "*k"], lo: IntLike, hi: int | None
+    t: IntLike | Int[Array, "*q"], s: IntLike | Int[Array, "*k"], lo: IntLike, hi: int | None
 ) -> Bool[Array, "*qk"]:
   """True where key time s lies in the band of query time t (broadcasting t against s)."""
   delta = t - s
@@ -30,13 +31,15 @@ def band_mask(
   return inside
 
 
-def segment_starts(segment_ids: Int[Array, "b t"]) -> Bool[Array, "b t"]:
+def segment_starts(segment_ids: Int[Array | np.ndarray, "b t"]) -> Bool[Array, "b t"]:
   """True at the first position of every document (and at t = 0)."""
   first = jnp.ones_like(segment_ids[:, :1], dtype=bool)
   return jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
 
 
-def document_positions(segment_ids: Int[Array, "b t"] | None, seq_len: int) -> Int[Array, "b t"]:
+def document_positions(
+    segment_ids: Int[Array | np.ndarray, "b t"] | None, seq_len: int
+) -> Int[Array, "b t"]:
   """Position of each token inside its document (documents are contiguous runs of one id)."""
   t = jnp.arange(seq_len, dtype=jnp.int32)
   if segment_ids is None:
@@ -48,7 +51,7 @@ def document_positions(segment_ids: Int[Array, "b t"] | None, seq_len: int) -> I
 
 
 def visible_counts(
-    segment_ids: Int[Array, "b t"] | None, seq_len: int, lo: IntLike, hi: int | None
+    segment_ids: Int[Array | np.ndarray, "b t"] | None, seq_len: int, lo: IntLike, hi: int | None
 ) -> Int[Array, "b t"]:
   """n_t = |S(t)|: the number of pairs the query at time t can read, counted inside its document.
 

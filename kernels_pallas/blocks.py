@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from kernels_pallas import bands
@@ -73,14 +74,14 @@ def _span(live: Bool[Array, "b r c"]) -> tuple[Int[Array, "b r"], Int[Array, "b 
   return jnp.where(any_live, first, 0), jnp.where(any_live, last - first + 1, 0)
 
 
-def visited_block(first: Int[Array, ""], count: Int[Array, ""], step: Int[Array, ""]):
+def visited_block(first: bands.IntLike, count: bands.IntLike, step: bands.IntLike):
   """The block a kernel visits at `step` of a range: first + step, and past the count the last
   live block again (`first`, 0, when there is none)."""
   return first + jnp.minimum(step, jnp.maximum(count - 1, 0))
 
 
 def schedule(
-    segment_ids: Int[Array, "b t"] | None,
+    segment_ids: Int[Array | np.ndarray, "b t"] | None,
     *,
     batch: int,
     seq_len: int,
@@ -118,7 +119,7 @@ def schedule(
 
 
 def _block_ranges(
-    segment_ids: Int[Array, "b t"], block: int, num_blocks: int
+    segment_ids: Int[Array | np.ndarray, "b t"], block: int, num_blocks: int
 ) -> tuple[Int[Array, "b n"], Int[Array, "b n"]]:
   """Smallest and largest document id of the real positions of every block."""
   batch, seq_len = segment_ids.shape
@@ -133,14 +134,16 @@ def _block_ranges(
 
 
 def tile_mask(
-    t: Int[Array, "i 1"],
-    s: Int[Array, "1 j"],
+    t: Int[Array, " i #j"],
+    s: Int[Array, "#i j"],
     lo: bands.IntLike,
     hi: int | None,
-    q_segments: Int[Array, "i 1"] | None = None,
-    k_segments: Int[Array, "1 j"] | None = None,
+    q_segments: Int[Array, " i #j"] | None = None,
+    k_segments: Int[Array, "#i j"] | None = None,
 ) -> Bool[Array, "i j"]:
   """True where query time t may read key time s: inside the band and the same document.
+
+  t and s broadcast against each other: a column [i, 1] and a row [1, j], or both [i, j].
 
   Keys past the end of the sequence need no mask of their own: such a key is only in the band of
   a query past the end too, whose output is cropped (so it adds nothing to any gradient).

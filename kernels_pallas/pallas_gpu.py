@@ -385,7 +385,7 @@ def _call(
     segments: Int[Array, "b t"] | None,
     out_specs: list[pl.BlockSpec],
     out_shape: list[jax.ShapeDtypeStruct],
-) -> list[Array]:
+) -> tuple[Array, ...]:
   """One kernel over the grid (n, b, h), reading its side's live-block ranges (count, first)."""
   count, first = table
   batch, seq_len, heads, _ = inputs[0].shape

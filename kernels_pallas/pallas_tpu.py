@@ -367,7 +367,7 @@ def _call(
     steps: int,
     lo: Int[Array, 1],
     inputs: list[Array],
-) -> list[Array]:
+) -> tuple[Array, ...]:
   """One kernel over the grid (b, h, block, step over the live blocks of the other side)."""
   batch, heads = inputs[0].shape[:2]
   grid = (batch, heads, config.num_blocks, steps)

@@ -13,6 +13,7 @@ memory, n = positions (b * t), q = pairs of all memories of a head (c * p).
 from __future__ import annotations
 
 import functools
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,9 @@ def _check(k: Array, p_k: Array, p_v: Array) -> None:
       raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
 
 
+# Validates its own inputs with errors that name the problem (tested); the test suite's jaxtyping
+# hook would answer first with its own.
+@typing.no_type_check
 def retrieve_persistent_reference(
     k: Float[Array, "b t h d"], p_k: Float[Array, "c h p d"], p_v: Float[Array, "c h p d"]
 ) -> Float[Array, "b t h d"]:
@@ -54,6 +58,9 @@ def retrieve_persistent_reference(
   return jnp.einsum("bthcp,chpd->bthd", weights, p_v.astype(dtype), precision=highest)
 
 
+# Validates its own inputs with errors that name the problem (tested); the test suite's jaxtyping
+# hook would answer first with its own.
+@typing.no_type_check
 def retrieve_persistent(
     k: Float[Array, "b t h d"], p_k: Float[Array, "c h p d"], p_v: Float[Array, "c h p d"]
 ) -> Float[Array, "b t h d"]:

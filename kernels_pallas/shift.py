@@ -75,7 +75,7 @@ def _cudnn_supported(dtype: jnp.dtype, dim: int, packed: bool) -> bool:
 
 
 def default_implementation(
-    dtype: jnp.dtype,
+    dtype: jax.typing.DTypeLike,
     dim: int,
     packed: bool,
     static_window: bool = True,

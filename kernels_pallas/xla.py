@@ -87,7 +87,7 @@ def _offset_range(
 def _offset_mask(
     band: _Band,
     lo: Int[Array, ""],
-    offset: Int[Array, ""],
+    offset: int | Int[Array, ""],
     num_blocks: int,
     segments: Int[Array, "b n i"] | None,
 ) -> Bool[Array, "b n 1 i j"]:
@@ -108,12 +108,12 @@ def _offset_mask(
   return mask
 
 
-def _roll_blocks(x: Array, offset: Int[Array, ""]) -> Array:
+def _roll_blocks(x: Array, offset: int | Int[Array, ""]) -> Array:
   """Moves block n - offset into slot n (slots n < offset get a wrapped-around block)."""
   return jnp.roll(x, offset, axis=1)
 
 
-def _unroll_blocks(x: Array, offset: Int[Array, ""]) -> Array:
+def _unroll_blocks(x: Array, offset: int | Int[Array, ""]) -> Array:
   """Inverse of `_roll_blocks`: slot n goes back to block n - offset."""
   return jnp.roll(x, -offset, axis=1)
 
@@ -125,8 +125,9 @@ def _forward(
     v: Float[Array, "b n h j e"],
     segments: Int[Array, "b n i"] | None,
     lo: Int[Array, ""],
-) -> tuple[Float[Array, "b n h i e"], Float[Array, "b n h i"]]:
-  """Output y (input dtype) and per-row log-sum-exp (float32, 0 on empty rows)."""
+) -> tuple[Float[Array, "b n h i e"], tuple[Float[Array, "b n h i"], Float[Array, "b n h i"]]]:
+  """Output y (input dtype) and each row's (max, sum) of exp(scores - max), float32 (max 0 and
+  sum 1 on empty rows)."""
   batch, num_blocks, heads, block, _ = q.shape
   f32 = jnp.float32
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import types
 import typing
 from typing import Any, ClassVar, Literal
 
 Dtype = Literal["float32", "bfloat16"]
+# The names `kernels_pallas.retrieve` takes: its ALIASES and IMPLEMENTATIONS (a test keeps them so).
+RetrieveImpl = Literal["auto", "pallas", "reference", "xla", "pallas_tpu", "pallas_gpu", "shift"]
 # (logical axis name, mesh axes): a parameter or activation dimension with that logical name is
 # sharded over those mesh axes (`mosaics_jax.sharding`).
 AxisRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
@@ -23,8 +26,73 @@ class ConfigError(ValueError):
   """A config field or override that does not exist or does not fit."""
 
 
+def check_types(config: Any) -> None:
+  """Raises ConfigError naming the first field whose value does not fit its annotation.
+
+  Booleans are not ints, ints are valid floats, lists are not tuples (JSON lists become tuples in
+  `from_dict` and `overrides.parse_value` before they get here).
+  """
+  hints = typing.get_type_hints(type(config))
+  for field in dataclasses.fields(config):
+    value, hint = getattr(config, field.name), hints[field.name]
+    if not _fits(value, hint):
+      raise ConfigError(
+          f"{type(config).__name__}.{field.name} must be {_describe(hint)}, got {value!r}"
+          f" ({type(value).__name__})"
+      )
+
+
+def _fits(value: Any, hint: Any) -> bool:
+  origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if hint is Any:
+    return True
+  if hint is type(None):
+    return value is None
+  if origin is Literal:
+    return any(type(value) is type(a) and value == a for a in args)
+  if origin in (typing.Union, types.UnionType):
+    return any(_fits(value, a) for a in args)
+  if hint is bool:
+    return isinstance(value, bool)
+  if hint is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if hint is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if origin is tuple:
+    if not isinstance(value, tuple):
+      return False
+    if len(args) == 2 and args[1] is Ellipsis:
+      return all(_fits(v, args[0]) for v in value)
+    return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+  return isinstance(value, origin or hint)
+
+
+def _describe(hint: Any) -> str:
+  """The type of a field in words: "an int", "one of 'float32', 'bfloat16'", ..."""
+  origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if hint is type(None):
+    return "null"
+  if origin is Literal:
+    return "one of " + ", ".join(repr(a) for a in args)
+  if origin in (typing.Union, types.UnionType):
+    return " or ".join(_describe(a) for a in args)
+  if origin is tuple:
+    if len(args) == 2 and args[1] is Ellipsis:
+      return f"a list of ({_describe(args[0])})"
+    return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
+  names = {bool: "a bool (true or false)", int: "an int", float: "a number", str: "a string"}
+  return names.get(hint, f"a {getattr(hint, '__name__', hint)}")
+
+
+class _Typed:
+  """Checks every field against its annotation on construction (`check_types`)."""
+
+  def __post_init__(self):
+    check_types(self)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ModelConfig:
+class ModelConfig(_Typed):
   """Fields every model family shares."""
 
   family: ClassVar[str] = ""
@@ -36,13 +104,15 @@ class ModelConfig:
   dtype: Dtype = "float32"  # Compute dtype; parameters stay float32.
   remat: bool = False  # Rematerialise each block in the backward pass.
   dropout: float = 0.0  # On the embedding output and on every residual branch.
-  retrieve_impl: str = "auto"  # Implementation of kernels_pallas.retrieve.
-  scan_impl: str = "chunked"  # Implementation of kernels_pallas.linear_scan (key recurrences).
+  retrieve_impl: RetrieveImpl = "auto"  # Implementation of kernels_pallas.retrieve.
+  # Implementation of kernels_pallas.linear_scan (key recurrences).
+  scan_impl: Literal["associative", "chunked"] = "chunked"
   # Steps per chunk of the chunked scan. On CPU 16 is the fastest (v1 at nanoGPT's size, forward
   # and backward of one layer's keys: 207 ms, 255 at 32, 361 at 64, associative 228).
   scan_chunk_size: int = 16
 
   def __post_init__(self):
+    super().__post_init__()
     for name in ("vocab_size", "num_layers", "width", "num_heads", "scan_chunk_size"):
       if getattr(self, name) < 1:
         raise ConfigError(f"{type(self).__name__}.{name} must be >= 1, got {getattr(self, name)}")
@@ -137,7 +207,7 @@ MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DataConfig:
+class DataConfig(_Typed):
   """What the model reads (`mosaics_jax.data` builds the Grain pipelines)."""
 
   # synthetic_induction: "... a b ... a -> b"; synthetic_mqar: multi-query associative recall;
@@ -159,6 +229,7 @@ class DataConfig:
   task_pairs: int = 8
 
   def __post_init__(self):
+    super().__post_init__()
     if self.seq_len < 2:
       raise ConfigError(f"data.seq_len must be >= 2, got {self.seq_len}")
     if not 0.0 < self.val_fraction < 1.0:
@@ -166,7 +237,7 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TrainConfig:
+class TrainConfig(_Typed):
   """The optimisation recipe (design.md, "Training recipe") and the run's bookkeeping."""
 
   batch_size: int = 8  # Sequences per optimizer step, over all processes.
@@ -189,6 +260,7 @@ class TrainConfig:
   keep_checkpoints: int = 3
 
   def __post_init__(self):
+    super().__post_init__()
     for name in (
         "batch_size",
         "steps",
@@ -224,7 +296,7 @@ DEFAULT_AXIS_RULES: AxisRules = (
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MeshConfig:
+class MeshConfig(_Typed):
   """The device mesh (axes data, fsdp, tensor) and how logical axes map onto it.
 
   Sizes are devices per slice; at most one of data, fsdp, tensor may be -1 ("the rest"). The
@@ -240,6 +312,7 @@ class MeshConfig:
   rules: AxisRules = DEFAULT_AXIS_RULES
 
   def __post_init__(self):
+    super().__post_init__()
     for name in ("data", "fsdp", "tensor"):
       if getattr(self, name) < 1 and getattr(self, name) != -1:
         raise ConfigError(f"mesh.{name} must be >= 1 or -1 (the rest), got {getattr(self, name)}")
@@ -258,7 +331,7 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Experiment:
+class Experiment(_Typed):
   """A model size paired with a dataset and a training recipe."""
 
   name: str

@@ -34,10 +34,7 @@ def override(config: Any, path: str, value: Any) -> Any:
     child = getattr(config, head)
     if not dataclasses.is_dataclass(child):
       raise config_lib.ConfigError(f"{type(config).__name__}.{head} has no field {rest!r}")
-    try:
-      value = override(child, rest, value)
-    except config_lib.ConfigError as e:
-      raise config_lib.ConfigError(f"in {head}: {e}") from None
+    value = override(child, rest, value)
   return dataclasses.replace(config, **{head: value})
 
 
@@ -58,7 +55,10 @@ def apply(experiment: config_lib.Experiment, assignments: Iterable[str]) -> conf
     key, sep, text = assignment.partition("=")
     if not sep:
       raise config_lib.ConfigError(f"--set takes KEY=VALUE, got {assignment!r}")
-    experiment = override(experiment, key, parse_value(text, field_hint(experiment, key)))
+    try:
+      experiment = override(experiment, key, parse_value(text, field_hint(experiment, key)))
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(f"{assignment}: {e}") from None
   return experiment
 
 

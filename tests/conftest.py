@@ -1,16 +1,50 @@
-"""Markers that skip themselves where the hardware is missing: `gpu` (needs a CUDA GPU) and `tpu`
-(needs libtpu, which compiles for TPU topologies on any host). `slow` tests are deselected by the
-default `-m "not slow"`; `python -m pytest -m slow` runs them (`.ci/run` does)."""
+"""The test suite's run-time type checks and hardware markers.
+
+- Every function and dataclass of mosaics_jax and kernels_pallas is checked against its annotations
+  at run time, jaxtyping shapes included (under jit, at trace time): jaxtyping's import hook with
+  beartype (`runtime_typecheck.py`). `--no-typecheck` turns it off. The configs are left out: they
+  check their own fields (`config.check_types`), with errors that name the field.
+- Markers that skip themselves where the hardware is missing: `gpu` (needs a CUDA GPU) and `tpu`
+  (needs libtpu, which compiles for TPU topologies on any host). `slow` tests are deselected by the
+  default `-m "not slow"`; `python -m pytest -m slow` runs them (`.ci/run` does).
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import pathlib
+import sys
 
 import jax
+import jaxtyping
 import pytest
 
-# This file is imported before the jaxtyping import hook is installed (`addopts` in setup.cfg):
-# it must not import mosaics_jax or kernels_pallas, which the hook type-checks.
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The hook only checks modules imported after it is installed: this file must not import them.
+CHECKED = ("kernels_pallas",) + tuple(
+    f"mosaics_jax.{path.stem}"
+    for path in sorted((ROOT / "mosaics_jax").iterdir())
+    if path.stem not in ("__init__", "__pycache__", "config") and not path.name.startswith(".")
+)
+
+
+def pytest_addoption(parser):
+  parser.addoption(
+      "--no-typecheck",
+      action="store_true",
+      help="do not check the annotations of mosaics_jax and kernels_pallas at run time",
+  )
+
+
+def pytest_configure(config):
+  if config.getoption("--no-typecheck"):
+    return
+  imported = [name for name in ("mosaics_jax", *CHECKED) if name in sys.modules]
+  if imported:
+    raise pytest.UsageError(
+        f"{imported} imported before the type-check hook: run with --no-typecheck"
+    )
+  jaxtyping.install_import_hook(CHECKED, "runtime_typecheck.beartype_tower")
 
 
 def pytest_collection_modifyitems(config, items):

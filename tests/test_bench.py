@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 
 import jax
+import pytest
 
 from mosaics_jax.analysis import bench_kernels
 from mosaics_jax.cli import bench
 
 
+@pytest.mark.slow
 def test_train_table(capsys):
   assert (
       bench.main(
@@ -120,6 +122,7 @@ def test_kernels_rejects_impls_foreign_to_the_backend(capsys):
     assert "interpret mode on CPU is not a benchmark" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_profile_attributes_time_to_model_components(capsys, tmp_path):
   trace_dir = str(tmp_path / "trace")
   assert (

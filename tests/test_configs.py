@@ -46,6 +46,7 @@ def test_flop_count_of_a_small_model_by_hand():
   )
 
 
+@pytest.mark.slow
 def test_every_experiment_builds_and_counts():
   for name, experiment in registry.all_experiments().items():
     report = flops.count(experiment.model)

@@ -319,10 +319,6 @@ ERRORS = {
         dict(source="text", tokenizer="hf", path="{tmp}/text.txt", tokenizer_path="{tmp}/no.json"),
         "{tmp}/no.json does not exist",
     ),
-    "unknown token_dtype": (
-        dict(source="tokens", path="{tmp}/short.bin", token_dtype="int8"),
-        "unknown data.token_dtype 'int8' for {tmp}/short.bin",
-    ),
     "eot_id beyond token_dtype": (
         dict(source="tokens", path="{tmp}/short.bin", eot_id=70_000),
         "eot_id 70000 is not a uint16 token id \\({tmp}/short.bin\\)",

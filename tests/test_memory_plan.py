@@ -108,6 +108,7 @@ def test_remat_keeps_one_layer_and_the_block_inputs():
   assert rematted["block inputs, 8 layers (remat)"] < layer
 
 
+@pytest.mark.slow
 def test_mm2_large_on_256_devices_from_shapes_only(capsys):
   """This process has one device: planning for 256 allocates nothing on them."""
   assert info.main(["mm2-large", "--mesh", "dcn_data=2,fsdp=128"]) == 0

@@ -75,8 +75,18 @@ def test_packed_documents_equal_separate_runs(family):
     start += n
 
 
-def test_remat_gives_same_logits_and_gradients(family):
-  cfg, model, params = family
+# The cheapest family by default; mm1 and mm2 (about 15 s each) with the slow tests.
+@pytest.mark.parametrize(
+    "name",
+    [
+        "llama",
+        pytest.param("mm1", marks=pytest.mark.slow),
+        pytest.param("mm2", marks=pytest.mark.slow),
+    ],
+)
+def test_remat_gives_same_logits_and_gradients(name):
+  cfg = CONFIGS[name]
+  model, params = _init(cfg)
   remat_model = _Jitted(dataclasses.replace(cfg, remat=True))
   tokens = _tokens(3)
   loss = lambda m: lambda p: m.apply({"params": p}, tokens).mean()
@@ -214,6 +224,7 @@ def test_v2_long_term_delay_can_be_traced_without_recompiling():
   )
 
 
+@pytest.mark.slow
 def test_v2_dropping_long_term_memory_zeroes_its_output():
   """The Table 2 switch keeps the parameters and equals zeroing the long-term half of W_o."""
   cfg = CONFIGS["mm2"]
@@ -355,6 +366,7 @@ def test_v1_initialisation_matches_nanomosaics():
   assert "lm_head" not in params  # Tied to wte.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mm1-tiny", "mm2-tiny", "llama-tiny"])
 def test_training_with_pallas_kernels_matches_xla(name):
   """Two optimizer steps with the retrieval op as Pallas kernels (interpreted off GPU and TPU)

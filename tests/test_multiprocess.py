@@ -120,6 +120,7 @@ def _params(workdir: pathlib.Path) -> list[np.ndarray]:
   return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one(tmp_path):
   two, mesh, one = tmp_path / "two-processes", tmp_path / "two-devices", tmp_path / "one-device"
   cluster = ["--coordinator-address", f"localhost:{_free_port()}", "--num-processes", "2"]

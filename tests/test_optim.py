@@ -60,6 +60,7 @@ def _batch(exp, seed):
   }
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch():
   exp = registry.get("llama-tiny")
   exp = overrides.override(exp, "data.seq_len", 16)

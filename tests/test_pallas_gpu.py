@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src import mesh as mesh_lib
 
 from kernels_pallas import pallas_gpu
 
@@ -157,7 +158,12 @@ def test_lowers_to_triton(dtype):
       jax.ShapeDtypeStruct((), jnp.int32),
       segment_ids,
   ]
-  lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  # jax >= 0.12 reads the target GPU from the abstract mesh when the host has none.
+  h100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="cuda")
+  with jax.sharding.use_abstract_mesh(
+      jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)
+  ):
+    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
   assert lowered.as_text().count("xla.gpu.triton") == 3
 
 

@@ -51,8 +51,15 @@ def _run_on_8_devices(*args) -> None:
 
 
 # "pallas": the Pallas kernels (interpreted on CPU) run per (batch, heads) shard in shard_map.
+@pytest.mark.slow
 @pytest.mark.parametrize(
-    "name, impl", [*((name, "auto") for name in FAMILIES), ("mm2-tiny", "pallas")]
+    "name, impl",
+    [
+        ("llama-tiny", "auto"),
+        ("mm1-tiny", "auto"),
+        ("mm2-tiny", "auto"),
+        ("mm2-tiny", "pallas"),
+    ],
 )
 def test_training_on_a_mesh_matches_one_device(tmp_path, name, impl):
   """Three steps on (data=2, fsdp=2, tensor=2) give the losses and parameters of one device."""
@@ -139,6 +146,7 @@ def test_key_parameters_have_the_expected_logical_axes(specs):
       assert specs[name]["params"][path]["spec"] == spec, (name, path)
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_other_meshes_and_one_device(tmp_path):
   """Saved on fsdp=8; restored onto fsdp=8, (data=2, tensor=4) and one device in the 8-device
   process (checked there), and here, in a process with its own device count."""

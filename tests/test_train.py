@@ -84,6 +84,7 @@ TRAIN_CLI_SETS = TINY_SETS + [
 ]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_exact(tmp_path):
   steps = 24
   sets = TRAIN_CLI_SETS + [f"train.steps={steps}"]
@@ -117,6 +118,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
   assert train_steps == sorted(set(train_steps)) and train_steps[-1] == steps
 
 
+@pytest.mark.slow
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path):
   exp = _tiny(6, train__checkpoint_every=3)
   loop.train(exp, tmp_path, progress=False)
@@ -147,6 +149,7 @@ def test_a_short_run_learns_and_writes_metrics(tmp_path):
   assert saved["train"]["steps"] == 40 and saved["model"]["family"] == "mm2"
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   exp = _tiny(4, train__checkpoint_every=2)
   loop.train(exp, tmp_path, progress=False)
@@ -165,6 +168,7 @@ def test_workdir_of_a_different_model_is_refused(tmp_path):
     loop.train(other, tmp_path, progress=False)
 
 
+@pytest.mark.slow
 def test_relative_workdir(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   assert loop.train(_tiny(2, train__checkpoint_every=1), "runs/a", progress=False).step == 2
@@ -269,6 +273,7 @@ def test_tokenizer_vocabulary_larger_than_the_model(tmp_path):
     loop.train(exp, tmp_path, progress=False)
 
 
+@pytest.mark.slow
 def test_a_partial_checkpoint_is_never_used(tmp_path):
   """Orbax writes into a temporary directory and renames it when complete: a crash leaves only
   the temporary one, which restore ignores."""
@@ -282,6 +287,7 @@ def test_a_partial_checkpoint_is_never_used(tmp_path):
   assert result.step == 6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, learns", [("quickstart", True), ("quickstart-llama", False)])
 def test_quickstart_one_layer_induction(tmp_path, name, learns):
   """The v1 claim on a shortened schedule: one memory layer solves induction, one attention

@@ -78,23 +78,18 @@ def _kernels(args: argparse.Namespace) -> int:
   """Prints the `kernels` table row by row as the sweep measures it."""
   sizes = (args.repeats, args.matmul_size, args.batch, args.heads, *args.seq_lens, *args.head_dims)
   if min(sizes) < 1:
-    print("mosaics-bench: error: sizes and --repeats must be >= 1", file=sys.stderr)
-    return 2
+    return common.fail("mosaics-bench", "sizes and --repeats must be >= 1")
   target = None
   if args.compile_for is not None:
     try:
       target = aot.topology_devices(args.compile_for)[0]
     except aot.AotError as e:
-      print(f"mosaics-bench: error: {e}", file=sys.stderr)
-      return 2
+      return common.fail("mosaics-bench", e)
   backend = jax.default_backend() if target is None else target.platform
   impls = args.impls or bench_kernels.available_impls(backend)
   for impl in impls:
     if reason := bench_kernels.impl_unavailable_reason(impl, backend):
-      print(
-          f"mosaics-bench: error: {impl} is not benchmarked on {backend}: {reason}", file=sys.stderr
-      )
-      return 2
+      return common.fail("mosaics-bench", f"{impl} is not benchmarked on {backend}: {reason}")
   device_bytes = (
       bench_kernels.device_memory_bytes() if target is None else aot.hbm_per_device([target])
   )
@@ -139,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     return _kernels(args)
   elif args.command == "train":
     if min(args.steps, args.repeats, args.matmul_size) < 1:
-      print(
-          "mosaics-bench: error: --steps, --repeats and --matmul-size must be >= 1", file=sys.stderr
-      )
-      return 2
+      return common.fail("mosaics-bench", "--steps, --repeats and --matmul-size must be >= 1")
     try:
       experiment = common.experiment(args.experiment, args.set)
     except config_lib.ConfigError as e:

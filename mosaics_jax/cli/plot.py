@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mosaics_jax.cli import common
+
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="mosaics-plot", description=__doc__.splitlines()[0])
@@ -36,18 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     # matplotlib is the optional `plots` extra: without it only this command fails.
     from mosaics_jax.train import plots
   except ImportError as e:
-    print(
-        f"mosaics-plot: error: {e}; install the plots extra: pip install" " 'mosaics-jax[plots]'",
-        file=sys.stderr,
+    return common.fail(
+        "mosaics-plot", f"{e}; install the plots extra: pip install 'mosaics-jax[plots]'", 1
     )
-    return 1
   try:
     path = plots.plot_runs(
         args.dirs, args.output, log_y=args.log_y, title=args.title, smoothing=args.smooth
     )
   except (FileNotFoundError, ValueError) as e:
-    print(f"mosaics-plot: error: {e}", file=sys.stderr)
-    return 2
+    return common.fail("mosaics-plot", e)
   print(path)
   return 0
 

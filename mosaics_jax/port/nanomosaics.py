@@ -58,7 +58,7 @@ def config_from_model_args(model_args: Mapping[str, Any]) -> config_lib.MosaicV1
     raise layout.PortError(f"model_args {dict(model_args)}: {e}") from None
 
 
-def model_args(config: config_lib.MosaicV1Config) -> dict[str, Any]:
+def model_args(config: config_lib.ModelConfig) -> dict[str, Any]:
   """nanoMosaics' `model_args` of a MosaicV1Config; PortError if nanoMosaics cannot express it."""
   if config.family != "mm1":
     raise layout.PortError(
@@ -105,7 +105,7 @@ def from_nanomosaics(checkpoint: Mapping[str, Any]) -> NanoCheckpoint:
 
 
 def to_nanomosaics(
-    config: config_lib.MosaicV1Config,
+    config: config_lib.ModelConfig,
     params: layout.Params,
     *,
     iter_num: int = 0,

@@ -43,7 +43,7 @@ from typing import Literal
 
 import grain
 import numpy as np
-from jaxtyping import Bool, Int
+from jaxtyping import Bool, Int, Integer, UInt
 
 from mosaics_jax.config import DataConfig
 from mosaics_jax.train import tokenizers as tokenizers_lib
@@ -59,7 +59,6 @@ BATCH_DTYPES = {
     "answer_mask": np.float32,
 }
 
-SOURCES = ("synthetic_induction", "synthetic_mqar", "text", "tokens")
 TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 # Sequences in one epoch of a synthetic task: what a finite pass (repeat=False) reads.
 SYNTHETIC_SEQUENCES = {"train": 2**20, "val": 1024}
@@ -207,8 +206,8 @@ def mqar_example(
   return _example(sequence, answers, answers)
 
 
-def window_example(window: Int[np.ndarray, " t+1"], eot_id: int | None) -> Example:
-  """The example of seq_len + 1 consecutive tokens, documents delimited by `eot_id`."""
+def window_example(window: Integer[np.ndarray, " n"], eot_id: int | None) -> Example:
+  """The example of n = seq_len + 1 consecutive tokens, documents delimited by `eot_id`."""
   if eot_id is None:
     ones = np.ones(len(window) - 1, bool)
     return _example(window, ones, ~ones)
@@ -219,7 +218,7 @@ def window_example(window: Int[np.ndarray, " t+1"], eot_id: int | None) -> Examp
 
 
 def _example(
-    sequence: Int[np.ndarray, " t+1"],
+    sequence: Integer[np.ndarray, " n"],  # n = t + 1 tokens.
     loss_mask: Bool[np.ndarray, " t"],
     answer_mask: Bool[np.ndarray, " t"],
     segment_ids: Int[np.ndarray, " t"] | None = None,
@@ -256,7 +255,7 @@ def _synthetic_example(
 class _Windows:
   """Maps example i to the window at begin + i * stride; i >= count gives padding."""
 
-  tokens: Int[np.ndarray, " n"]  # All the file's tokens, possibly a memmap.
+  tokens: Integer[np.ndarray, " n"]  # All the file's tokens, possibly a memmap.
   begin: int
   stride: int
   count: int
@@ -317,9 +316,8 @@ def _local_batch(batch_size: int, process_index: int, process_count: int) -> int
 
 
 def _check_config(cfg: DataConfig) -> None:
-  """Refuses sources, tokenizers and task sizes that do not go together."""
-  if cfg.source not in SOURCES:
-    raise DataError(f"unknown data.source {cfg.source!r}; known: {', '.join(SOURCES)}")
+  """Refuses sources, tokenizers and task sizes that do not go together (the config's own checks
+  cover each field alone)."""
   if cfg.source == "tokens" and cfg.tokenizer != "none":
     raise DataError(
         f"source 'tokens' reads ids that are already tokenised ({cfg.path}): set"
@@ -383,13 +381,8 @@ def _text_ids(cfg: DataConfig) -> Int[np.ndarray, " n"]:
   return _tokenizer(cfg, text).encode(text)
 
 
-def _token_file(cfg: DataConfig) -> Int[np.memmap, " n"]:
+def _token_file(cfg: DataConfig) -> UInt[np.memmap, " n"]:
   """The token file as a read-only memmap: it is never read whole into memory."""
-  if cfg.token_dtype not in TOKEN_DTYPES:
-    raise DataError(
-        f"unknown data.token_dtype {cfg.token_dtype!r} for {cfg.path}: the token id range must be"
-        f" one of {', '.join(TOKEN_DTYPES)}"
-    )
   dtype = np.dtype(TOKEN_DTYPES[cfg.token_dtype])
   if cfg.eot_id is not None and not 0 <= cfg.eot_id <= np.iinfo(dtype).max:
     raise DataError(f"eot_id {cfg.eot_id} is not a {cfg.token_dtype} token id ({cfg.path})")

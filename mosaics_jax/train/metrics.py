@@ -181,7 +181,7 @@ class MetricsWriter:
             flush_secs=_TENSORBOARD_FLUSH_SECS,
         )
 
-  def write(self, step: int, record: Mapping[str, Any]) -> None:
+  def write(self, step: int | np.integer, record: Mapping[str, Any]) -> None:
     """Appends one record of scalars measured at `step`.
 
     Training records carry `loss`, `lr`, `grad_norm` and `tokens_per_sec`; evaluation records

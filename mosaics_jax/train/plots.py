@@ -21,7 +21,7 @@ from matplotlib.backends import backend_agg
 from mosaics_jax.train import metrics
 
 
-def ema(values: Sequence[float], smoothing: float) -> np.ndarray:
+def ema(values: Sequence[float] | np.ndarray, smoothing: float) -> np.ndarray:
   """The debiased exponential moving average of `values`, as TensorBoard smooths curves.
 
   Non-finite values are skipped: they stay NaN, a gap in the curve, and do not enter the

@@ -33,7 +33,7 @@ from mosaics_jax import config as config_lib, sharding
 from mosaics_jax.model import families
 from mosaics_jax.train import optim
 
-Batch = dict[str, np.ndarray]
+Batch = dict[str, np.ndarray | jax.Array]  # Host arrays, or global arrays inside the step.
 State = dict[str, Any]  # step, params, opt_state, rng (raw key data, so Orbax saves it as-is).
 
 

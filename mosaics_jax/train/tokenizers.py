@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-from jaxtyping import Int
+from jaxtyping import Int, UInt
 
 Ids = Int[np.ndarray, " t"]
 
 
+@runtime_checkable
 class Tokenizer(Protocol):
   """What the data pipelines and samplers need of a tokenizer."""
 
@@ -101,5 +102,5 @@ class HFTokenizer:
     return self.tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=False)
 
 
-def _code_points(text: str) -> Int[np.ndarray, " t"]:
+def _code_points(text: str) -> UInt[np.ndarray, " t"]:
   return np.frombuffer(text.encode("utf-32-le"), np.uint32)
