@@ -2,10 +2,19 @@
 
 A checkpoint holds the train state (step, params, optimizer state, RNG key) and the data iterator's
 state, so that a resumed run continues bit for bit. Orbax writes each checkpoint to a temporary
-directory and renames it when complete, so a checkpoint cut short by a crash is never listed; one
-that is listed but cannot be read is skipped with a warning for the one before it. A checkpoint
-restores onto the shardings of the template it is given, so a run saved on one mesh resumes on
-another mesh or device count.
+directory and renames it when complete, so a checkpoint cut short by a crash is never listed. A
+checkpoint restores onto the shardings of the template it is given, so a run saved on one mesh
+resumes on another mesh or device count.
+
+Restores tell the truth (`Checkpoints.restore_latest`):
+- a checkpoint whose saved tree does not fit the template (structure, shapes, dtypes) is an error
+  (`CheckpointMismatch`) naming the first parameter that differs; nothing is moved;
+- a checkpoint that cannot be read at all, or whose data state does not fit the run, is
+  unreadable: the newest readable one before it is used, with a warning, and a writer sets the
+  unreadable one aside (`checkpoints-unreadable/`) so that its step can be saved again; a reader
+  (`read_only=True`) leaves it in place;
+- when checkpoints exist but none is readable, that is an error (`NoReadableCheckpoint`) and
+  nothing is moved: starting over is the user's explicit choice (`mosaics-train --restart`).
 
 In a multi-process run every process calls every method (Orbax writes each process's shards and
 synchronises them); files outside Orbax's (the config, a set-aside checkpoint) are changed by
@@ -18,6 +27,7 @@ import json
 import pathlib
 import shutil
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -26,22 +36,43 @@ import orbax.checkpoint as ocp
 from mosaics_jax import config as config_lib
 
 CONFIG_FILE = "config.json"
+CHECKPOINTS_DIR = "checkpoints"
+UNREADABLE_DIR = "checkpoints-unreadable"
 
 
 class CheckpointError(RuntimeError):
   """A workdir that cannot be used for this run."""
 
 
-class Checkpoints:
-  """Asynchronous saves every few steps, keeping the last `keep`; restore with fallback."""
+class CheckpointMismatch(CheckpointError):
+  """A readable checkpoint of another model (or optimizer) than the template's."""
 
-  def __init__(self, directory: pathlib.Path, keep: int):
+
+class NoReadableCheckpoint(CheckpointError):
+  """Checkpoints exist, and none of them can be read."""
+
+
+class UnreadableData(ValueError):
+  """A checkpoint's data-iterator state that does not fit the run (`restore_latest`'s check)."""
+
+
+class Checkpoints:
+  """Asynchronous saves every few steps, keeping the last `keep`; honest restores with fallback.
+
+  With `read_only=True` nothing is ever written, moved or deleted (readers: `mosaics_jax.load`).
+  """
+
+  def __init__(self, directory: pathlib.Path, keep: int, *, read_only: bool = False):
     self.directory = directory
-    self._manager = ocp.CheckpointManager(
-        directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_names=("state", "data"),
+    self.read_only = read_only
+    options = (
+        ocp.CheckpointManagerOptions(read_only=True)
+        if read_only
+        else ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     )
+    # Handlers given up front, so that a fresh manager reads a checkpoint's metadata too.
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+    self._manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
   def save(self, step: int, state: Any, data_state: dict) -> None:
     self._manager.save(
@@ -55,36 +86,71 @@ class Checkpoints:
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def restore_latest(self, template: Any) -> tuple[int, Any, dict] | None:
+  def restore_latest(
+      self, template: Any, check_data: Callable[[int, Any], None] | None = None
+  ) -> tuple[int, Any, dict] | None:
     """(step, state, data state) of the newest readable checkpoint, or None if there is none.
 
-    The state comes back with the shapes, dtypes and shardings of `template`'s arrays.
+    The state comes back with the shapes, dtypes and shardings of `template`'s arrays; a None
+    template restores the saved tree as it is. `check_data(step, data_state)` raises
+    `UnreadableData` for a data state that does not fit the run.
+
+    Raises:
+      CheckpointMismatch: the newest readable checkpoint is another model's (nothing is moved).
+      NoReadableCheckpoint: there are checkpoints and none can be read.
     """
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template
-    )
-    for step in reversed(self.steps()):
+    steps = self.steps()
+    unreadable: list[tuple[int, Exception]] = []
+    for step in reversed(steps):
       try:
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
-            ),
-        )
-      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back the same way.
-        aside = self._set_aside(step)
-        warnings.warn(
-            f"checkpoint {self.directory / str(step)} is unreadable ({type(e).__name__}: {e});"
-            f" using the previous one (the unreadable one is kept in {aside})",
-            stacklevel=2,
-        )
+        saved = self._manager.item_metadata(step)["state"].tree
+      except Exception as e:  # noqa: BLE001 - any unreadable metadata falls back the same way.
+        unreadable.append((step, e))
         continue
+      if template is not None and (mismatch := _first_mismatch(saved, template)):
+        raise CheckpointMismatch(
+            f"checkpoint {self.directory / str(step)} does not fit this run: {mismatch}. Nothing"
+            " was moved; train this model in another --workdir"
+        )
+      try:
+        restored = self._manager.restore(step, args=self._restore_args(template))
+        if check_data is not None:
+          check_data(step, restored["data"])
+      except Exception as e:  # noqa: BLE001 - corrupt data or a bad data state alike.
+        unreadable.append((step, e))
+        continue
+      for bad_step, error in unreadable:
+        self._warn_unreadable(bad_step, error)
       return step, restored["state"], restored["data"]
+    if unreadable:
+      problems = "; ".join(f"step {s}: {type(e).__name__}: {e}" for s, e in unreadable)
+      raise NoReadableCheckpoint(
+          f"no checkpoint in {self.directory} can be read ({problems}); nothing was moved"
+      )
     return None
+
+  def _restore_args(self, template: Any) -> ocp.args.Composite:
+    target = (
+        None
+        if template is None
+        else jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template
+        )
+    )
+    return ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+
+  def _warn_unreadable(self, step: int, error: Exception) -> None:
+    """Warns of an unreadable checkpoint newer than the one restored; a writer sets it aside."""
+    where = "left in place" if self.read_only else f"moved to {self._set_aside(step)}"
+    warnings.warn(
+        f"checkpoint {self.directory / str(step)} is unreadable ({type(error).__name__}: {error});"
+        f" using an earlier one ({where})",
+        stacklevel=3,
+    )
 
   def _set_aside(self, step: int) -> pathlib.Path:
     """Moves an unreadable checkpoint out of the manager's sight, so its step can be saved again."""
-    aside = self.directory.with_name(self.directory.name + "-unreadable") / str(step)
+    aside = self.directory.with_name(UNREADABLE_DIR) / str(step)
     if jax.process_index() == 0:
       aside.parent.mkdir(parents=True, exist_ok=True)
       if aside.exists():
@@ -102,22 +168,58 @@ class Checkpoints:
     self._manager.close()
 
 
-def check_or_save_config(workdir: pathlib.Path, experiment: config_lib.Experiment) -> None:
-  """Saves the resolved config in workdir; refuses a workdir trained with a different model.
+def _leaves(tree: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """{path: (shape, dtype)} of a state tree or of Orbax's metadata of one, paths as "a/b/c"."""
 
-  The training recipe may change between runs (more steps, say); the model may not. Every process
-  checks; process 0 saves.
+  def name(key) -> str:
+    for attribute in ("key", "idx", "name"):
+      if hasattr(key, attribute):
+        return str(getattr(key, attribute))
+    return str(key)
+
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+  return {
+      "/".join(name(k) for k in path): (tuple(x.shape), jax.numpy.dtype(x.dtype))
+      for path, x in flat
+      if hasattr(x, "shape")
+  }
+
+
+def _first_mismatch(saved: Any, template: Any) -> str | None:
+  """The first difference between a saved state tree and the template, in words, or None."""
+  there, here = _leaves(saved), _leaves(template)
+  # The parameters first: a difference there is what names the model that does not fit.
+  for path in sorted(set(there) | set(here), key=lambda p: (not p.startswith("params/"), p)):
+    if path not in here:
+      return f"it holds {path}, which this model does not have"
+    if path not in there:
+      return f"it has no {path}, which this model has"
+    (shape, dtype), (want_shape, want_dtype) = there[path], here[path]
+    if shape != want_shape or dtype != want_dtype:
+      return f"{path} is {dtype}{list(shape)} there, {want_dtype}{list(want_shape)} here"
+  return None
+
+
+def check_or_save_config(
+    workdir: pathlib.Path, experiment: config_lib.Experiment, *, has_checkpoints: bool
+) -> None:
+  """Saves the resolved config in workdir; refuses a workdir that holds another model's run.
+
+  The training recipe may change between runs (more steps, say); the model may not, once a
+  checkpoint exists: a run that failed before its first checkpoint does not block the corrected
+  command. Every process checks; process 0 saves.
   """
   path = workdir / CONFIG_FILE
-  if path.exists():
+  if path.exists() and has_checkpoints:
     try:
       saved = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+      old = saved["model"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
       raise CheckpointError(
-          f"{path} is not valid JSON ({e}); remove it or use another workdir"
+          f"{path} is not a config this project wrote ({type(e).__name__}: {e}); restore it or use"
+          " another workdir"
       ) from None
     new = config_lib.to_dict(experiment)["model"]
-    old = saved.get("model", {})
     differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if differing:
       details = ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in differing)

@@ -96,6 +96,16 @@ class ModelConfig(_Typed):
   """Fields every model family shares."""
 
   family: ClassVar[str] = ""
+  # Fields that neither shape nor give meaning to the parameters: a fine-tune may change them
+  # (`fine_tune_mismatch`). Each family adds its own.
+  runtime_fields: ClassVar[tuple[str, ...]] = (
+      "dtype",
+      "remat",
+      "dropout",
+      "retrieve_impl",
+      "scan_impl",
+      "scan_chunk_size",
+  )
 
   vocab_size: int
   num_layers: int
@@ -138,6 +148,7 @@ class MosaicV1Config(ModelConfig):
   """
 
   family: ClassVar[str] = "mm1"
+  runtime_fields: ClassVar[tuple[str, ...]] = (*ModelConfig.runtime_fields, "block_size")
 
   block_size: int = 1024  # Longest sequence; nanoMosaics refuses longer inputs.
   pmem_size: int = 2688  # Key/value pairs per persistent memory and head.
@@ -159,6 +170,12 @@ class MosaicV2Config(ModelConfig):
   """Memory Mosaics v2 (design.md, "v2"): short-term, long-term and persistent (SwiGLU) memories."""
 
   family: ClassVar[str] = "mm2"
+  runtime_fields: ClassVar[tuple[str, ...]] = (
+      *ModelConfig.runtime_fields,
+      "long_term_delay",
+      "long_term_delay_range",
+      "drop_long_term_memory",
+  )
 
   ffn_width: int  # d' of the SwiGLU persistent memory.
   short_term_window: int = 256  # h: the short-term memory reads pairs t-h+1 .. t-1.
@@ -342,6 +359,19 @@ class Experiment(_Typed):
   mesh: MeshConfig = MeshConfig()
   # The name of the experiment this one fine-tunes from (e.g. the 32k context extension).
   init_from: str | None = None
+
+
+def fine_tune_mismatch(source: ModelConfig, target: ModelConfig) -> list[str]:
+  """What differs between a model and one fine-tuned from it, beyond `runtime_fields` (context
+  length, dropout, retrieval settings): [] when the parameters carry over."""
+  if source.family != target.family:
+    return [f"family: {source.family!r} there, {target.family!r} here"]
+  a, b = to_dict(source), to_dict(target)
+  return [
+      f"{key}: {a[key]!r} there, {b[key]!r} here"
+      for key in sorted(a)
+      if key not in target.runtime_fields and a[key] != b[key]
+  ]
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -12,6 +12,7 @@ Axis legend: b = batch, t = time.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -146,6 +147,14 @@ def check_activations(
           f"{field} {value} is not divisible by mesh axis {mesh_axes!r} of size {size} (the"
           f" {name!r} rule); change the mesh sizes or mesh.rules"
       )
+
+
+def memory_available() -> int:
+  """Bytes of memory of all local devices together; on CPU, the host's physical memory."""
+  limits = [(d.memory_stats() or {}).get("bytes_limit") for d in jax.local_devices()]
+  if all(limits):
+    return sum(limits)
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def put_batch(batch: Mapping[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict:

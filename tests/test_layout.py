@@ -36,7 +36,12 @@ ALLOWED = {
         "mosaics_jax.checkpoints",
         "kernels_pallas",
     ),
-    "mosaics_jax.port": ("mosaics_jax.config", "mosaics_jax.model", "mosaics_jax.checkpoints"),
+    "mosaics_jax.port": (
+        "mosaics_jax.config",
+        "mosaics_jax.model",
+        "mosaics_jax.checkpoints",
+        "mosaics_jax.sharding",
+    ),
     "mosaics_jax.analysis": (
         "mosaics_jax.config",
         "mosaics_jax.overrides",

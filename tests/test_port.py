@@ -207,7 +207,7 @@ def test_load_reads_a_training_workdir(tmp_path):
   cfg = CONFIGS["llama"]
   params = _random_params(cfg, seed=5)
   experiment = config_lib.Experiment(name="port", description="", model=cfg)
-  checkpoints.check_or_save_config(tmp_path, experiment)
+  checkpoints.check_or_save_config(tmp_path, experiment, has_checkpoints=False)
   ckpts = checkpoints.Checkpoints(tmp_path / "checkpoints", keep=2)
   for step in (3, 9):
     ckpts.save(step, {"step": jnp.asarray(step), "params": params}, {"position": step})

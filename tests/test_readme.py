@@ -17,6 +17,7 @@ import shlex
 import pytest
 
 from mosaics_jax.cli import bench, common, info, plot, port, train
+from mosaics_jax.train import metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -108,11 +109,17 @@ def test_memory_plans_shown_are_printed(capsys):
 
 @pytest.mark.slow
 def test_quickstart_commands_run(tmp_path, monkeypatch, capsys):
-  """The first command's training, then the Training section's quickstart commands, in order."""
+  """The first command's training, then the Training section's quickstart commands (the Transformer
+  beside it, the plot of both, a fine-tune from it), in order."""
   monkeypatch.chdir(tmp_path)
   quickstart = [argv for argv in _commands() if "quickstart" in " ".join(argv)]
-  assert [argv[0] for argv in quickstart] == ["mosaics-train", "mosaics-train", "mosaics-plot"]
+  names = [argv[0] for argv in quickstart]
+  assert names == ["mosaics-train", "mosaics-train", "mosaics-plot", "mosaics-train"]
   for name, *args in quickstart:
     extra = ["--no-progress"] if name == "mosaics-train" else []
     assert CLIS[name].main(args + extra) == 0, capsys.readouterr().err
   assert (tmp_path / "induction.png").stat().st_size > 0
+  origin = [
+      r for r in metrics.read_metrics(tmp_path / "runs/quickstart-longer") if "init_from" in r
+  ]
+  assert origin[0]["init_from"] == "runs/quickstart"

@@ -7,92 +7,31 @@ import os
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
+import tiny_runs
 
 from mosaics_jax import checkpoints, config as config_lib, overrides, registry
 from mosaics_jax.cli import train as train_cli
-from mosaics_jax.train import loop, step as step_lib
+from mosaics_jax.train import loop
 
 SHAKESPEARE = pathlib.Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
-
-# A small, fast run: 1-layer v2 on the synthetic induction task.
-TINY_SETS = [
-    "model.num_layers=1",
-    "model.width=32",
-    "model.num_heads=2",
-    "model.ffn_width=64",
-    "data.seq_len=32",
-    "train.batch_size=4",
-    "train.log_every=2",
-    "train.eval_every=1000",
-    "train.eval_batches=1",
-]
-
-
-def _tiny(steps: int, **sets) -> config_lib.Experiment:
-  exp = overrides.override(
-      registry.get("mm2-tiny"),
-      "data",
-      config_lib.DataConfig(source="synthetic_induction", seq_len=32, task_vocab=32),
-  )
-  exp = overrides.apply(exp, TINY_SETS + [f"train.steps={steps}"])
-  for key, value in sets.items():
-    exp = overrides.override(exp, key.replace("__", "."), value)
-  return exp
-
-
-def _final_params(workdir: pathlib.Path, experiment) -> dict:
-  """The params of the newest checkpoint, as numpy."""
-  from mosaics_jax.model import families
-  from mosaics_jax.train import optim
-
-  model = families.build_model(experiment.model)
-  tx = optim.make_optimizer(experiment.train)
-  template = step_lib.init_state(experiment, model, tx)
-  ckpts = checkpoints.Checkpoints(workdir / "checkpoints", 3)
-  step, state, _ = ckpts.restore_latest(template)
-  ckpts.close()
-  return step, jax.tree.map(np.asarray, state["params"])
-
-
-def _cli(workdir, *sets, experiment="mm2-tiny"):
-  base = [
-      sys.executable,
-      "-m",
-      "mosaics_jax.cli.train",
-      "--experiment",
-      experiment,
-      "--workdir",
-      str(workdir),
-      "--no-progress",
-      "--set",
-  ]
-  return base + list(sets)
-
-
-TRAIN_CLI_SETS = TINY_SETS + [
-    "data.source=synthetic_induction",
-    "data.task_vocab=32",
-    "data.tokenizer=none",
-    "train.checkpoint_every=3",
-    "train.keep_checkpoints=2",
-]
 
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_exact(tmp_path):
   steps = 24
-  sets = TRAIN_CLI_SETS + [f"train.steps={steps}"]
+  sets = tiny_runs.CLI_SETS + [f"train.steps={steps}"]
   straight = tmp_path / "straight"
-  subprocess.run(_cli(straight, *sets), check=True, capture_output=True)
+  subprocess.run(tiny_runs.cli(straight, *sets), check=True, capture_output=True)
 
   killed = tmp_path / "killed"
-  proc = subprocess.Popen(_cli(killed, *sets), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  proc = subprocess.Popen(
+      tiny_runs.cli(killed, *sets), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+  )
   deadline = time.time() + 300
   # Kill once a mid-run checkpoint exists: the process is then between steps, or saving.
   while time.time() < deadline and proc.poll() is None:
@@ -103,12 +42,12 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
   assert proc.poll() is None, "the run finished before it could be killed"
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
-  result = subprocess.run(_cli(killed, *sets), capture_output=True, text=True)
+  result = subprocess.run(tiny_runs.cli(killed, *sets), capture_output=True, text=True)
   assert result.returncode == 0, result.stderr
 
   exp = overrides.apply(registry.get("mm2-tiny"), sets)
-  step_a, params_a = _final_params(straight, exp)
-  step_b, params_b = _final_params(killed, exp)
+  step_a, params_a = tiny_runs.final_params(straight, exp)
+  step_b, params_b = tiny_runs.final_params(killed, exp)
   assert step_a == step_b == steps
   for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
     np.testing.assert_array_equal(a, b)
@@ -120,14 +59,14 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
 
 @pytest.mark.slow
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path):
-  exp = _tiny(6, train__checkpoint_every=3)
+  exp = tiny_runs.tiny(6, train__checkpoint_every=3)
   loop.train(exp, tmp_path, progress=False)
   latest = tmp_path / "checkpoints" / "6"
   for f in latest.rglob("*"):
     if f.is_file() and f.stat().st_size > 0 and "state" in str(f):
       f.write_bytes(b"\0garbage" * 8)
   longer = overrides.override(exp, "train.steps", 8)
-  with pytest.warns(UserWarning, match="unreadable.*using the previous one"):
+  with pytest.warns(UserWarning, match="unreadable.*using an earlier one"):
     result = loop.train(longer, tmp_path, progress=False)
   assert result.step == 8
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -136,7 +75,7 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path):
 
 
 def test_a_short_run_learns_and_writes_metrics(tmp_path):
-  exp = _tiny(40, train__learning_rate=1e-2, train__warmup_steps=4, train__eval_every=40)
+  exp = tiny_runs.tiny(40, train__learning_rate=1e-2, train__warmup_steps=4, train__eval_every=40)
   result = loop.train(exp, tmp_path, progress=False)
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   train_records = [r for r in records if "split" not in r]
@@ -151,19 +90,22 @@ def test_a_short_run_learns_and_writes_metrics(tmp_path):
 
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-  exp = _tiny(4, train__checkpoint_every=2)
+  exp = tiny_runs.tiny(4, train__checkpoint_every=2)
   loop.train(exp, tmp_path, progress=False)
   diverging = overrides.override(
       overrides.override(exp, "train.steps", 10), "train.learning_rate", float("nan")
   )
-  with pytest.raises(loop.TrainingError, match="loss is nan at step 6.*step 4"):
+  # A nan learning rate makes the first update of the second run (step 5) non-finite.
+  with pytest.raises(
+      loop.TrainingError, match="stopped at step 5: its update left parameters that are not.*step 4"
+  ):
     loop.train(diverging, tmp_path, progress=False)
   assert checkpoints.Checkpoints(tmp_path / "checkpoints", 3).steps()[-1] == 4
 
 
 def test_workdir_of_a_different_model_is_refused(tmp_path):
-  loop.train(_tiny(2), tmp_path, progress=False)
-  other = overrides.override(_tiny(2), "model.width", 64)
+  loop.train(tiny_runs.tiny(2), tmp_path, progress=False)
+  other = overrides.override(tiny_runs.tiny(2), "model.width", 64)
   with pytest.raises(loop.TrainingError, match="different model.*width: 32 there, 64 here"):
     loop.train(other, tmp_path, progress=False)
 
@@ -171,7 +113,9 @@ def test_workdir_of_a_different_model_is_refused(tmp_path):
 @pytest.mark.slow
 def test_relative_workdir(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  assert loop.train(_tiny(2, train__checkpoint_every=1), "runs/a", progress=False).step == 2
+  assert (
+      loop.train(tiny_runs.tiny(2, train__checkpoint_every=1), "runs/a", progress=False).step == 2
+  )
   assert (tmp_path / "runs/a/checkpoints/2").is_dir()
 
 
@@ -179,7 +123,7 @@ def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / "a-file"
   blocker.write_text("")
   with pytest.raises(loop.TrainingError, match="cannot write to workdir"):
-    loop.train(_tiny(2), blocker / "run", progress=False)
+    loop.train(tiny_runs.tiny(2), blocker / "run", progress=False)
 
 
 def test_unknown_set_key_suggests_names(tmp_path, capsys):
@@ -264,7 +208,7 @@ def test_data_shorter_than_one_batch(tmp_path, capsys):
 @pytest.mark.skipif(not SHAKESPEARE.exists(), reason="../shared/data/tinyshakespeare missing")
 def test_tokenizer_vocabulary_larger_than_the_model(tmp_path):
   exp = overrides.override(
-      _tiny(1),
+      tiny_runs.tiny(1),
       "data",
       config_lib.DataConfig(source="text", tokenizer="char", path=str(SHAKESPEARE), seq_len=32),
   )
@@ -277,7 +221,7 @@ def test_tokenizer_vocabulary_larger_than_the_model(tmp_path):
 def test_a_partial_checkpoint_is_never_used(tmp_path):
   """Orbax writes into a temporary directory and renames it when complete: a crash leaves only
   the temporary one, which restore ignores."""
-  exp = _tiny(4, train__checkpoint_every=2)
+  exp = tiny_runs.tiny(4, train__checkpoint_every=2)
   loop.train(exp, tmp_path, progress=False)
   partial = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1234"
   partial.mkdir()

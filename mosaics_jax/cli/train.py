@@ -4,6 +4,12 @@
     mosaics-train --experiment mm1-shakespeare-char --workdir runs/mm1 \\
         --set data.path=input.txt train.steps=2000
 
+Fine-tuning starts from another run's parameters (a workdir or an exported directory) with a fresh
+optimizer; an experiment that declares `init_from` (the *-32k context extensions) needs it, or
+--from-scratch:
+
+    mosaics-train --experiment mm2-small-32k --workdir runs/32k --init-from runs/mm2-small
+
 On several hosts, every process runs the same command with its own --process-id (or sets
 MOSAICS_COORDINATOR_ADDRESS, MOSAICS_NUM_PROCESSES and MOSAICS_PROCESS_ID); on TPU VMs, Slurm and
 Open MPI the processes find each other without them:
@@ -15,12 +21,14 @@ Open MPI the processes find each other without them:
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 
 import jax
 
-from mosaics_jax import config as config_lib, distributed
+from mosaics_jax import checkpoints, config as config_lib, distributed
 from mosaics_jax.cli import common
+from mosaics_jax.port import layout, pretrained
 from mosaics_jax.train import data, loop
 
 DEFAULT_EXPERIMENT = "quickstart"
@@ -39,6 +47,23 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics")
   common.add_set_flag(parser)
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  start = parser.add_mutually_exclusive_group()
+  start.add_argument(
+      "--init-from",
+      metavar="PATH",
+      help="fine-tune: start from the parameters of PATH (a workdir or an exported directory)"
+      " with a fresh optimizer; a run that resumes ignores it",
+  )
+  start.add_argument(
+      "--from-scratch",
+      action="store_true",
+      help="start an experiment that declares init_from from random parameters anyway",
+  )
+  parser.add_argument(
+      "--restart",
+      action="store_true",
+      help="start over: move the workdir's previous run (checkpoints, metrics, config) aside",
+  )
   parser.add_argument(
       "--coordinator-address",
       metavar="HOST:PORT",
@@ -58,16 +83,66 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _init_from(args, experiment: config_lib.Experiment) -> loop.InitFrom | None:
+  """The parameters to start from, checked against the experiment's model; None to start from
+  random ones or to resume."""
+  resuming = not args.restart and _has_checkpoints(pathlib.Path(args.workdir))
+  if args.init_from is None:
+    if experiment.init_from and not args.from_scratch and not resuming:
+      raise loop.TrainingError(
+          f"{experiment.name} fine-tunes from {experiment.init_from}: give --init-from PATH (a"
+          f" workdir or an exported directory of {experiment.init_from}), or --from-scratch"
+      )
+    return None
+  if resuming:  # A fine-tune resumes as any run does.
+    return None
+  source = pretrained.load(args.init_from)
+  differing = config_lib.fine_tune_mismatch(source.config, experiment.model)
+  if differing:
+    raise loop.TrainingError(
+        f"--init-from {args.init_from} holds another model than {experiment.name}'s: "
+        + ", ".join(differing)
+    )
+  return loop.InitFrom(params=source.params, origin=str(args.init_from), step=source.step)
+
+
+def _has_checkpoints(workdir: pathlib.Path) -> bool:
+  folder = workdir / checkpoints.CHECKPOINTS_DIR
+  return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     experiment = common.experiment(args.experiment, args.set)
-    result = loop.train(experiment, args.workdir, progress=not args.no_progress)
-  except (config_lib.ConfigError, loop.TrainingError, data.DataError) as e:
+    init_from = _init_from(args, experiment)
+    result = loop.train(
+        experiment,
+        args.workdir,
+        progress=not args.no_progress,
+        init_from=init_from,
+        restart=args.restart,
+    )
+  except (
+      config_lib.ConfigError,
+      loop.TrainingError,
+      data.DataError,
+      layout.PortError,
+      FileNotFoundError,
+  ) as e:
     return common.fail("mosaics-train", e)
+  except KeyboardInterrupt:  # A second Ctrl-C: the first one asked for a checkpoint.
+    return common.fail("mosaics-train", "interrupted again: stopped without a checkpoint", 130)
   if jax.process_index() != 0:
-    return 0
+    return result.stopped_by.exit_code if result.stopped_by else 0
+  if result.stopped_by is not None:
+    print(
+        f"stopped by {result.stopped_by.signal.name if result.stopped_by.signal else 'a signal'}"
+        f" at step {result.step}: checkpointed in {result.workdir / 'checkpoints'}; run the same"
+        " command to resume"
+    )
+    return result.stopped_by.exit_code
   summary = [f"trained {experiment.name} to step {result.step} in {result.workdir}"]
   if result.val:
     summary += [f"  validation {k}: {v:.4f}" for k, v in result.val.items()]

@@ -61,7 +61,7 @@ class Llama(lm.LanguageModel):
       *,
       deterministic: bool = True,
   ) -> Float[Array, "b t v"]:
-    lm.check_inputs(tokens, segment_ids)
+    tokens, segment_ids = lm.check_inputs(tokens, segment_ids)
     return lm.untied_decoder(self.config, tokens, segment_ids, LlamaBlock, (), deterministic)
 
 

@@ -21,6 +21,7 @@ import inspect
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from mosaics_jax import config as config_lib
@@ -28,9 +29,11 @@ from mosaics_jax.model import layers
 
 
 def check_inputs(
-    tokens: jax.Array, segment_ids: jax.Array | None, max_length: int | None = None
-) -> None:
-  """Raises ValueError naming the problem with the tokens or segment ids."""
+    tokens: jax.Array | np.ndarray,
+    segment_ids: jax.Array | np.ndarray | None,
+    max_length: int | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+  """(tokens, segment_ids) as JAX arrays; raises ValueError naming the problem with either."""
   # Out-of-range token ids cannot be checked under jit; the data pipeline checks them.
   if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(
@@ -43,9 +46,33 @@ def check_inputs(
         f"segment_ids must be an integer array of the tokens' shape {tokens.shape}, got"
         f" {segment_ids.dtype} {segment_ids.shape}"
     )
+  if segment_ids is not None:
+    _check_contiguous(segment_ids)
   if max_length is not None and tokens.shape[1] > max_length:
     raise ValueError(
         f"sequence length {tokens.shape[1]} exceeds the model's block_size {max_length}"
+    )
+  return jnp.asarray(tokens), None if segment_ids is None else jnp.asarray(segment_ids)
+
+
+def _check_contiguous(segment_ids: jax.Array | np.ndarray) -> None:
+  """Raises unless the ids are non-decreasing along each row, where their values are known.
+
+  Documents are contiguous runs (the packing the data pipeline produces): the memories mask pairs
+  by id equality, but the key recurrences and the bandwidth's counts restart where the id changes,
+  so ids that come back ([0, 0, 1, 1, 0, 0]) would mean two things at once. Under jit the values
+  are not known; `Pretrained.logits` checks before it jits.
+  """
+  try:
+    ids = np.asarray(segment_ids)
+  except jax.errors.TracerArrayConversionError:
+    return
+  rows, steps = np.nonzero(np.diff(ids, axis=1) < 0)
+  if rows.size:
+    raise ValueError(
+        "segment_ids must be non-decreasing along each row (each document a contiguous run);"
+        f" row {rows[0]} goes from {ids[rows[0], steps[0]]} to {ids[rows[0], steps[0] + 1]} at"
+        f" position {steps[0] + 1}"
     )
 
 

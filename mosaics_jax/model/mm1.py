@@ -64,7 +64,7 @@ class MosaicV1(lm.LanguageModel):
       deterministic: bool = True,
   ) -> Float[Array, "b t v"]:
     cfg = self.config
-    lm.check_inputs(tokens, segment_ids, cfg.block_size)
+    tokens, segment_ids = lm.check_inputs(tokens, segment_ids, cfg.block_size)
     wte = lm.embed(cfg, nn.initializers.normal(cfg.init_std), "wte")
     x = lm.residual(nn.Dropout(cfg.dropout, deterministic=deterministic)(wte(tokens)))
     block = lm.maybe_remat(MosaicV1Block, cfg.remat)

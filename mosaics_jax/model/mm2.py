@@ -80,7 +80,7 @@ class MosaicV2(lm.LanguageModel):
   ) -> Float[Array, "b t v"]:
     """`ltm_delay` is the long-term delay m (may be traced); None uses config.long_term_delay."""
     cfg = self.config
-    lm.check_inputs(tokens, segment_ids)
+    tokens, segment_ids = lm.check_inputs(tokens, segment_ids)
     ltm_delay = cfg.long_term_delay if ltm_delay is None else ltm_delay
     return lm.untied_decoder(cfg, tokens, segment_ids, MosaicV2Block, (ltm_delay,), deterministic)
 

@@ -30,6 +30,7 @@ mask) and `leaky_avg.coef`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,6 +45,23 @@ Params = dict[str, Any]  # The nested Flax params of a model.
 
 class PortError(ValueError):
   """Weights or a checkpoint that do not fit the model they are given for."""
+
+
+def as_float32(tensors: Mapping[str, Any], source: str) -> dict[str, np.ndarray]:
+  """`tensors` as float32 numpy arrays; any other dtype than a float one is refused, naming the
+  tensors, and a conversion from another float dtype or a non-finite value is warned of."""
+  arrays = {name: np.asarray(x) for name, x in tensors.items()}
+  wrong = sorted(f"{n}: {x.dtype}" for n, x in arrays.items() if x.dtype.kind != "f")
+  if wrong:
+    raise PortError(f"{source}: weights must be floating point, got {', '.join(wrong)}")
+  converted = sorted(n for n, x in arrays.items() if x.dtype != np.float32)
+  if converted:
+    warnings.warn(f"{source}: converted to float32: {', '.join(converted)}", stacklevel=2)
+  arrays = {n: x.astype(np.float32, copy=False) for n, x in arrays.items()}
+  non_finite = sorted(n for n, x in arrays.items() if not np.isfinite(x).all())
+  if non_finite:
+    warnings.warn(f"{source}: non-finite values in {', '.join(non_finite)}", stacklevel=2)
+  return arrays
 
 
 def param_shapes(config: config_lib.ModelConfig) -> dict[family_lib.Path, tuple[int, ...]]:
@@ -77,9 +95,10 @@ def from_torch(
 ) -> Params:
   """Inverse of `to_torch`, which also reads full PyTorch state dicts of `torch_models`.
 
-  Every tensor is checked by name and shape; names in `ignored` (exact or as a ".suffix") are
-  skipped, and so are what a family's state dict adds to its parameters (`Family.torch_extras`:
-  v1's buffers, and its tied `lm_head.weight`, checked equal to the embedding); a `_orig_mod.`
+  Every tensor is checked by name, shape and dtype (`as_float32`); names in `ignored` (exact or
+  as a ".suffix") are skipped, and so are what a family's state dict adds to its parameters
+  (`Family.torch_extras`: v1's buffers, and its tied `lm_head.weight`, checked equal to the
+  embedding); a `_orig_mod.`
   prefix (torch.compile'd models) is dropped.
   Raises PortError listing every missing, unexpected and mis-shaped tensor.
   """
@@ -119,8 +138,9 @@ def from_torch(
   ]
   if problems:
     raise PortError(f"the tensors do not fit this {config.family} model: " + "; ".join(problems))
+  given = as_float32({name: given[name] for name in expected}, f"{config.family} weights")
   flat = {
-      path: family.from_torch_array(path, np.asarray(given[name], np.float32), shapes[path])
+      path: family.from_torch_array(path, given[name], shapes[path])
       for name, (path, _) in expected.items()
   }
   return flax.traverse_util.unflatten_dict(flat)

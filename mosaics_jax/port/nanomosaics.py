@@ -93,7 +93,19 @@ def from_nanomosaics(checkpoint: Mapping[str, Any]) -> NanoCheckpoint:
           f"not a nanoMosaics checkpoint: no {key!r} entry (it has {sorted(checkpoint)})"
       )
   config = config_from_model_args(checkpoint["model_args"])
-  state = {name: x.detach().float().numpy() for name, x in checkpoint["model"].items()}
+  state = checkpoint["model"]
+  if not isinstance(state, Mapping):
+    raise layout.PortError(f"the checkpoint's model entry is a {type(state).__name__}, not a dict")
+  not_tensors = sorted(f"{n}: {type(x).__name__}" for n, x in state.items() if not _is_tensor(x))
+  if not_tensors:
+    raise layout.PortError(
+        f"the checkpoint's model holds values that are not tensors: {not_tensors}"
+    )
+  # bfloat16 has no numpy dtype: floats go through float32, other dtypes keep theirs to be named.
+  state = {
+      n: (x.detach().float() if x.is_floating_point() else x.detach()).numpy()
+      for n, x in state.items()
+  }
   params = layout.from_torch(config, state)
   best = checkpoint.get("best_val_loss")
   return NanoCheckpoint(
@@ -102,6 +114,11 @@ def from_nanomosaics(checkpoint: Mapping[str, Any]) -> NanoCheckpoint:
       iter_num=checkpoint.get("iter_num"),
       best_val_loss=None if best is None else float(best),
   )
+
+
+def _is_tensor(x: Any) -> bool:
+  """Whether `x` is a torch tensor (torch is imported only where a checkpoint is)."""
+  return all(hasattr(x, attribute) for attribute in ("detach", "is_floating_point", "numpy"))
 
 
 def to_nanomosaics(

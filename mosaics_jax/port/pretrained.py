@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Float, Int
 
-from mosaics_jax import checkpoints, config as config_lib
-from mosaics_jax.model import families
+from mosaics_jax import checkpoints, config as config_lib, sharding
+from mosaics_jax.model import families, lm
 from mosaics_jax.port import layout as layout_lib
 
 WEIGHTS_FILE = "model.safetensors"
@@ -59,19 +59,36 @@ class Pretrained:
       **model_kwargs: Any,
   ) -> Float[np.ndarray, "b t v"]:
     """Logits of int tokens [batch, seq] as numpy; `model_kwargs` go to the model (ltm_delay)."""
-    tokens = jnp.asarray(tokens)
-    segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
+    # Checked here, where the values are known (under jit the model sees only shapes).
+    tokens, segment_ids = lm.check_inputs(
+        tokens, segment_ids, families.of(self.config).max_length(self.config)
+    )
     return np.asarray(self._apply({"params": self.params}, tokens, segment_ids, **model_kwargs))
 
 
 def load(path: str | os.PathLike) -> Pretrained:
-  """The model in a training workdir or an exported directory (module docstring)."""
+  """The model in a training workdir or an exported directory (module docstring).
+
+  Nothing in `path` is written, moved or deleted: it may be read-only. A corrupt newest checkpoint
+  of a workdir is warned of and the one before it read.
+
+  Raises:
+    FileNotFoundError: `path` is neither a workdir nor an export.
+    PortError: its config or weights do not describe a model this project can build here.
+    ConfigError: a config field of the wrong type or range.
+  """
   path = pathlib.Path(path).absolute()  # Orbax wants absolute paths.
   config_path = path / checkpoints.CONFIG_FILE
   if not config_path.is_file():
     raise FileNotFoundError(f"{path} has no {checkpoints.CONFIG_FILE}: not a workdir or an export")
-  saved = json.loads(config_path.read_text())
+  try:
+    saved = json.loads(config_path.read_text())
+  except json.JSONDecodeError as e:
+    raise layout_lib.PortError(f"{config_path} is not JSON: {e}") from None
+  if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+    raise layout_lib.PortError(f'{config_path} has no model config (a "model" object)')
   config = config_lib.from_dict(config_lib.ModelConfig, saved["model"])
+  _check_fits(config, config_path)
   if (path / WEIGHTS_FILE).is_file():
     params = _read_weights(config, path / WEIGHTS_FILE)
     step = saved.get("step")
@@ -82,9 +99,21 @@ def load(path: str | os.PathLike) -> Pretrained:
   return Pretrained(config=config, model=families.build_model(config), params=params, step=step)
 
 
+def _check_fits(config: config_lib.ModelConfig, source: pathlib.Path) -> None:
+  """Refuses a model whose float32 parameters alone exceed the memory here, before any is made."""
+  params = families.param_count(config)
+  available = sharding.memory_available()
+  if params * 4 > available:
+    raise layout_lib.PortError(
+        f"{source} describes a {config.family} model of {params:,} parameters"
+        f" ({params * 4 / 2**30:,.1f} GiB in float32), more than the {available / 2**30:,.1f} GiB"
+        " of memory here"
+    )
+
+
 def _restore_params(directory: pathlib.Path) -> tuple[int, layout_lib.Params]:
   # No template: Orbax restores the saved tree as it is, and only the params are kept.
-  restored = checkpoints.Checkpoints(directory, keep=1 << 30).restore_latest(None)
+  restored = checkpoints.Checkpoints(directory, keep=1, read_only=True).restore_latest(None)
   if restored is None:
     raise FileNotFoundError(f"{directory} holds no readable checkpoint")
   step, state, _ = restored
@@ -97,7 +126,7 @@ def _read_weights(config: config_lib.ModelConfig, path: pathlib.Path) -> layout_
 
   with safe_open(path, framework="np") as f:
     layout = (f.metadata() or {}).get("layout")
-  tensors = st_numpy.load_file(path)
+  tensors = st_numpy.load_file(path)  # Refuses dtypes numpy lacks (bfloat16) with their name.
   if layout in (None, "pytorch"):
     return jax.tree.map(jnp.asarray, layout_lib.from_torch(config, tensors))
   if layout != "flax":
@@ -117,6 +146,7 @@ def _read_weights(config: config_lib.ModelConfig, path: pathlib.Path) -> layout_
         f"{path} does not fit its {config.family} config: missing {missing}, unexpected"
         f" {unexpected}, mis-shaped {misshaped}"
     )
+  tensors = layout_lib.as_float32(tensors, str(path))
   flat = {tuple(n.split("/")): jnp.asarray(x) for n, x in tensors.items()}
   return flax.traverse_util.unflatten_dict(flat)
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Literal
+from typing import Any, Literal
 
 import grain
 import numpy as np
@@ -69,6 +69,17 @@ SYNTHETIC_VAL_SEED = 2**32 - 1
 
 class DataError(ValueError):
   """Data that cannot be read, or arguments that do not fit them; the message names the file."""
+
+
+def check_state(state: Any, batches: int) -> None:
+  """Raises DataError unless `state` is the state of an iterator of `make_iterator` that has
+  yielded `batches` batches (a checkpoint's data state at step `batches`)."""
+  if not (isinstance(state, dict) and set(state) == {"next_index"}):
+    raise DataError(f"the data state {state!r} is not a Grain iterator state of this pipeline")
+  if state["next_index"] != batches:
+    raise DataError(
+        f"the data state {state!r} is not at batch {batches}, where the run's step puts it"
+    )
 
 
 def vocab_size(cfg: DataConfig) -> int:

@@ -12,18 +12,29 @@ process 0 alone writes metrics, progress and the plot.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import pathlib
+import sys
 import time
+from typing import Any
 
 import jax
 import tqdm
+from jax.experimental import multihost_utils
 
-from mosaics_jax import checkpoints, config as config_lib
+from mosaics_jax import checkpoints, config as config_lib, sharding
 from mosaics_jax.model import families
-from mosaics_jax.train import data, metrics, optim, step as step_lib
+from mosaics_jax.train import (
+    data,
+    metrics,
+    optim,
+    preemption as preemption_lib,
+    step as step_lib,
+    workdir as workdir_lib,
+)
 
 
 class TrainingError(RuntimeError):
@@ -32,12 +43,14 @@ class TrainingError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
-  """Where a finished run stands."""
+  """Where a finished or stopped run stands."""
 
   step: int
   workdir: pathlib.Path
   val: dict[str, float] | None  # The last evaluation.
   plot: pathlib.Path | None
+  # Set when a signal stopped the run: its `signal` and `exit_code`; the step is checkpointed.
+  stopped_by: preemption_lib.Preemption | None = None
 
 
 def evaluate(experiment, eval_step, params) -> dict[str, float]:
@@ -62,16 +75,6 @@ def evaluate(experiment, eval_step, params) -> dict[str, float]:
   return out
 
 
-def _prepare_workdir(workdir: pathlib.Path) -> None:
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / f".write-probe-{jax.process_index()}"  # Processes may share the workdir.
-    probe.write_text("")
-    probe.unlink()
-  except OSError as e:
-    raise TrainingError(f"cannot write to workdir {workdir}: {e.strerror or e}") from None
-
-
 def _check_vocab(experiment: config_lib.Experiment) -> None:
   needed = data.vocab_size(experiment.data)
   if needed > experiment.model.vocab_size:
@@ -81,25 +84,90 @@ def _check_vocab(experiment: config_lib.Experiment) -> None:
     )
 
 
+# Bytes per parameter of a training state: float32 parameters, AdamW's two moments, gradients.
+STATE_BYTES_PER_PARAM = 16
+
+
+def _check_memory(experiment: config_lib.Experiment) -> None:
+  """Refuses, before anything is allocated, a model whose training state cannot fit the devices
+  (on CPU the host's memory), with the estimate (`analysis.memory_plan` plans it per device)."""
+  params = families.param_count(experiment.model)
+  needed = params * STATE_BYTES_PER_PARAM
+  available = sharding.memory_available() * jax.process_count()
+  if needed > available:
+    raise TrainingError(
+        f"{experiment.model.family} with {params:,} parameters needs about {needed / 2**30:,.1f}"
+        f" GiB for its parameters, AdamW state and gradients, but the {jax.device_count()}"
+        f" {jax.default_backend()} device(s) here have {available / 2**30:,.1f} GiB; plan the run"
+        " with `mosaics-info EXPERIMENT --mesh ...` and train it on a larger mesh"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class InitFrom:
+  """Parameters a run starts from instead of random ones (fine-tuning), and where they come from."""
+
+  params: Any
+  origin: str  # The workdir or exported directory, for the record.
+  step: int | None  # Its training step, when known.
+
+
 def train(
-    experiment: config_lib.Experiment, workdir: str | os.PathLike, *, progress: bool = True
+    experiment: config_lib.Experiment,
+    workdir: str | os.PathLike,
+    *,
+    progress: bool = True,
+    init_from: InitFrom | None = None,
+    restart: bool = False,
 ) -> RunResult:
-  """Trains `experiment` in `workdir`, resuming from its newest readable checkpoint."""
+  """Trains `experiment` in `workdir`, resuming from its newest readable checkpoint.
+
+  Args:
+    experiment: what to train.
+    workdir: the run directory; one run at a time holds it.
+    progress: show a progress bar (process 0).
+    init_from: parameters to start from when the workdir has no checkpoint (fine-tuning); a run
+      that resumes resumes, whatever `init_from` says.
+    restart: move the workdir's run files aside (`workdir.set_aside`) and start over.
+
+  Raises:
+    TrainingError: the run cannot start (the message says why) or cannot go on (a non-finite loss
+      or update; the message names the last finite step and the checkpoint that holds it).
+  """
   workdir = pathlib.Path(workdir).absolute()  # Orbax wants absolute paths.
-  cfg = experiment.train
-  _prepare_workdir(workdir)
-  _check_vocab(experiment)
+  lead = jax.process_index() == 0
   try:
-    checkpoints.check_or_save_config(workdir, experiment)
-  except checkpoints.CheckpointError as e:
+    workdir_lib.prepare(workdir)
+    lock = workdir_lib.WorkdirLock(workdir) if lead else contextlib.nullcontext()
+    # Signals are recorded from here on: one that comes while the step compiles stops the run
+    # after its first step, with a checkpoint.
+    with lock, preemption_lib.Preemption() as preemption:
+      return _train(experiment, workdir, progress, init_from, restart, preemption)
+  except (workdir_lib.WorkdirError, checkpoints.CheckpointError) as e:
     raise TrainingError(str(e)) from None
 
+
+def _train(experiment, workdir, progress, init_from, restart, preemption) -> RunResult:
+  cfg = experiment.train
+  lead = jax.process_index() == 0
+  if restart:
+    aside = workdir_lib.set_aside(workdir) if lead else None
+    if jax.process_count() > 1:  # Moved before any process looks for checkpoints.
+      multihost_utils.sync_global_devices("mosaics_restart")
+    if aside is not None:
+      print(f"mosaics-train: the previous run's files are in {aside}", file=sys.stderr)
+  _check_vocab(experiment)
+  _check_memory(experiment)
+  ckpt_dir = workdir / checkpoints.CHECKPOINTS_DIR
+  # Config checks and saves come after every check of the experiment: config.json is written
+  # only for a run that can start.
   model = families.build_model(experiment.model)
   tx = optim.make_optimizer(cfg)
   placement = step_lib.make_placement(experiment, model, tx)
+  ckpts = checkpoints.Checkpoints(ckpt_dir, cfg.keep_checkpoints)
+  checkpoints.check_or_save_config(workdir, experiment, has_checkpoints=bool(ckpts.steps()))
   train_step = step_lib.make_train_step(experiment, model, tx, placement)
   eval_step = step_lib.make_eval_step(experiment, model, placement)
-  lead = jax.process_index() == 0
 
   train_it = data.make_iterator(
       experiment.data,
@@ -109,40 +177,80 @@ def train(
       process_index=jax.process_index(),
       process_count=jax.process_count(),
   )
-  ckpts = checkpoints.Checkpoints(workdir / "checkpoints", cfg.keep_checkpoints)
-  restored = ckpts.restore_latest(step_lib.abstract_state(experiment, model, tx, placement))
+  try:
+    restored = ckpts.restore_latest(
+        step_lib.abstract_state(experiment, model, tx, placement),
+        # One batch per step: the data state of step n is after n batches.
+        check_data=lambda step, state: data.check_state(state, batches=step),
+    )
+  except checkpoints.NoReadableCheckpoint as e:
+    ckpts.close()
+    raise TrainingError(
+        f"{e}. To start over, run the same command with --restart: it moves the old run's files"
+        f" aside into {workdir}/restarted-<time>/"
+    ) from None
+  except checkpoints.CheckpointMismatch:
+    ckpts.close()
+    raise
   last_saved = None
   if restored is None:
     state = step_lib.init_state(experiment, model, tx, placement)
+    if init_from is not None:
+      state["params"] = _placed(init_from.params, state["params"])
   else:
     last_saved, state, data_state = restored
     train_it.set_state(data_state)
   start = int(state["step"])
 
   writer = metrics.MetricsWriter(workdir, resume_step=start) if lead else None
+  if writer and restored is None and init_from is not None:
+    writer.write(0, {"split": "init", "init_from": init_from.origin, "init_step": init_from.step})
   bar = tqdm.tqdm(
       total=cfg.steps, initial=start, disable=not (progress and lead), unit="step", smoothing=0.1
+  )
+  # Before each save the parameters must give a finite loss on this validation batch: finite
+  # parameters can still overflow (a learning rate far too large), and no checkpoint may diverge.
+  probe = next(
+      data.make_iterator(
+          experiment.data,
+          split="val",
+          batch_size=cfg.batch_size,
+          seed=cfg.seed,
+          process_index=jax.process_index(),
+          process_count=jax.process_count(),
+      )
   )
   tokens_per_step = cfg.batch_size * experiment.data.seq_len
   pending: list[tuple[int, dict]] = []  # Step stats not yet checked on the host.
   val = None
   clock, clock_step = time.perf_counter(), start
 
+  def diverged(step: int, what: str) -> TrainingError:
+    ckpts.wait()
+    if last_saved:
+      kept = (
+          f"The newest checkpoint, step {last_saved} in {ckpts.directory}, holds parameters that"
+          " are finite and give a finite loss; the run resumes from it"
+      )
+    else:
+      kept = "No checkpoint was saved before it"
+    return TrainingError(
+        f"stopped at step {step}: {what}. {kept}. Lower train.learning_rate or check the data."
+    )
+
   def flush() -> dict | None:
-    """Moves pending stats to the host; stops the run on a NaN or Inf loss."""
+    """Moves pending stats to the host; stops the run at the first non-finite loss or update."""
     nonlocal clock, clock_step
     if not pending:
       return None
     host = jax.device_get(pending)
     pending.clear()
     for step, stats in host:
-      if not math.isfinite(float(stats["loss"])):
-        ckpts.wait()
-        kept = f"step {last_saved} in {ckpts.directory}" if last_saved else "none was saved"
-        raise TrainingError(
-            f"the loss is {float(stats['loss'])} at step {step}: stopped. The last good"
-            f" checkpoint is {kept}; lower train.learning_rate or check the data."
-        )
+      loss, finite = float(stats["loss"]), bool(stats.pop(step_lib.FINITE))
+      if not math.isfinite(loss):
+        raise diverged(step, f"the loss is {loss}")
+      if not finite:
+        raise diverged(step, "its update left parameters that are not finite")
     now = time.perf_counter()
     step, stats = host[-1]
     record = {k: float(v) for k, v in stats.items()}
@@ -150,6 +258,17 @@ def train(
     clock, clock_step = now, step
     return {"step": step, **record}
 
+  def save(step: int) -> None:
+    nonlocal last_saved
+    flush()  # Never save a diverged state.
+    if last_saved == step:
+      return
+    if not math.isfinite(float(jax.device_get(eval_step(state["params"], probe))["loss_sum"])):
+      raise diverged(step, "its parameters give a non-finite loss on a validation batch")
+    ckpts.save(step, state, train_it.get_state())
+    last_saved = step
+
+  stopped_by = None
   try:
     for step in range(start + 1, cfg.steps + 1):
       state, stats = train_step(state, next(train_it))
@@ -166,9 +285,11 @@ def train(
         if writer:
           writer.write(step, {"step": step, "split": "val", **val})
       if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-        flush()  # Never save a diverged state.
-        ckpts.save(step, state, train_it.get_state())
-        last_saved = step
+        save(step)
+      if preemption.agreed():
+        save(step)
+        stopped_by = preemption
+        break
   finally:
     bar.close()
     ckpts.wait()
@@ -176,12 +297,21 @@ def train(
     if writer:
       writer.close()
 
+  if stopped_by is not None:
+    return RunResult(
+        step=int(state["step"]), workdir=workdir, val=val, plot=None, stopped_by=stopped_by
+    )
   if val is None:  # The run was already complete: report where it stands.
     val = evaluate(experiment, eval_step, state["params"])
-  plot = None
-  if lead:
-    plot = _plot(workdir)
+  plot = _plot(workdir) if lead else None
   return RunResult(step=int(state["step"]), workdir=workdir, val=val, plot=plot)
+
+
+def _placed(params: Any, like: Any) -> Any:
+  """`params` (host or device arrays) with the dtypes and shardings of `like`'s leaves."""
+  return jax.tree.map(
+      lambda x, y: jax.device_put(jax.numpy.asarray(x, y.dtype), y.sharding), params, like
+  )
 
 
 def _plot(workdir: pathlib.Path) -> pathlib.Path | None:

@@ -71,18 +71,24 @@ def _read_lines(path: pathlib.Path) -> tuple[list[str], bool]:
   return text[:end].split("\n")[:-1], end < len(text)
 
 
-def _parse(path: pathlib.Path, lines: list[str]) -> list[tuple[str, dict[str, Any]]]:
-  """The non-blank `lines` of `path`, each with its record."""
+def _parse(
+    path: pathlib.Path, lines: list[str], *, strict: bool = True
+) -> list[tuple[str, dict[str, Any]]]:
+  """The non-blank `lines` of `path`, each with its record; a line that is not a record is an
+  error, or with `strict=False` dropped with a warning."""
   parsed = []
   for number, line in enumerate(lines, start=1):
     if not line.strip():
       continue
     try:
       record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{number}: not a JSON record: {e}") from None
-    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-      raise ValueError(f"{path}:{number}: a record must be a JSON object with an integer step")
+      if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        raise ValueError("a record must be a JSON object with an integer step")
+    except ValueError as e:  # json.JSONDecodeError included.
+      if strict:
+        raise ValueError(f"{path}:{number}: not a record: {e}") from None
+      warnings.warn(f"{path}:{number}: dropped a line that is not a record ({e})", stacklevel=3)
+      continue
     parsed.append((line, record))
   return parsed
 
@@ -104,9 +110,10 @@ def _rewrite(path: pathlib.Path, last_step: int | None) -> int:
   if not path.exists():
     return 0
   lines, torn = _read_lines(path)
-  parsed = _parse(path, lines)
+  # A line that is not a record must not make a run impossible to resume: it is dropped.
+  parsed = _parse(path, lines, strict=False)
   kept = [line for line, record in parsed if last_step is None or record["step"] <= last_step]
-  dropped = len(parsed) - len(kept) + torn
+  dropped = len([line for line in lines if line.strip()]) - len(kept) + torn
   if dropped:
     with tempfile.NamedTemporaryFile(
         "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False

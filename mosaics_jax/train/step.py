@@ -33,6 +33,8 @@ from mosaics_jax import config as config_lib, sharding
 from mosaics_jax.model import families
 from mosaics_jax.train import optim
 
+# The train step's statistic that says whether the updated parameters are all finite.
+FINITE = "params_finite"
 Batch = dict[str, np.ndarray | jax.Array]  # Host arrays, or global arrays inside the step.
 State = dict[str, Any]  # step, params, opt_state, rng (raw key data, so Orbax saves it as-is).
 
@@ -137,9 +139,10 @@ def train_step_fn(
     grads, losses = jax.lax.scan(accumulate, zeros, micro)
     grads = jax.tree.map(lambda g: g / cfg.grad_accum, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
     new_state = {
         "step": state["step"] + 1,
-        "params": optax.apply_updates(state["params"], updates),
+        "params": params,
         "opt_state": opt_state,
         "rng": state["rng"],
     }
@@ -147,6 +150,9 @@ def train_step_fn(
         "loss": jnp.mean(losses),
         "grad_norm": optax.tree_utils.tree_norm(grads),
         "lr": schedule(state["step"]),
+        # Whether this update left every parameter finite: the loop never saves a state that
+        # is not (a finite loss does not imply it).
+        FINITE: jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])),
     }
 
   return step
