@@ -3,7 +3,13 @@
 This package depends on jax alone and never imports `mosaics_jax`.
 """
 
-from kernels_pallas.bands import band_mask, document_positions, segment_starts, visible_counts
+from kernels_pallas.bands import (
+    band_mask,
+    count_in_band,
+    document_positions,
+    segment_starts,
+    visible_counts,
+)
 from kernels_pallas.persistent import retrieve_persistent, retrieve_persistent_reference
 from kernels_pallas.retrieve import IMPLEMENTATIONS, retrieve
 from kernels_pallas.scans import linear_scan
@@ -11,6 +17,7 @@ from kernels_pallas.scans import linear_scan
 __all__ = [
     "IMPLEMENTATIONS",
     "band_mask",
+    "count_in_band",
     "document_positions",
     "linear_scan",
     "retrieve",

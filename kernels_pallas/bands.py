@@ -58,8 +58,12 @@ def visible_counts(
   v1 contextual (lo=1, hi=None): t; short-term (1, h-1): min(t, h-1); long-term (m, None):
   max(0, t-m+1), each with t the position inside the document.
   """
-  pos = document_positions(segment_ids, seq_len)
-  count = pos - lo + 1
+  return count_in_band(document_positions(segment_ids, seq_len), lo, hi)
+
+
+def count_in_band(positions: Int[Array, "*s"], lo: IntLike, hi: int | None) -> Int[Array, "*s"]:
+  """|S(t)| of queries at these positions in their documents: clip(pos - lo + 1, 0, hi - lo + 1)."""
+  count = positions - lo + 1
   if hi is not None:
     count = jnp.minimum(count, hi - lo + 1)
   return jnp.maximum(count, 0)

@@ -95,10 +95,11 @@ def linear_scan(
     x: Float[Array, "b t h d"],
     *,
     reset: Bool[Array, "b t"] | None = None,
+    initial: Float[Array, "b h d"] | None = None,
     impl: str = "associative",
     chunk_size: int = 16,
 ) -> Float[Array, "b t h d"]:
-  """h_t = a_t * h_{t-1} + x_t with h_{-1} = 0, computed in float32.
+  """h_t = a_t * h_{t-1} + x_t with h_{-1} = `initial` (default 0), computed in float32.
 
   Args:
     a: the decay, per (batch, time, head) or one constant per head (broadcast over b and t); it
@@ -106,6 +107,8 @@ def linear_scan(
     x: the input of each step.
     reset: where True the state is dropped before the step (h_t = x_t): document starts, e.g.
       `segment_starts(segment_ids)`.
+    initial: the state before the first step, to continue a scan (decoding); a reset at t = 0
+      drops it like any state.
     impl: "associative" or "chunked".
     chunk_size: C, the steps per chunk of the "chunked" implementation.
 
@@ -126,6 +129,10 @@ def linear_scan(
     raise ValueError(
         f"reset must be [b, t] = {(b, t)}, got shape {reset.shape} for x of shape {x.shape}"
     )
+  if initial is not None and initial.shape != (b, nh, x.shape[-1]):
+    raise ValueError(
+        f"initial must be [b, h, d] = {(b, nh, x.shape[-1])}, got shape {initial.shape}"
+    )
   if impl == "chunked" and (not isinstance(chunk_size, int) or chunk_size < 1):
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
@@ -135,6 +142,9 @@ def linear_scan(
   if reset is not None:
     # A zero decay is a reset; `where` also gives a_t no gradient there: h_t does not depend on it.
     a = jnp.where(reset[..., None], 0.0, a)
+  if initial is not None:
+    # h_0 = a_0 h_{-1} + x_0: the initial state enters as part of the first input.
+    x = x.at[:, 0].add(a[:, 0, :, None] * initial.astype(jnp.float32))
   if impl == "associative":
     return _associative_scan(a, x)
   return _chunked_scan(a, x, chunk_size)

@@ -66,7 +66,8 @@ class Checkpoints:
     self.directory = directory
     self.read_only = read_only
     options = (
-        ocp.CheckpointManagerOptions(read_only=True)
+        # Spelled out: Orbax warns of each setting read_only would change otherwise.
+        ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
         if read_only
         else ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     )

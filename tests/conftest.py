@@ -7,11 +7,14 @@
 - Markers that skip themselves where the hardware is missing: `gpu` (needs a CUDA GPU) and `tpu`
   (needs libtpu, which compiles for TPU topologies on any host). `slow` tests are deselected by the
   default `-m "not slow"`; `python -m pytest -m slow` runs them (`.ci/run` does).
+- XLA's persistent compilation cache in the session's temp dir, so that a program compiled by one
+  test (or worker, or `mosaics-train` subprocess) is not compiled again by the next.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 import sys
 
@@ -45,6 +48,25 @@ def pytest_configure(config):
         f"{imported} imported before the type-check hook: run with --no-typecheck"
     )
   jaxtyping.install_import_hook(CHECKED, "runtime_typecheck.beartype_tower")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """XLA's persistent compilation cache, shared by the session's workers: the many small runs
+  compile the same programs (a tiny train step, a tiny model's forward) from fresh jit objects,
+  and each compiles once."""
+  shared = tmp_path_factory.getbasetemp()
+  if "PYTEST_XDIST_WORKER" in os.environ:
+    shared = shared.parent  # The workers' temp dirs sit side by side in the session's.
+  settings = {
+      "jax_compilation_cache_dir": str(shared / "xla-cache"),
+      "jax_persistent_cache_min_compile_time_secs": 0.2,
+      "jax_persistent_cache_min_entry_size_bytes": 0,
+  }
+  for name, value in settings.items():
+    jax.config.update(name, value)
+    os.environ[name.upper()] = str(value)  # For the tests' `mosaics-train` subprocesses.
+  yield
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,7 +9,8 @@ steps of the NAME experiment (one layer) on one device and on (data=2, fsdp=2, t
 writes both runs' losses and params to OUT (npz). `restore` takes a step on
 fsdp=8 and saves it in WORKDIR/checkpoints, restores it onto fsdp=8, onto (data=2, tensor=4) and
 onto one device, checks each against the saved values (exactly) and its target's shardings, and
-writes the saved params to WORKDIR/saved_params.npz.
+writes the saved params to WORKDIR/saved_params.npz. `generate` generates greedily with every
+family on one device and on (data=4, tensor=2) and writes both runs' tokens to OUT (JSON).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 
 from mosaics_jax import checkpoints, config as config_lib, overrides, registry, sharding
 from mosaics_jax.analysis import bench_train
+from mosaics_jax.inference import generate as generate_lib
 from mosaics_jax.model import families
 from mosaics_jax.train import optim, step as step_lib
 
@@ -149,8 +151,23 @@ def steps(out: pathlib.Path, name: str, impl: str = "auto") -> None:
   np.savez(out, losses_one=report["one"]["losses"], losses_mesh=report["mesh"]["losses"], **flat)
 
 
+def generate(out: pathlib.Path) -> None:
+  """Greedy generation on one device and on (data=4, tensor=2), ragged prompts."""
+  mesh_config = config_lib.MeshConfig(data=4, fsdp=1, tensor=2)
+  mesh = sharding.make_mesh(mesh_config)
+  prompts = [[1, 2, 3, 4, 5], [6], [7, 8, 9], [10, 11]]
+  report = {}
+  for name in FAMILIES:
+    model = families.build_model(registry.get(name).model)
+    params = model.init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"]
+    one = generate_lib.Generator(model)(params, prompts, 20)
+    sharded = generate_lib.Generator(model, mesh=mesh, rules=mesh_config.rules)(params, prompts, 20)
+    report[name] = {"one": one, "mesh": sharded}
+  out.write_text(json.dumps(report))
+
+
 if __name__ == "__main__":
   assert jax.device_count() == 8, f"needs 8 devices, has {jax.device_count()}"
-  {"specs": specs, "restore": restore, "steps": steps}[sys.argv[1]](
+  {"specs": specs, "restore": restore, "steps": steps, "generate": generate}[sys.argv[1]](
       pathlib.Path(sys.argv[2]).absolute(), *sys.argv[3:]
   )

@@ -157,3 +157,17 @@ def test_train_profile_attributes_time_to_model_components(capsys, tmp_path):
   shares = [float(row[4].strip().rstrip("%")) for row in rows if row[4].strip().endswith("%")]
   assert 95.0 <= sum(shares) <= 100.5  # Rows under 0.1% are left out.
   assert list((tmp_path / "trace").rglob("*.xplane.pb"))
+
+
+@pytest.mark.slow  # Re-runs the full context once per new token: a compile per length.
+def test_decode_table(capsys):
+  """The decode benchmark prints its table; the cache of v2 without long-term memory is constant."""
+  args = ["decode", "mm2-tiny", "--prompt-len", "8", "--new-tokens", "16", "--bucket", "8"]
+  assert bench.main([*args, "--repeats", "1", "--set", "model.long_term_memory=false"]) == 0
+  out = capsys.readouterr().out
+  assert "| positions | cached µs/token | full re-run µs/token | ratio |" in out
+  assert "| 8-15 |" in out and "| 16-23 |" in out
+  assert "(constant:" in out
+  assert bench.main([*args, "--no-rerun", "--repeats", "1"]) == 0
+  out = capsys.readouterr().out
+  assert "full re-run: not run" in out and "(grows with max_len" in out

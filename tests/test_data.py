@@ -9,8 +9,9 @@ import pathlib
 import numpy as np
 import pytest
 
+from mosaics_jax import tokenizers
 from mosaics_jax.config import DataConfig
-from mosaics_jax.train import data, tokenizers
+from mosaics_jax.train import data
 
 SHAKESPEARE = pathlib.Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
 FIELDS = {
@@ -281,6 +282,9 @@ def test_hf_tokenizer(tmp_path):
   assert tokenizer.decode(tokenizer.encode("the cat sat")) == "the cat sat"
   as_text = lambda ids: " " + " ".join(map(str, ids)) + " "
   assert as_text(batch["tokens"][0]) in as_text(tokenizer.encode(text))
+  (tmp_path / "run").mkdir()
+  saved = tokenizers.load(tokenizers.save(tokenizer, tmp_path / "run").parent)
+  assert saved.encode("the dog").tolist() == tokenizer.encode("the dog").tolist()
 
 
 def test_char_and_byte_tokenizers_round_trip():
@@ -290,6 +294,17 @@ def test_char_and_byte_tokenizers_round_trip():
     char.encode("xyz")
   byte = tokenizers.ByteTokenizer()
   assert byte.encode("é").tolist() == [195, 169] and byte.decode(byte.encode("wörld")) == "wörld"
+  assert char.decode([0, 99]) == " \ufffd"  # An id past the text's characters (padded vocab).
+
+
+def test_tokenizers_are_kept_with_a_run(tmp_path):
+  assert tokenizers.load(tmp_path) is None  # A run on token ids has none.
+  for tokenizer in (tokenizers.CharTokenizer.from_text("héllo"), tokenizers.ByteTokenizer()):
+    tokenizers.save(tokenizer, tmp_path)
+    assert tokenizers.load(tmp_path) == tokenizer
+  (tmp_path / tokenizers.TOKENIZER_FILE).write_text('{"kind": "words"}')
+  with pytest.raises(ValueError, match="tokenizer.json is not a tokenizer: unknown kind 'words'"):
+    tokenizers.load(tmp_path)
 
 
 # Each case: DataConfig fields ({tmp} is the test's directory), and what the error must say.

@@ -16,7 +16,7 @@ import shlex
 
 import pytest
 
-from mosaics_jax.cli import bench, common, info, plot, port, train
+from mosaics_jax.cli import bench, common, generate, info, plot, port, train
 from mosaics_jax.train import metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -27,6 +27,7 @@ CLIS = {
     "mosaics-bench": bench,
     "mosaics-plot": plot,
     "mosaics-port": port,
+    "mosaics-generate": generate,
 }
 
 

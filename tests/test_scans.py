@@ -172,6 +172,24 @@ def test_resets_isolate_documents(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("split", [1, 11, 12])  # 11: a document starts at the split.
+def test_a_scan_continues_from_its_initial_state(impl, split):
+  """Scanning [0, split) and then [split, t) from its last state equals one scan (decoding)."""
+  t = 37
+  rng = np.random.default_rng(2)
+  segment_ids = np.zeros((B, t), np.int32)
+  segment_ids[:, 11:] = 1
+  reset = segment_starts(jnp.asarray(segment_ids))
+  a = jnp.asarray(rng.uniform(0.5, 1.0, size=(B, t, H)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(B, t, H, D)), jnp.float32)
+  scan = jax.jit(functools.partial(linear_scan, impl=impl, chunk_size=8))
+  whole = scan(a, x, reset=reset)
+  first = scan(a[:, :split], x[:, :split], reset=reset[:, :split])
+  rest = scan(a[:, split:], x[:, split:], reset=reset[:, split:], initial=first[:, -1])
+  np.testing.assert_allclose(np.concatenate([first, rest], axis=1), whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_v1_leaky_average_equals_nanomosaics_formula(impl):
   """kbar_t = sum_{s <= t} lambda^(t - s) k~_s with lambda = exp(-|b| * 10) per head.
 
@@ -208,6 +226,8 @@ def test_unknown_impl():
 
 
 def test_bad_shapes():
+  with pytest.raises(ValueError, match=r"initial must be \[b, h, d\]"):
+    linear_scan(jnp.ones((3,)), jnp.ones((1, 4, 3, 2)), initial=jnp.ones((1, 3)))
   x = jnp.ones((2, 7, 3, 4))
   with pytest.raises(ValueError, match=r"x must be \[b, t, h, d\], got shape \(2, 7, 3\)"):
     linear_scan(jnp.ones((3,)), jnp.ones((2, 7, 3)))

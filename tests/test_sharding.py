@@ -147,6 +147,17 @@ def test_key_parameters_have_the_expected_logical_axes(specs):
 
 
 @pytest.mark.slow
+def test_generation_on_a_mesh_matches_one_device(tmp_path):
+  """Greedy tokens of every family on (data=4, tensor=2), batch and heads sharded, are those of
+  one device."""
+  out = tmp_path / "generate.json"
+  _run_on_8_devices("generate", out)
+  for name, runs in json.loads(out.read_text()).items():
+    assert runs["mesh"] == runs["one"], name
+    assert all(len(row) == 20 for row in runs["one"])
+
+
+@pytest.mark.slow
 def test_checkpoint_restores_onto_other_meshes_and_one_device(tmp_path):
   """Saved on fsdp=8; restored onto fsdp=8, (data=2, tensor=4) and one device in the 8-device
   process (checked there), and here, in a process with its own device count."""

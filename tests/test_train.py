@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tiny_runs
 
-from mosaics_jax import checkpoints, config as config_lib, overrides, registry
+from mosaics_jax import checkpoints, config as config_lib, load, overrides, registry
 from mosaics_jax.cli import train as train_cli
 from mosaics_jax.train import loop
 
@@ -261,3 +261,7 @@ def test_shakespeare_experiments_run(tmp_path, name):
   )
   result = loop.train(exp, tmp_path, progress=False)
   assert result.step == 3 and np.isfinite(result.val["loss"])
+  # The run kept its tokenizer: the trained model reads and writes text without the data.
+  model = load(tmp_path)
+  assert model.decode(model.encode("ROMEO:")) == "ROMEO:"
+  assert len(model.generate_text("ROMEO:", 5)) == 5

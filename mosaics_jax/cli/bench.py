@@ -4,6 +4,8 @@ mosaics-bench kernels [--seq-lens 4096 ... 65536] [--impls ...] [--bands short l
     [--heads 16] [--head-dims 64 128] [--dtype bfloat16] [--max-dense-gb GB]
     [--compile-for TOPOLOGY]
 mosaics-bench train EXPERIMENT [--set key=value ...] [--steps 5] [--repeats 3] [--profile DIR]
+mosaics-bench decode EXPERIMENT [--set key=value ...] [--batch 1] [--prompt-len 256]
+    [--new-tokens 2048] [--bucket 256]
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import jax.numpy as jnp
 
 import kernels_pallas
 from mosaics_jax import config as config_lib
-from mosaics_jax.analysis import aot, bench_kernels, bench_train, profile, timing
+from mosaics_jax.analysis import aot, bench_decode, bench_kernels, bench_train, profile, timing
 from mosaics_jax.cli import common
 
 
@@ -70,6 +72,21 @@ def _parser() -> argparse.ArgumentParser:
       "--profile",
       metavar="DIR",
       help="also trace two steps into DIR and print where the time goes, by model component",
+  )
+  decode = sub.add_parser(
+      "decode",
+      help="prefill and decode tokens/s with caches, µs/token by position, against re-running"
+      " the full context per token",
+  )
+  decode.add_argument("experiment", help="experiment name (mosaics-info --list)")
+  common.add_set_flag(decode)
+  decode.add_argument("--batch", type=int, default=1)
+  decode.add_argument("--prompt-len", type=int, default=256)
+  decode.add_argument("--new-tokens", type=int, default=2048)
+  decode.add_argument("--bucket", type=int, default=256, help="new tokens per timed dispatch")
+  decode.add_argument("--repeats", type=int, default=3)
+  decode.add_argument(
+      "--no-rerun", action="store_true", help="skip the full re-run baseline (long streams)"
   )
   return parser
 
@@ -132,6 +149,24 @@ def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   if args.command == "kernels":
     return _kernels(args)
+  elif args.command == "decode":
+    sizes = (args.batch, args.prompt_len, args.new_tokens, args.bucket, args.repeats)
+    if min(sizes) < 1:
+      return common.fail("mosaics-bench", "sizes and --repeats must be >= 1")
+    try:
+      experiment = common.experiment(args.experiment, args.set)
+    except config_lib.ConfigError as e:
+      return common.fail("mosaics-bench", e)
+    report = bench_decode.measure(
+        experiment,
+        batch=args.batch,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        bucket=args.bucket,
+        repeats=args.repeats,
+        rerun=not args.no_rerun,
+    )
+    print(bench_decode.format_report(report))
   elif args.command == "train":
     if min(args.steps, args.repeats, args.matmul_size) < 1:
       return common.fail("mosaics-bench", "--steps, --repeats and --matmul-size must be >= 1")

@@ -85,7 +85,14 @@ def _to_torch(args) -> str:
 
 def _export(args, source: str, layout: str) -> str:
   model = pretrained.load(source)
-  pretrained.save_exported(args.out_dir, model.config, model.params, step=model.step, layout=layout)
+  pretrained.save_exported(
+      args.out_dir,
+      model.config,
+      model.params,
+      step=model.step,
+      layout=layout,
+      tokenizer=model.tokenizer,
+  )
   return f"wrote {args.out_dir} ({model.config.family}, {layout} layout)"
 
 

@@ -17,6 +17,7 @@ module, and answers every question that depends on the family:
   and the transient buffers it needs beyond retrieval, for memory plans.
 - `torch_name`, `to_torch_array`, `from_torch_array`, `torch_extras`, `torch_mark`: how its
   parameters are named and laid out in PyTorch, for porting.
+- `init_cache`: the empty decode cache of its memories (`cache.py`).
 
 Adding a family is a config class in `mosaics_jax.config`, a module here with its Flax model and
 its `Family` subclass, and one line in `families.FAMILIES`; adding a memory to a family touches that
@@ -126,6 +127,10 @@ class Family:
     """The model's keyword arguments at a training step drawn with `key`, or at inference (None)."""
     del config, key
     return {}
+
+  def init_cache(self, config: config_lib.ModelConfig, batch: int, max_len: int, dtype: Any) -> Any:
+    """The empty decode cache (`cache.Cache`) of `batch` rows of at most `max_len` tokens."""
+    raise NotImplementedError
 
   def max_length(self, config: config_lib.ModelConfig) -> int | None:
     """The longest sequence the model accepts, or None."""

@@ -11,9 +11,9 @@ Axis legend: b = batch, t = time, m = model width, h = heads, d = head dim.
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
+import flax.struct
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 import kernels_pallas
 from mosaics_jax.model import layers
@@ -37,12 +37,20 @@ def next_in_document(
   return jnp.where(same_doc[:, :, None, None], nxt, 0)
 
 
-def value_mix(
-    v: Float[Array, "b t h d"], weight: Float[Array, " h"], segment_ids: Int[Array, "b t"] | None
-) -> Float[Array, "b t h d"]:
-  """vbar_t = c * v_t + (1 - c) * v_{t+1} with a per-head c: the value looks one step ahead."""
-  c = weight[:, None]
-  return c * v + (1 - c) * next_in_document(v, segment_ids)
+@flax.struct.dataclass
+class ValueMix:
+  """v_t = scale * Norm(weight * v~_t + (1 - weight) * v~_{t+1}), per head: a value looks one step
+  ahead, so the pair of position t is complete only once v~_{t+1} is known."""
+
+  weight: Float[Array, " h"]
+  scale: Float[Array, " h"]
+  eps: float = flax.struct.field(pytree_node=False)
+
+  def __call__(
+      self, raw: Float[Array, "b t h d"], raw_next: Float[Array, "b t h d"]
+  ) -> Float[Array, "b t h d"]:
+    c = self.weight[:, None]
+    return self.scale[:, None] * l2_normalize(c * raw + (1 - c) * raw_next, self.eps)
 
 
 def _per_head(init: nn.initializers.Initializer) -> nn.initializers.Initializer:
@@ -61,10 +69,6 @@ def _per_head_dense(features: int, bias: bool, init, dtype, name: str) -> nn.Den
   )
 
 
-def _resets(segment_ids: Int[Array, "b t"] | None) -> jax.Array | None:
-  return None if segment_ids is None else kernels_pallas.segment_starts(segment_ids)
-
-
 class LeakyAverage(nn.Module):
   """v1 leaky average kbar_t = k_t + lambda * kbar_{t-1}, lambda = exp(-|b| * exp_scaling).
 
@@ -79,7 +83,10 @@ class LeakyAverage(nn.Module):
 
   @nn.compact
   def __call__(
-      self, k: Float[Array, "b t h d"], segment_ids: Int[Array, "b t"] | None
+      self,
+      k: Float[Array, "b t h d"],
+      reset: Bool[Array, "b t"] | None,
+      initial: Float[Array, "b h d"] | None = None,
   ) -> Float[Array, "b t h d"]:
     low, high = self.init_range
     b = self.param(
@@ -91,7 +98,8 @@ class LeakyAverage(nn.Module):
     return kernels_pallas.linear_scan(
         decay,
         k.astype(jnp.float32),
-        reset=_resets(segment_ids),
+        reset=reset,
+        initial=initial,
         impl=self.scan_impl,
         chunk_size=self.scan_chunk_size,
     )
@@ -118,24 +126,31 @@ class KeyFeatureExtractorV1(nn.Module):
 
   @nn.compact
   def __call__(
-      self, x: Float[Array, "b t m"], segment_ids: Int[Array, "b t"] | None, scale_pow: int
-  ) -> Float[Array, "b t h d"]:
-    k = _per_head_dense(
+      self,
+      x: Float[Array, "b t m"],
+      reset: Bool[Array, "b t"] | None,
+      scale_pow: int,
+      initial: Float[Array, "b h d"] | None = None,
+  ) -> tuple[Float[Array, "b t h d"], Float[Array, "b t h d"]]:
+    """(k, kbar): the keys, and the leaky average they normalise (a decode cache keeps its last
+    state, the `initial` of the next call)."""
+    k_proj = _per_head_dense(
         x.shape[-1], self.bias, nn.initializers.normal(self.init_std), self.dtype, "W_k"
     )(x)
-    k = LeakyAverage(
+    leaky_average = LeakyAverage(
         self.num_heads,
         self.exp_scaling,
         self.leaky_init,
         self.scan_impl,
         self.scan_chunk_size,
         name="leaky_avg",
-    )(layers.split_heads(k, self.num_heads), segment_ids)
+    )
+    kbar = leaky_average(layers.split_heads(k_proj, self.num_heads), reset, initial)
     scale = self.param(
         "key_scale", _per_head(nn.initializers.constant(self.key_scale_init)), (self.num_heads,)
     )
     log_scale = jnp.minimum(scale_pow * self.exp_scaling * scale, self.key_scale_max)
-    return l2_normalize(k, self.eps) * jnp.exp(log_scale)[:, None]
+    return l2_normalize(kbar, self.eps) * jnp.exp(log_scale)[:, None], kbar
 
 
 class ValueFeatureExtractorV1(nn.Module):
@@ -150,9 +165,8 @@ class ValueFeatureExtractorV1(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(
-      self, x: Float[Array, "b t m"], segment_ids: Int[Array, "b t"] | None
-  ) -> Float[Array, "b t h d"]:
+  def __call__(self, x: Float[Array, "b t m"]) -> tuple[Float[Array, "b t h d"], ValueMix]:
+    """(v~, the mixing that makes values of it), v~ in float32."""
     v = _per_head_dense(
         x.shape[-1], self.bias, nn.initializers.normal(self.init_std), self.dtype, "W_v"
     )(x)
@@ -160,8 +174,8 @@ class ValueFeatureExtractorV1(nn.Module):
     scale = self.param(
         "val_scale", _per_head(nn.initializers.constant(self.val_scale_init)), (self.num_heads,)
     )
-    v = value_mix(layers.split_heads(v, self.num_heads).astype(jnp.float32), coef, segment_ids)
-    return l2_normalize(v, self.eps) * jnp.exp(self.exp_scaling * scale)[:, None]
+    raw = layers.split_heads(v, self.num_heads).astype(jnp.float32)
+    return raw, ValueMix(coef, jnp.exp(self.exp_scaling * scale), self.eps)
 
 
 class GatedKeyExtractor(nn.Module):
@@ -181,8 +195,13 @@ class GatedKeyExtractor(nn.Module):
 
   @nn.compact
   def __call__(
-      self, x: Float[Array, "b t m"], segment_ids: Int[Array, "b t"] | None
-  ) -> Float[Array, "b t h d"]:
+      self,
+      x: Float[Array, "b t m"],
+      reset: Bool[Array, "b t"] | None,
+      initial: Float[Array, "b h d"] | None = None,
+  ) -> tuple[Float[Array, "b t h d"], Float[Array, "b t h d"]]:
+    """(k, kbar): the unit keys and the recurrence they normalise (a decode cache keeps its last
+    state, the `initial` of the next call)."""
     width = x.shape[-1]
     init = layers.truncated_normal(layers.depth_scaled_std(width, self.layer_index))
     k = _per_head_dense(width, False, init, self.dtype, "W_phi")(x)
@@ -193,11 +212,12 @@ class GatedKeyExtractor(nn.Module):
     kbar = kernels_pallas.linear_scan(
         jnp.exp(-jnp.abs(forget)),
         jnp.exp(gate)[..., None] * k,
-        reset=_resets(segment_ids),
+        reset=reset,
+        initial=initial,
         impl=self.scan_impl,
         chunk_size=self.scan_chunk_size,
     )
-    return l2_normalize(kbar, self.eps)
+    return l2_normalize(kbar, self.eps), kbar
 
 
 class ConvValueExtractor(nn.Module):
@@ -214,9 +234,8 @@ class ConvValueExtractor(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(
-      self, x: Float[Array, "b t m"], segment_ids: Int[Array, "b t"] | None
-  ) -> Float[Array, "b t h d"]:
+  def __call__(self, x: Float[Array, "b t m"]) -> tuple[Float[Array, "b t h d"], ValueMix]:
+    """(v~, the mixing that makes values of it), v~ in float32."""
     width = x.shape[-1]
     init = layers.truncated_normal(layers.depth_scaled_std(width, self.layer_index))
     v = _per_head_dense(width, False, init, self.dtype, "W_psi")(x)
@@ -225,5 +244,5 @@ class ConvValueExtractor(nn.Module):
         "theta", _per_head(nn.initializers.constant(self.scale_init)), (self.num_heads,)
     )
     alpha = jnp.exp(jnp.minimum(jnp.abs(theta), self.scale_max))
-    v = value_mix(layers.split_heads(v, self.num_heads).astype(jnp.float32), gamma, segment_ids)
-    return alpha[:, None] * l2_normalize(v, self.eps)
+    raw = layers.split_heads(v, self.num_heads).astype(jnp.float32)
+    return raw, ValueMix(gamma, alpha, self.eps)

@@ -14,10 +14,10 @@ import typing
 
 import flax.linen as nn
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Int
 
 from mosaics_jax import config as config_lib
-from mosaics_jax.model import attention, family, layers, lm
+from mosaics_jax.model import attention, cache as cache_lib, family, layers, lm
 
 # Causal self-attention reads s <= t: lo = 0, where a memory has lo >= 1.
 CAUSAL_BAND = family.Band(lo=0, hi=None)
@@ -30,15 +30,21 @@ class LlamaBlock(nn.Module):
   layer_index: int
 
   @nn.compact
-  def __call__(self, x, segment_ids, deterministic: bool):
+  def __call__(self, x, segment_ids, deterministic: bool, cache=None, chunk=None):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
     ((name, band),) = FAMILY.bands(cfg).items()
     attend = attention.Attention(cfg, self.layer_index, hi=band.hi, name=name)
-    x = x + drop(attend(lm.rms_norm(cfg, "attn_norm")(x), segment_ids, band.lo))
+    h = lm.rms_norm(cfg, "attn_norm")(x)
+    if cache is None:
+      y = attend(h, segment_ids, band.lo)
+    else:
+      y, new_cache = attend(h, None, band.lo, cache=cache[name], chunk=chunk)
+    x = x + drop(y)
     h = lm.rms_norm(cfg, "ffn_norm")(x)
-    return x + drop(layers.SwiGLU(cfg.ffn_width, self.layer_index, dtype=dtype, name="ffn")(h))
+    x = x + drop(layers.SwiGLU(cfg.ffn_width, self.layer_index, dtype=dtype, name="ffn")(h))
+    return x if cache is None else (x, {name: new_cache})
 
 
 class Llama(lm.LanguageModel):
@@ -59,10 +65,15 @@ class Llama(lm.LanguageModel):
       tokens: Int[Array, "b t"],
       segment_ids: Int[Array, "b t"] | None = None,
       *,
+      cache: cache_lib.Cache | None = None,
+      lengths: Int[Array, " b"] | None = None,
       deterministic: bool = True,
-  ) -> Float[Array, "b t v"]:
+  ):
+    """Logits [b, t, v]; with a decode cache, (logits, the cache after this chunk)."""
     tokens, segment_ids = lm.check_inputs(tokens, segment_ids)
-    return lm.untied_decoder(self.config, tokens, segment_ids, LlamaBlock, (), deterministic)
+    return lm.untied_decoder(
+        self.config, tokens, segment_ids, LlamaBlock, (), deterministic, cache, lengths
+    )
 
 
 class LlamaFamily(family.Family):
@@ -81,6 +92,26 @@ class LlamaFamily(family.Family):
   def bands(self, config, ltm_delay=None) -> dict[str, family.Band]:
     del config, ltm_delay
     return {"attention": CAUSAL_BAND}
+
+  def init_cache(self, config, batch, max_len, dtype) -> cache_lib.Cache:
+    h, d = config.num_heads, config.head_dim
+    layers = {
+        lm.layer_name(i): {
+            name: cache_lib.empty_memory(
+                batch,
+                cache_lib.capacity(band, max_len),
+                h,
+                d,
+                d,
+                dtype,
+                pending=False,
+                key_state=False,
+            )
+            for name, band in self.bands(config).items()
+        }
+        for i in range(config.num_layers)
+    }
+    return cache_lib.Cache(cache_lib.empty_stream(batch), layers)
 
   def layer_activations(self, config, b, t) -> list[family.Activation]:
     c = family.itemsize(config)

@@ -25,7 +25,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from mosaics_jax import config as config_lib
-from mosaics_jax.model import layers
+from mosaics_jax.model import cache as cache_lib, layers
 
 
 def check_inputs(
@@ -134,15 +134,30 @@ def logits(x: Float[Array, "b t v"]) -> Float[Array, "b t v"]:
 
 
 class LanguageModel(layers.PlainInit):
-  """A model of the zoo: `init` gives plain arrays, `init_boxed` them with logical axis names."""
+  """A model of the zoo: `init` gives plain arrays, `init_boxed` them with logical axis names.
+
+  Called with a decode cache (`init_cache`), a model runs on a chunk of tokens that continues the
+  cache's streams and returns (logits, the cache after the chunk) (`cache.py`).
+  """
+
+  @nn.nowrap
+  def init_cache(self, batch: int, max_len: int, dtype: str | None = None) -> cache_lib.Cache:
+    """An empty decode cache for `batch` rows of at most `max_len` tokens each, its pairs in
+    `dtype` (default: the compute dtype)."""
+    # Imported here: the registry of families imports the models.
+    from mosaics_jax.model import families  # pylint: disable=import-outside-toplevel
+
+    cfg = self.config
+    return families.of(cfg).init_cache(cfg, batch, max_len, jnp.dtype(dtype or cfg.dtype))
 
 
 def maybe_remat(block: type[nn.Module], remat: bool) -> type[nn.Module]:
-  """The block, rematerialised in the backward pass if asked; `deterministic` (last) is static."""
+  """The block, rematerialised in the backward pass if asked; `deterministic` stays static."""
   if not remat:
     return block
-  # static_argnums counts the module as argument 0.
-  return nn.remat(block, static_argnums=(len(inspect.signature(block.__call__).parameters) - 1,))
+  # static_argnums counts the module as argument 0, as the signature does `self`.
+  deterministic = list(inspect.signature(block.__call__).parameters).index("deterministic")
+  return nn.remat(block, static_argnums=(deterministic,))
 
 
 def untied_decoder(
@@ -152,16 +167,37 @@ def untied_decoder(
     block: type[nn.Module],
     block_args: tuple,
     deterministic: bool,
-) -> Float[Array, "b t v"]:
+    cache: cache_lib.Cache | None = None,
+    lengths: Int[Array, " b"] | None = None,
+):
   """Embedding, `num_layers` pre-norm blocks, final RMSNorm and an untied classifier: the frame of
   v2 and Llama, initialised as the v2 paper's Table 6 says. Called inside a compact `__call__`
   after `check_inputs`; `block(cfg, i)` is layer i, called as (x, segment_ids, *block_args,
-  deterministic)."""
+  deterministic), and with `cache=` and `chunk=` when decoding. Returns the logits, and with a
+  cache (logits, the cache after the chunk)."""
   init = layers.truncated_normal(layers.depth_scaled_std(cfg.width, 0))
   x = embed(cfg, init, "embed")(tokens)
   x = residual(nn.Dropout(cfg.dropout, deterministic=deterministic)(x))
-  block = maybe_remat(block, cfg.remat)
-  for i in range(cfg.num_layers):
-    x = residual(block(cfg, i, name=f"layer_{i}")(x, segment_ids, *block_args, deterministic))
+  if cache is None:
+    block = maybe_remat(block, cfg.remat)
+    for i in range(cfg.num_layers):
+      x = residual(block(cfg, i, name=layer_name(i))(x, segment_ids, *block_args, deterministic))
+  else:
+    chunk = cache_lib.chunk_of(cache.stream, segment_ids, lengths, tokens.shape[1], cache.fresh)
+    layer_caches = {}
+    for i in range(cfg.num_layers):
+      name = layer_name(i)
+      x, layer_caches[name] = block(cfg, i, name=name)(
+          x, None, *block_args, deterministic, cache=cache.layers[name], chunk=chunk
+      )
+      x = residual(x)
   x = rms_norm(cfg, "final_norm")(x)
-  return logits(classifier(cfg, init)(x))
+  out = logits(classifier(cfg, init)(x))
+  if cache is None:
+    return out
+  return out, cache_lib.Cache(cache_lib.advance(cache.stream, chunk), layer_caches, fresh=False)
+
+
+def layer_name(index: int) -> str:
+  """The module name of layer `index` in v2 and Llama (v1 keeps nanoMosaics' `h_{i}`)."""
+  return f"layer_{index}"

@@ -7,7 +7,9 @@
 | v2 long-term memory       | (m, None)         | beta_t * k_t (Eq. 6)      |
 
 Each family's `bands` (`mm1.py`, `mm2.py`) is where these bands are set; a memory takes its `hi`
-as an attribute and its `lo`, which may be traced, as an argument. The v1 persistent memory
+as an attribute and its `lo`, which may be traced, as an argument. Given a decode cache and the
+chunk's place (`cache.Chunk`), a memory returns its output and its cache after the chunk
+(`cache.step`). The v1 persistent memory
 retrieves from learned pairs (P_k, P_v) instead of the context
 (`kernels_pallas.retrieve_persistent`).
 
@@ -16,16 +18,17 @@ Axis legend: b = batch, t = time, m = model width, h = heads, d = head dim, p = 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 import kernels_pallas
 from mosaics_jax import config as config_lib
-from mosaics_jax.model import bandwidth, features, layers
+from mosaics_jax.model import bandwidth, cache as cache_lib, family as family_lib, features, layers
 
 
 def _v1_key_extractor(cfg: config_lib.MosaicV1Config, dtype) -> features.KeyFeatureExtractorV1:
@@ -58,25 +61,41 @@ def _c_proj(cfg: config_lib.MosaicV1Config, dtype) -> nn.Dense:
   )
 
 
+def _resets(segment_ids: Int[Array, "b t"] | None) -> Bool[Array, "b t"] | None:
+  return None if segment_ids is None else kernels_pallas.segment_starts(segment_ids)
+
+
 def _per_head(x: Float[Array, "b t h d"]) -> Float[Array, "b t h d"]:
   # Heads are independent memories: sharded over heads, retrieval needs no communication.
   return layers.constrain(x, "batch", "length", "heads", "kv")
 
 
 class ContextMemory(layers.PlainInit):
-  """v1 contextual memory: softmax(k_t . k_s) over its band, then c_proj (ContextMem)."""
+  """v1 contextual memory: softmax(k_t . k_s) over its band and c_proj (nanoMosaics' ContextMem)."""
 
   config: config_lib.MosaicV1Config
   hi: int | None
 
   @nn.compact
   def __call__(
-      self, x: Float[Array, "b t m"], segment_ids: Int[Array, "b t"] | None, lo: int | jax.Array
-  ) -> Float[Array, "b t m"]:
+      self,
+      x: Float[Array, "b t m"],
+      segment_ids: Int[Array, "b t"] | None,
+      lo: int | jax.Array,
+      *,
+      cache: cache_lib.MemoryCache | None = None,
+      chunk: cache_lib.Chunk | None = None,
+  ):
+    """y [b, t, m]; with a cache, (y, the cache after the chunk)."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
-    k = _v1_key_extractor(cfg, dtype)(x, segment_ids, scale_pow=1)
-    v = features.ValueFeatureExtractorV1(
+    decoding = cache is not None
+    reset = chunk.starts if decoding else _resets(segment_ids)
+    segment_ids = chunk.segment_ids if decoding else segment_ids
+    k, kbar = _v1_key_extractor(cfg, dtype)(
+        x, reset, scale_pow=1, initial=cache.key_state if decoding else None
+    )
+    raw, mix = features.ValueFeatureExtractorV1(
         num_heads=cfg.num_heads,
         bias=cfg.bias,
         init_std=cfg.init_std,
@@ -85,11 +104,18 @@ class ContextMemory(layers.PlainInit):
         eps=cfg.feature_eps,
         dtype=dtype,
         name="v_featurizer",
-    )(x, segment_ids)
+    )(x)
+    v = mix(raw, features.next_in_document(raw, segment_ids))
     # The key scale is the bandwidth: the query is the key itself.
     k, v = (_per_head(z.astype(dtype)) for z in (k, v))
-    y = layers.retrieve(k, k, v, lo=lo, hi=self.hi, segment_ids=segment_ids, impl=cfg.retrieve_impl)
-    return _c_proj(cfg, dtype)(layers.merge_heads(y))
+    retrieve = functools.partial(layers.retrieve, impl=cfg.retrieve_impl)
+    if decoding:
+      band = family_lib.Band(lo, self.hi)
+      y, cache = cache_lib.step(k, k, v, cache, chunk, band, retrieve, raw=raw, mix=mix, kbar=kbar)
+    else:
+      y = retrieve(k, k, v, lo=lo, hi=self.hi, segment_ids=segment_ids)
+    y = _c_proj(cfg, dtype)(layers.merge_heads(y))
+    return (y, cache) if decoding else y
 
 
 class PersistentMemoryV1(layers.PlainInit):
@@ -99,12 +125,23 @@ class PersistentMemoryV1(layers.PlainInit):
 
   @nn.compact
   def __call__(
-      self, x: Float[Array, "b t m"], segment_ids: Int[Array, "b t"] | None
-  ) -> Float[Array, "b t m"]:
+      self,
+      x: Float[Array, "b t m"],
+      segment_ids: Int[Array, "b t"] | None,
+      *,
+      cache: cache_lib.MemoryCache | None = None,
+      chunk: cache_lib.Chunk | None = None,
+  ):
+    """y [b, t, m]; with a cache (its key state), (y, the cache after the chunk)."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
+    decoding = cache is not None
+    reset = chunk.starts if decoding else _resets(segment_ids)
     # p = 2: the stored keys P_k carry no scale, so the query carries it twice.
-    k = _per_head(_v1_key_extractor(cfg, dtype)(x, segment_ids, scale_pow=2).astype(dtype))
+    k, kbar = _v1_key_extractor(cfg, dtype)(
+        x, reset, scale_pow=2, initial=cache.key_state if decoding else None
+    )
+    k = _per_head(k.astype(dtype))
     shape = (cfg.pmem_count, cfg.num_heads, cfg.pmem_size, cfg.head_dim)
     init = layers.logical(
         nn.initializers.normal(1.0 / math.sqrt(cfg.head_dim)), "pmem", "heads", "pairs", "kv"
@@ -118,7 +155,10 @@ class PersistentMemoryV1(layers.PlainInit):
     )
     y = kernels_pallas.retrieve_persistent(k, p_k, p_v)
     y = y / cfg.pmem_count * jnp.exp(cfg.exp_scaling * out_scale)[:, None]
-    return _c_proj(cfg, dtype)(layers.merge_heads(y.astype(dtype)))
+    y = _c_proj(cfg, dtype)(layers.merge_heads(y.astype(dtype)))
+    if not decoding:
+      return y
+    return y, cache_lib.MemoryCache(key_state=cache_lib.last(kbar, chunk.lengths, cache.key_state))
 
 
 class AssociativeMemory(layers.PlainInit):
@@ -137,10 +177,16 @@ class AssociativeMemory(layers.PlainInit):
       x: Float[Array, "b t m"],
       segment_ids: Int[Array, "b t"] | None,
       lo: int | jax.Array,
-  ) -> Float[Array, "b t h d"]:
+      *,
+      cache: cache_lib.MemoryCache | None = None,
+      chunk: cache_lib.Chunk | None = None,
+  ):
+    """y [b, t, h, d]; with a cache, (y, the cache after the chunk)."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
-    k = features.GatedKeyExtractor(
+    decoding = cache is not None
+    reset = chunk.starts if decoding else _resets(segment_ids)
+    k, kbar = features.GatedKeyExtractor(
         num_heads=cfg.num_heads,
         layer_index=self.layer_index,
         gate_bias=cfg.gate_bias,
@@ -149,8 +195,8 @@ class AssociativeMemory(layers.PlainInit):
         scan_chunk_size=cfg.scan_chunk_size,
         dtype=dtype,
         name="key",
-    )(x, segment_ids)
-    v = features.ConvValueExtractor(
+    )(x, reset, initial=cache.key_state if decoding else None)
+    raw, mix = features.ConvValueExtractor(
         num_heads=cfg.num_heads,
         layer_index=self.layer_index,
         eps=cfg.feature_eps,
@@ -158,21 +204,22 @@ class AssociativeMemory(layers.PlainInit):
         scale_max=cfg.value_scale_max,
         dtype=dtype,
         name="value",
-    )(x, segment_ids)
-    counts = kernels_pallas.visible_counts(segment_ids, x.shape[1], lo, self.hi)
+    )(x)
+    band = family_lib.Band(lo, self.hi)
+    if decoding:
+      segment_ids = chunk.segment_ids
+      counts = cache_lib.counts(chunk, band)
+    else:
+      counts = kernels_pallas.visible_counts(segment_ids, x.shape[1], lo, self.hi)
+    v = mix(raw, features.next_in_document(raw, segment_ids))
     beta = bandwidth.AdaptiveBandwidth(
         num_heads=cfg.num_heads,
         initial=cfg.bandwidth_init,
         max_log=cfg.bandwidth_max,
         name="bandwidth",
     )(counts)
-    q = beta[..., None] * k
-    return layers.retrieve(
-        _per_head(q.astype(dtype)),
-        _per_head(k.astype(dtype)),
-        _per_head(v.astype(dtype)),
-        lo=lo,
-        hi=self.hi,
-        segment_ids=segment_ids,
-        impl=cfg.retrieve_impl,
-    )
+    q, k, v = (_per_head(z.astype(dtype)) for z in (beta[..., None] * k, k, v))
+    retrieve = functools.partial(layers.retrieve, impl=cfg.retrieve_impl)
+    if decoding:
+      return cache_lib.step(q, k, v, cache, chunk, band, retrieve, raw=raw, mix=mix, kbar=kbar)
+    return retrieve(q, k, v, lo=lo, hi=self.hi, segment_ids=segment_ids)

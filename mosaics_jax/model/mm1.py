@@ -17,14 +17,15 @@ from typing import Any
 
 import flax.linen as nn
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Int
 
 from kernels_pallas import persistent
 from mosaics_jax import config as config_lib
-from mosaics_jax.model import family, lm, memories
+from mosaics_jax.model import cache as cache_lib, family, lm, memories
 
 # The contextual memory reads every complete pair before t (a pair (k_s, v_s) is complete at s+1).
 CONTEXT_BAND = family.Band(lo=1, hi=None)
+PERSISTENT = "mlp"  # nanoMosaics' name of the persistent memory.
 # Per-head scalars, which nanoMosaics stores as [1, H, 1, 1].
 _PER_HEAD = frozenset({"leaky_key_beta", "key_scale", "coef", "val_scale", "out_scale"})
 # Buffers of nanoMosaics' state dict, functions of block_size: skipped on import.
@@ -37,14 +38,22 @@ class MosaicV1Block(nn.Module):
   config: config_lib.MosaicV1Config
 
   @nn.compact
-  def __call__(self, x, segment_ids, deterministic: bool):
+  def __call__(self, x, segment_ids, deterministic: bool, cache=None, chunk=None):
     cfg = self.config
     drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
     ((name, band),) = FAMILY.bands(cfg).items()
     memory = memories.ContextMemory(cfg, hi=band.hi, name=name)
-    x = x + drop(memory(lm.layer_norm(cfg, "ln_1")(x), segment_ids, band.lo))
-    persistent = memories.PersistentMemoryV1(cfg, name="mlp")
-    return x + drop(persistent(lm.layer_norm(cfg, "ln_2")(x), segment_ids))
+    persistent = memories.PersistentMemoryV1(cfg, name=PERSISTENT)
+    h = lm.layer_norm(cfg, "ln_1")(x)
+    if cache is None:
+      x = x + drop(memory(h, segment_ids, band.lo))
+      return x + drop(persistent(lm.layer_norm(cfg, "ln_2")(x), segment_ids))
+    y, memory_cache = memory(h, None, band.lo, cache=cache[name], chunk=chunk)
+    x = x + drop(y)
+    y, persistent_cache = persistent(
+        lm.layer_norm(cfg, "ln_2")(x), None, cache=cache[PERSISTENT], chunk=chunk
+    )
+    return x + drop(y), {name: memory_cache, PERSISTENT: persistent_cache}
 
 
 class MosaicV1(lm.LanguageModel):
@@ -61,17 +70,33 @@ class MosaicV1(lm.LanguageModel):
       tokens: Int[Array, "b t"],
       segment_ids: Int[Array, "b t"] | None = None,
       *,
+      cache: cache_lib.Cache | None = None,
+      lengths: Int[Array, " b"] | None = None,
       deterministic: bool = True,
-  ) -> Float[Array, "b t v"]:
+  ):
+    """Logits [b, t, v]; with a decode cache, (logits, the cache after this chunk): a decoder is
+    not bound by block_size, which limits the chunk alone."""
     cfg = self.config
     tokens, segment_ids = lm.check_inputs(tokens, segment_ids, cfg.block_size)
     wte = lm.embed(cfg, nn.initializers.normal(cfg.init_std), "wte")
     x = lm.residual(nn.Dropout(cfg.dropout, deterministic=deterministic)(wte(tokens)))
-    block = lm.maybe_remat(MosaicV1Block, cfg.remat)
-    for i in range(cfg.num_layers):
-      x = lm.residual(block(cfg, name=f"h_{i}")(x, segment_ids, deterministic))
+    if cache is None:
+      block = lm.maybe_remat(MosaicV1Block, cfg.remat)
+      for i in range(cfg.num_layers):
+        x = lm.residual(block(cfg, name=_layer(i))(x, segment_ids, deterministic))
+    else:
+      chunk = cache_lib.chunk_of(cache.stream, segment_ids, lengths, tokens.shape[1], cache.fresh)
+      layer_caches = {}
+      for i in range(cfg.num_layers):
+        x, layer_caches[_layer(i)] = MosaicV1Block(cfg, name=_layer(i))(
+            x, None, deterministic, cache=cache.layers[_layer(i)], chunk=chunk
+        )
+        x = lm.residual(x)
     x = lm.layer_norm(cfg, "ln_f")(x)
-    return lm.logits(wte.attend(x))
+    out = lm.logits(wte.attend(x))
+    if cache is None:
+      return out
+    return out, cache_lib.Cache(cache_lib.advance(cache.stream, chunk), layer_caches, fresh=False)
 
 
 class MosaicV1Family(family.Family):
@@ -93,6 +118,24 @@ class MosaicV1Family(family.Family):
 
   def max_length(self, config: config_lib.MosaicV1Config) -> int:
     return config.block_size
+
+  def init_cache(self, config, batch, max_len, dtype) -> cache_lib.Cache:
+    ((name, band),) = self.bands(config).items()
+    h, d = config.num_heads, config.head_dim
+    memory = cache_lib.capacity(band, max_len)
+    layers = {
+        _layer(i): {
+            name: cache_lib.empty_memory(
+                batch, memory, h, d, d, dtype, pending=True, key_state=True
+            ),
+            # The persistent memory's keys are a recurrence too; its pairs are parameters.
+            PERSISTENT: cache_lib.empty_memory(
+                batch, None, h, d, d, dtype, pending=False, key_state=True
+            ),
+        }
+        for i in range(config.num_layers)
+    }
+    return cache_lib.Cache(cache_lib.empty_stream(batch), layers)
 
   def layer_activations(self, config, b, t) -> list[family.Activation]:
     c = family.itemsize(config)
@@ -139,6 +182,11 @@ class MosaicV1Family(family.Family):
     if head is not None and (wte is None or not np.array_equal(head, wte)):
       raise ValueError("lm_head.weight differs from mosaic.wte.weight: nanoMosaics ties them")
     return tensors, _BUFFERS
+
+
+def _layer(index: int) -> str:
+  """The module name of layer `index`: nanoMosaics' `h_{i}`."""
+  return f"h_{index}"
 
 
 FAMILY = MosaicV1Family()

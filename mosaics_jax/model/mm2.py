@@ -19,10 +19,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Int
 
 from mosaics_jax import config as config_lib
-from mosaics_jax.model import family, layers, lm, memories
+from mosaics_jax.model import cache as cache_lib, family, layers, lm, memories
 
 SHORT_TERM, LONG_TERM = "short_term", "long_term"
 
@@ -34,15 +34,18 @@ class MosaicV2Block(nn.Module):
   layer_index: int
 
   @nn.compact
-  def __call__(self, x, segment_ids, ltm_delay, deterministic: bool):
+  def __call__(self, x, segment_ids, ltm_delay, deterministic: bool, cache=None, chunk=None):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
     h = lm.rms_norm(cfg, "norm1")(x)
-    outputs = []
+    outputs, caches = [], {}
     for name, band in FAMILY.bands(cfg, ltm_delay).items():
       memory = memories.AssociativeMemory(cfg, self.layer_index, hi=band.hi, name=name)
-      y = memory(h, segment_ids, band.lo)
+      if cache is None:
+        y = memory(h, segment_ids, band.lo)
+      else:
+        y, caches[name] = memory(h, None, band.lo, cache=cache[name], chunk=chunk)
       # The Table 2 ablation: the parameters stay, the output goes.
       outputs.append(jnp.zeros_like(y) if name == LONG_TERM and cfg.drop_long_term_memory else y)
     y = jnp.concatenate([layers.merge_heads(o) for o in outputs], axis=-1)
@@ -58,7 +61,8 @@ class MosaicV2Block(nn.Module):
     x = x + drop(w_o(y))
     h = lm.rms_norm(cfg, "norm2")(x)
     ffn = layers.SwiGLU(cfg.ffn_width, self.layer_index, dtype=dtype, name="ffn")
-    return x + drop(ffn(h))
+    x = x + drop(ffn(h))
+    return x if cache is None else (x, caches)
 
 
 class MosaicV2(lm.LanguageModel):
@@ -75,14 +79,21 @@ class MosaicV2(lm.LanguageModel):
       tokens: Int[Array, "b t"],
       segment_ids: Int[Array, "b t"] | None = None,
       *,
+      cache: cache_lib.Cache | None = None,
+      lengths: Int[Array, " b"] | None = None,
       ltm_delay: int | jax.Array | None = None,
       deterministic: bool = True,
-  ) -> Float[Array, "b t v"]:
-    """`ltm_delay` is the long-term delay m (may be traced); None uses config.long_term_delay."""
+  ):
+    """Logits [b, t, v]; with a decode cache, (logits, the cache after this chunk).
+
+    `ltm_delay` is the long-term delay m (may be traced); None uses config.long_term_delay.
+    """
     cfg = self.config
     tokens, segment_ids = lm.check_inputs(tokens, segment_ids)
     ltm_delay = cfg.long_term_delay if ltm_delay is None else ltm_delay
-    return lm.untied_decoder(cfg, tokens, segment_ids, MosaicV2Block, (ltm_delay,), deterministic)
+    return lm.untied_decoder(
+        cfg, tokens, segment_ids, MosaicV2Block, (ltm_delay,), deterministic, cache, lengths
+    )
 
 
 class MosaicV2Family(family.Family):
@@ -119,6 +130,28 @@ class MosaicV2Family(family.Family):
       return {"ltm_delay": config.long_term_delay}
     low, high = config.long_term_delay_range
     return {"ltm_delay": jax.random.randint(key, (), low, high + 1)}
+
+  def init_cache(self, config, batch, max_len, dtype) -> cache_lib.Cache:
+    # The short-term memory keeps a ring of h - 1 pairs: without long-term memory the cache does
+    # not grow with the stream.
+    h, d = config.num_heads, config.head_dim
+    layers = {
+        lm.layer_name(i): {
+            name: cache_lib.empty_memory(
+                batch,
+                cache_lib.capacity(band, max_len),
+                h,
+                d,
+                d,
+                dtype,
+                pending=True,
+                key_state=True,
+            )
+            for name, band in self.bands(config).items()
+        }
+        for i in range(config.num_layers)
+    }
+    return cache_lib.Cache(cache_lib.empty_stream(batch), layers)
 
   def layer_activations(self, config, b, t) -> list[family.Activation]:
     c = family.itemsize(config)

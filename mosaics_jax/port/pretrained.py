@@ -23,6 +23,7 @@ import functools
 import json
 import os
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 import flax
@@ -31,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Float, Int
 
-from mosaics_jax import checkpoints, config as config_lib, sharding
+from mosaics_jax import checkpoints, config as config_lib, sharding, tokenizers
+from mosaics_jax.inference import generate as generate_lib, sampling as sampling_lib
 from mosaics_jax.model import families, lm
 from mosaics_jax.port import layout as layout_lib
 
@@ -41,12 +43,14 @@ LAYOUTS = ("flax", "pytorch")
 
 @dataclasses.dataclass(frozen=True)
 class Pretrained:
-  """A model with its weights: `logits(tokens)` runs it."""
+  """A model with its weights: `logits(tokens)` scores tokens, `generate(prompts, n)` continues
+  them; with the run's tokenizer, `encode`, `decode` and `generate_text` work on text."""
 
   config: config_lib.ModelConfig
   model: flax.linen.Module
   params: layout_lib.Params
   step: int | None  # The training step of the weights, when known.
+  tokenizer: tokenizers.Tokenizer | None = None  # None for a run on token ids.
 
   @functools.cached_property
   def _apply(self):
@@ -64,6 +68,61 @@ class Pretrained:
         tokens, segment_ids, families.of(self.config).max_length(self.config)
     )
     return np.asarray(self._apply({"params": self.params}, tokens, segment_ids, **model_kwargs))
+
+  @functools.cached_property
+  def _generator(self) -> generate_lib.Generator:
+    return generate_lib.Generator(self.model)
+
+  def generate(
+      self,
+      prompts: generate_lib.Prompts,
+      max_new_tokens: int,
+      *,
+      temperature: float = 0.0,
+      top_k: int | None = None,
+      top_p: float | None = None,
+      seed: int = 0,
+      stop_tokens: Sequence[int] | None = None,
+      max_len: int | None = None,
+  ) -> list[list[int]]:
+    """The new tokens of each prompt (token-id lists of any lengths, or an int array [batch,
+    seq]), each row ending after its first stop token (included) or `max_new_tokens`.
+    Temperature 0 is greedy; see `inference.generate.Generator` for the rest."""
+    sampling = sampling_lib.Sampling(temperature, top_k, top_p)
+    return self._generator(
+        self.params,
+        prompts,
+        max_new_tokens,
+        sampling=sampling,
+        seed=seed,
+        stop_tokens=tuple(stop_tokens or ()),
+        max_len=max_len,
+    )
+
+  def encode(self, text: str) -> list[int]:
+    """The token ids of `text` with the run's tokenizer."""
+    return self._tokenizer().encode(text).tolist()
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """The text of token ids with the run's tokenizer."""
+    return self._tokenizer().decode(list(ids))
+
+  def generate_text(
+      self, prompt: str | Sequence[str], max_new_tokens: int, **sampling: Any
+  ) -> str | list[str]:
+    """The text that follows `prompt` (or each prompt of a list); `sampling` as for `generate`."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    new = self.generate([self.encode(p) for p in prompts], max_new_tokens, **sampling)
+    texts = [self.decode(ids) for ids in new]
+    return texts[0] if isinstance(prompt, str) else texts
+
+  def _tokenizer(self) -> tokenizers.Tokenizer:
+    if self.tokenizer is None:
+      raise ValueError(
+          "this model has no tokenizer (it was trained on token ids, or exported without one):"
+          " give token ids to `generate`"
+      )
+    return self.tokenizer
 
 
 def load(path: str | os.PathLike) -> Pretrained:
@@ -96,7 +155,13 @@ def load(path: str | os.PathLike) -> Pretrained:
     step, params = _restore_params(path / "checkpoints")
   else:
     raise FileNotFoundError(f"{path} has neither {WEIGHTS_FILE} nor checkpoints/")
-  return Pretrained(config=config, model=families.build_model(config), params=params, step=step)
+  return Pretrained(
+      config=config,
+      model=families.build_model(config),
+      params=params,
+      step=step,
+      tokenizer=tokenizers.load(path),
+  )
 
 
 def _check_fits(config: config_lib.ModelConfig, source: pathlib.Path) -> None:
@@ -158,6 +223,7 @@ def save_exported(
     *,
     step: int | None = None,
     layout: str = "flax",
+    tokenizer: tokenizers.Tokenizer | None = None,
 ) -> pathlib.Path:
   """Writes an exported directory that `load` reads; `layout` is "flax" or "pytorch"."""
   from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
@@ -175,4 +241,6 @@ def save_exported(
   model = {"family": config.family, **config_lib.to_dict(config)}
   text = json.dumps({"model": model, "step": step}, indent=2) + "\n"
   (directory / checkpoints.CONFIG_FILE).write_text(text)
+  if tokenizer is not None:
+    tokenizers.save(tokenizer, directory)
   return directory

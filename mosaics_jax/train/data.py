@@ -45,8 +45,8 @@ import grain
 import numpy as np
 from jaxtyping import Bool, Int, Integer, UInt
 
+from mosaics_jax import tokenizers as tokenizers_lib
 from mosaics_jax.config import DataConfig
-from mosaics_jax.train import tokenizers as tokenizers_lib
 
 Split = Literal["train", "val"]
 Example = dict[str, np.ndarray]  # The fields of the module docstring, each of shape [t].

@@ -25,7 +25,7 @@ import jax
 import tqdm
 from jax.experimental import multihost_utils
 
-from mosaics_jax import checkpoints, config as config_lib, sharding
+from mosaics_jax import checkpoints, config as config_lib, sharding, tokenizers
 from mosaics_jax.model import families
 from mosaics_jax.train import (
     data,
@@ -166,6 +166,8 @@ def _train(experiment, workdir, progress, init_from, restart, preemption) -> Run
   placement = step_lib.make_placement(experiment, model, tx)
   ckpts = checkpoints.Checkpoints(ckpt_dir, cfg.keep_checkpoints)
   checkpoints.check_or_save_config(workdir, experiment, has_checkpoints=bool(ckpts.steps()))
+  if lead and experiment.data.source == "text":  # The trained model reads and writes text.
+    tokenizers.save(data.load_tokenizer(experiment.data), workdir)
   train_step = step_lib.make_train_step(experiment, model, tx, placement)
   eval_step = step_lib.make_eval_step(experiment, model, placement)
 
