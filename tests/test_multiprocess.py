@@ -11,9 +11,11 @@ import json
 import os
 import pathlib
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -50,8 +52,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(workdir: pathlib.Path, devices: int, *flags: str, mesh: str = "") -> subprocess.Popen:
-  """`mosaics-train` of the tiny mm2 run in a process with `devices` CPU devices."""
+def _start(
+    workdir: pathlib.Path, devices: int, *flags: str, mesh: str = "", sets: list[str] = SETS
+) -> subprocess.Popen:
+  """`mosaics-train` of the tiny mm2 run (`sets`) in a process with `devices` CPU devices."""
   xla_flags = re.sub(
       r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", "")
   )
@@ -71,7 +75,7 @@ def _start(workdir: pathlib.Path, devices: int, *flags: str, mesh: str = "") -> 
       "--no-progress",
       *flags,
       "--set",
-      *SETS,
+      *sets,
   ]
   if mesh:
     command.append(mesh)
@@ -145,6 +149,38 @@ def test_two_processes_train_as_one(tmp_path):
   # The checkpoint both processes wrote holds the whole state.
   for x, y in zip(_params(two), _params(one), strict=True):
     np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_both_at_one_checkpoint(tmp_path):
+  """Preemption that reaches one host only: both processes stop after the same step, write its
+  checkpoint together and exit with SIGTERM's code; none is left waiting in a collective."""
+  workdir = tmp_path / "run"
+  cluster = ["--coordinator-address", f"localhost:{_free_port()}", "--num-processes", "2"]
+  long = [s for s in SETS if not s.startswith("train.steps=")]
+  long += ["train.steps=100000", "train.checkpoint_every=100000"]
+  processes = [
+      _start(workdir, 1, *cluster, "--process-id", str(i), mesh="mesh.data=2", sets=long)
+      for i in range(2)
+  ]
+  try:
+    deadline = time.time() + TIMEOUT_S
+    while not (workdir / "metrics.jsonl").exists() or not metrics.read_metrics(workdir):
+      assert time.time() < deadline and all(p.poll() is None for p in processes)
+      time.sleep(0.1)
+    processes[1].send_signal(signal.SIGTERM)
+    results = [p.communicate(timeout=TIMEOUT_S) for p in processes]
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  for process, (_, err) in zip(processes, results):
+    assert process.returncode == 128 + signal.SIGTERM, err[-4000:]
+  assert "stopped by a signal to another process at step " in results[0][0]
+  stopped = int(results[0][0].split("at step ")[1].split(":")[0])
+  assert 0 < stopped < 100000
+  assert checkpoints.Checkpoints(workdir / "checkpoints", 3, read_only=True).steps() == [stopped]
 
 
 @pytest.fixture

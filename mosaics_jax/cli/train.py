@@ -137,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
   if jax.process_index() != 0:
     return result.stopped_by.exit_code if result.stopped_by else 0
   if result.stopped_by is not None:
+    signal = result.stopped_by.signal
     print(
-        f"stopped by {result.stopped_by.signal.name if result.stopped_by.signal else 'a signal'}"
+        f"stopped by {signal.name if signal else 'a signal to another process'}"
         f" at step {result.step}: checkpointed in {result.workdir / 'checkpoints'}; run the same"
         " command to resume"
     )
