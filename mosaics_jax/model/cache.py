@@ -136,6 +136,38 @@ def empty_memory(
   return MemoryCache(pairs=pairs, pending=waiting, key_state=state)
 
 
+def empty(
+    batch: int,
+    max_len: int,
+    dtype: Any,
+    layer_names: list[str],
+    bands: dict[str, family_lib.Band],
+    heads: int,
+    head_dim: int,
+    *,
+    pending: bool,
+    key_state: bool,
+) -> Cache:
+  """The empty cache of layers that hold one memory (or attention) per band, alike."""
+  layers = {
+      layer: {
+          name: empty_memory(
+              batch,
+              capacity(band, max_len),
+              heads,
+              head_dim,
+              head_dim,
+              dtype,
+              pending=pending,
+              key_state=key_state,
+          )
+          for name, band in bands.items()
+      }
+      for layer in layer_names
+  }
+  return Cache(empty_stream(batch), layers)
+
+
 def capacity(band: family_lib.Band, max_len: int) -> int:
   """Slots a memory of this band needs: a bounded band keeps its last hi - lo + 1 pairs; the
   others hold max_len, rounded up to whole blocks of the decode's attention (`attend_pairs`)."""

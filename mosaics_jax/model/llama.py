@@ -94,24 +94,18 @@ class LlamaFamily(family.Family):
     return {"attention": CAUSAL_BAND}
 
   def init_cache(self, config, batch, max_len, dtype) -> cache_lib.Cache:
-    h, d = config.num_heads, config.head_dim
-    layers = {
-        lm.layer_name(i): {
-            name: cache_lib.empty_memory(
-                batch,
-                cache_lib.capacity(band, max_len),
-                h,
-                d,
-                d,
-                dtype,
-                pending=False,
-                key_state=False,
-            )
-            for name, band in self.bands(config).items()
-        }
-        for i in range(config.num_layers)
-    }
-    return cache_lib.Cache(cache_lib.empty_stream(batch), layers)
+    names = [lm.layer_name(i) for i in range(config.num_layers)]
+    return cache_lib.empty(
+        batch,
+        max_len,
+        dtype,
+        names,
+        self.bands(config),
+        config.num_heads,
+        config.head_dim,
+        pending=False,
+        key_state=False,
+    )
 
   def layer_activations(self, config, b, t) -> list[family.Activation]:
     c = family.itemsize(config)
