@@ -174,7 +174,8 @@ def test_resets_isolate_documents(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("split", [1, 11, 12])  # 11: a document starts at the split.
 def test_a_scan_continues_from_its_initial_state(impl, split):
-  """Scanning [0, split) and then [split, t) from its last state equals one scan (decoding)."""
+  """Scanning [0, split) and then [split, t) from its last state equals one scan (decoding), and
+  so do the gradients through the initial state."""
   t = 37
   rng = np.random.default_rng(2)
   segment_ids = np.zeros((B, t), np.int32)
@@ -187,6 +188,19 @@ def test_a_scan_continues_from_its_initial_state(impl, split):
   first = scan(a[:, :split], x[:, :split], reset=reset[:, :split])
   rest = scan(a[:, split:], x[:, split:], reset=reset[:, split:], initial=first[:, -1])
   np.testing.assert_allclose(np.concatenate([first, rest], axis=1), whole, rtol=1e-6, atol=1e-6)
+
+  weights = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+  def split_loss(a, x):
+    head = scan(a[:, :split], x[:, :split], reset=reset[:, :split])
+    tail = scan(a[:, split:], x[:, split:], reset=reset[:, split:], initial=head[:, -1])
+    return jnp.sum(jnp.concatenate([head, tail], axis=1) * weights)
+
+  whole_loss = lambda a, x: jnp.sum(scan(a, x, reset=reset) * weights)
+  grads = jax.jit(jax.grad(split_loss, argnums=(0, 1)))(a, x)
+  expected = jax.jit(jax.grad(whole_loss, argnums=(0, 1)))(a, x)
+  for got, want in zip(grads, expected):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
