@@ -1,8 +1,11 @@
-"""Experiments that run on a laptop-class CPU: tiny models of every family and TinyShakespeare.
+"""Experiments that run on a laptop-class CPU: tiny models of every family, TinyShakespeare and
+RegBench.
 
 TinyShakespeare runs use nanoGPT's character-level size (6 layers, 6 heads, width 384, block 256);
 get the text from github.com/karpathy/char-rnn (data/tinyshakespeare/input.txt) and pass its path
-as data.path.
+as data.path. `mm2-char-small` is a model of minutes, the README's evaluation examples. RegBench
+runs here use strings of at most 8 letters (the paper's: 49), so that sequences of 10 to 19 strings
+fit a context of 256.
 """
 
 from __future__ import annotations
@@ -33,6 +36,14 @@ _CHAR_TRAIN = TrainConfig(
     b2=0.99,
     weight_decay=0.1,
 )
+
+_SMALL_CHAR_TRAIN = TrainConfig(batch_size=16, steps=600, learning_rate=3e-3, warmup_steps=50)
+
+_REGBENCH = dict(vocab_size=20, num_layers=2, width=64, num_heads=4, ffn_width=192)
+_REGBENCH_DATA = DataConfig(
+    source="regbench", name="RegBench", seq_len=256, regbench_languages=1000, regbench_max_string=8
+)
+_REGBENCH_TRAIN = TrainConfig(batch_size=16, steps=1000, learning_rate=3e-3, warmup_steps=50)
 
 EXPERIMENTS = (
     Experiment(
@@ -88,5 +99,37 @@ EXPERIMENTS = (
         model=LlamaConfig(**_CHAR, ffn_width=1024),
         data=_CHAR_DATA,
         train=_CHAR_TRAIN,
+    ),
+    Experiment(
+        name="mm2-char-small",
+        description="2-layer v2 on TinyShakespeare characters, minutes on a CPU (README examples)",
+        model=MosaicV2Config(
+            vocab_size=65,
+            num_layers=2,
+            width=128,
+            num_heads=4,
+            ffn_width=384,
+            short_term_window=64,
+            long_term_delay=16,
+            long_term_delay_range=(16, 64),
+        ),
+        data=_CHAR_DATA,
+        train=_SMALL_CHAR_TRAIN,
+    ),
+    Experiment(
+        name="mm2-regbench-cpu",
+        description="RegBench at CPU scale (strings <= 8 letters, 1000 languages): 2-layer v2",
+        model=MosaicV2Config(
+            **_REGBENCH, short_term_window=32, long_term_delay=8, long_term_delay_range=(8, 32)
+        ),
+        data=_REGBENCH_DATA,
+        train=_REGBENCH_TRAIN,
+    ),
+    Experiment(
+        name="llama-regbench-cpu",
+        description="RegBench at CPU scale (strings <= 8 letters, 1000 languages): 2-layer Llama",
+        model=LlamaConfig(**_REGBENCH),
+        data=_REGBENCH_DATA,
+        train=_REGBENCH_TRAIN,
     ),
 )

@@ -228,8 +228,11 @@ class DataConfig(_Typed):
   """What the model reads (`mosaics_jax.data` builds the Grain pipelines)."""
 
   # synthetic_induction: "... a b ... a -> b"; synthetic_mqar: multi-query associative recall;
+  # regbench: strings of random regular languages, learnt in context (`mosaics_jax.regbench`);
   # text: a UTF-8 file and a tokenizer; tokens: a flat binary file of token ids (nanoGPT's .bin).
-  source: Literal["synthetic_induction", "synthetic_mqar", "text", "tokens"] = "synthetic_induction"
+  source: Literal["synthetic_induction", "synthetic_mqar", "regbench", "text", "tokens"] = (
+      "synthetic_induction"
+  )
   name: str = ""  # Human-readable dataset name, e.g. "BabiStories".
   path: str | None = None  # The text or token file.
   # For text: "char" (the file's distinct characters), "byte" (256 ids), or "hf" (a Hugging Face
@@ -244,11 +247,19 @@ class DataConfig(_Typed):
   # Synthetic tasks: the number of distinct symbols, and key-value pairs per MQAR sequence.
   task_vocab: int = 64
   task_pairs: int = 8
+  # RegBench: the training languages, one fixed sequence each (seq_icl's num_examples, 5000 in its
+  # icl_dfa.yaml; its sweeps use 2500 to 40000), and the longest string (seq_icl draws lengths
+  # with rng.integers(1, max_len_per_example = 50), so 49).
+  regbench_languages: int = 5000
+  regbench_max_string: int = 49
 
   def __post_init__(self):
     super().__post_init__()
     if self.seq_len < 2:
       raise ConfigError(f"data.seq_len must be >= 2, got {self.seq_len}")
+    for name in ("regbench_languages", "regbench_max_string"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
     if not 0.0 < self.val_fraction < 1.0:
       raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
 

@@ -54,10 +54,11 @@ def _same(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> boo
 SYNTHETIC = {
     "induction": DataConfig(source="synthetic_induction", seq_len=24, task_vocab=32),
     "mqar": DataConfig(source="synthetic_mqar", seq_len=24, task_vocab=16, task_pairs=4),
+    "regbench": DataConfig(source="regbench", seq_len=24, regbench_languages=40),
 }
 
 
-@pytest.fixture(params=["induction", "mqar", "text", "tokens"])
+@pytest.fixture(params=["induction", "mqar", "regbench", "text", "tokens"])
 def any_source(request) -> DataConfig:
   if request.param == "text":
     return request.getfixturevalue("shakespeare")

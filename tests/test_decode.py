@@ -319,3 +319,11 @@ def test_mosaics_generate_names_bad_input(tmp_path, capsys, args, error):
   path = _export(tmp_path / "model")
   assert generate_cli.main([str(path), *args]) == 2
   assert re.search(error, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flag", ["--prompt", "--prompt-file"])
+def test_mosaics_generate_refuses_a_prompt_given_twice(tmp_path, capsys, flag):
+  with pytest.raises(SystemExit) as exit_info:
+    generate_cli.main([str(tmp_path), flag, "a", flag, "b"])
+  assert exit_info.value.code == 2
+  assert f"{flag} is given more than once" in capsys.readouterr().err

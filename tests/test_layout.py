@@ -35,9 +35,11 @@ ALLOWED = {
         "mosaics_jax.sharding",
         "mosaics_jax.checkpoints",
         "mosaics_jax.tokenizers",
+        "mosaics_jax.regbench",
         "kernels_pallas",
     ),
     "mosaics_jax.tokenizers": (),
+    "mosaics_jax.regbench": (),
     # Inference needs no optimizer: it never imports training.
     "mosaics_jax.inference": ("mosaics_jax.config", "mosaics_jax.model", "mosaics_jax.sharding"),
     "mosaics_jax.port": (
@@ -47,6 +49,18 @@ ALLOWED = {
         "mosaics_jax.sharding",
         "mosaics_jax.tokenizers",
         "mosaics_jax.inference",
+    ),
+    # Evaluation reads checkpoints (through port's load) and never trains.
+    "mosaics_jax.eval": (
+        "mosaics_jax.config",
+        "mosaics_jax.checkpoints",
+        "mosaics_jax.overrides",
+        "mosaics_jax.model",
+        "mosaics_jax.inference",
+        "mosaics_jax.port",
+        "mosaics_jax.sharding",
+        "mosaics_jax.tokenizers",
+        "mosaics_jax.regbench",
     ),
     "mosaics_jax.analysis": (
         "mosaics_jax.config",

@@ -16,7 +16,8 @@ import shlex
 
 import pytest
 
-from mosaics_jax.cli import bench, common, generate, info, plot, port, train
+from mosaics_jax.cli import bench, common, eval as eval_cli, generate, info, plot, port, train
+from mosaics_jax.eval import tasks
 from mosaics_jax.train import metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -28,6 +29,7 @@ CLIS = {
     "mosaics-plot": plot,
     "mosaics-port": port,
     "mosaics-generate": generate,
+    "mosaics-eval": eval_cli,
 }
 
 
@@ -90,6 +92,8 @@ def test_shell_commands_parse(argv):
   experiment = getattr(parsed, "experiment", None)
   if name != "mosaics-plot" and (experiment or name == "mosaics-train"):
     common.experiment(experiment or train.DEFAULT_EXPERIMENT, getattr(parsed, "set", []))
+  if name == "mosaics-eval" and parsed.task:
+    tasks.settings(parsed.task, [a for a in parsed.set if not a.startswith("model.")])
 
 
 def test_every_cli_appears():

@@ -20,6 +20,15 @@ def add_set_flag(parser: argparse.ArgumentParser) -> None:
   )
 
 
+class StoreOnce(argparse.Action):
+  """Stores a flag's value and refuses the flag given twice (argparse would keep the last)."""
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    if getattr(namespace, self.dest, None) is not None:
+      parser.error(f"{option_string} is given more than once")
+    setattr(namespace, self.dest, values)
+
+
 def experiment(name: str, assignments: Sequence[str]) -> config_lib.Experiment:
   """The experiment `name` with the `--set` assignments applied; a key given twice is an error."""
   keys = [a.partition("=")[0] for a in assignments]

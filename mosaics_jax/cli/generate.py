@@ -33,8 +33,10 @@ def _parser() -> argparse.ArgumentParser:
   )
   parser.add_argument("path", help="a training workdir or an exported directory")
   prompt = parser.add_mutually_exclusive_group(required=True)
-  prompt.add_argument("--prompt", help="the text to continue")
-  prompt.add_argument("--prompt-file", help="a UTF-8 file holding the text to continue")
+  prompt.add_argument("--prompt", action=common.StoreOnce, help="the text to continue")
+  prompt.add_argument(
+      "--prompt-file", action=common.StoreOnce, help="a UTF-8 file holding the text to continue"
+  )
   parser.add_argument("--max-new-tokens", type=int, default=200)
   parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
   parser.add_argument("--top-k", type=int, help="sample among the k likeliest tokens")

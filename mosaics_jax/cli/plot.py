@@ -1,6 +1,7 @@
-"""`mosaics-plot`: the train and val loss of training runs on one figure.
+"""`mosaics-plot`: the train and val loss of training runs, or evaluation results, on one figure.
 
 mosaics-plot runs/mm2-tiny runs/llama-tiny -o loss.png [--log-y] [--title T] [--smooth 0.9]
+mosaics-plot results.jsonl -o eval.png    # mosaics-eval --out: metric against length or position
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ from mosaics_jax.cli import common
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="mosaics-plot", description=__doc__.splitlines()[0])
-  parser.add_argument("dirs", nargs="+", metavar="DIR", help="run directory with metrics.jsonl")
+  parser.add_argument(
+      "dirs",
+      nargs="+",
+      metavar="DIR",
+      help="run directory with metrics.jsonl, or results .jsonl files of mosaics-eval",
+  )
   parser.add_argument(
       "-o", "--output", required=True, metavar="FILE", help="image file (.png, .pdf, .svg)"
   )
@@ -34,17 +40,25 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if not 0 <= args.smooth < 1:
     parser.error(f"--smooth must be in [0, 1), got {args.smooth}")
+  results = [d for d in args.dirs if d.endswith(".jsonl")]
+  if results and len(results) != len(args.dirs):
+    parser.error("give run directories or results .jsonl files, not both")
   try:
     # matplotlib is the optional `plots` extra: without it only this command fails.
+    from mosaics_jax.eval import plots as eval_plots, results as results_lib
     from mosaics_jax.train import plots
   except ImportError as e:
     return common.fail(
         "mosaics-plot", f"{e}; install the plots extra: pip install 'mosaics-jax[plots]'", 1
     )
   try:
-    path = plots.plot_runs(
-        args.dirs, args.output, log_y=args.log_y, title=args.title, smoothing=args.smooth
-    )
+    if results:
+      records = [r for f in results for r in results_lib.read_jsonl(f)]
+      path = eval_plots.plot_results(records, args.output, title=args.title)
+    else:
+      path = plots.plot_runs(
+          args.dirs, args.output, log_y=args.log_y, title=args.title, smoothing=args.smooth
+      )
   except (FileNotFoundError, ValueError) as e:
     return common.fail("mosaics-plot", e)
   print(path)

@@ -30,7 +30,7 @@ from jaxtyping import Array, Float, Int
 
 from mosaics_jax import config as config_lib, sharding
 from mosaics_jax.inference import sampling as sampling_lib
-from mosaics_jax.model import cache as cache_lib
+from mosaics_jax.model import cache as cache_lib, families
 
 Prompts = Sequence[Sequence[int]] | np.ndarray
 # The new-token slots of a row after it has stopped.
@@ -38,12 +38,14 @@ PAD = -1
 
 
 def pad_prompts(
-    prompts: Prompts, vocab_size: int
+    prompts: Prompts, vocab_size: int, width: int | None = None
 ) -> tuple[Int[np.ndarray, "b t"], Int[np.ndarray, "b t"], Int[np.ndarray, " b"]]:
-  """(tokens, segment ids, lengths) of ragged prompts right-padded to the longest; each row's
-  padding is a document of its own (id 1 after the prompt's 0), so no prompt sees it.
+  """(tokens, segment ids, lengths) of ragged prompts right-padded to `width` (default: the
+  longest); each row's padding is a document of its own (id 1 after the prompt's 0), so no prompt
+  sees it. A fixed width lets prompts of many lengths share one compiled prefill.
 
-  Raises ValueError naming an empty prompt or a token id outside [0, vocab_size).
+  Raises ValueError naming an empty prompt, a token id outside [0, vocab_size), or a prompt longer
+  than `width`.
   """
   rows = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
   if not rows:
@@ -58,7 +60,11 @@ def pad_prompts(
           f" {vocab_size})"
       )
   lengths = np.array([row.size for row in rows], np.int32)
-  tokens = np.zeros((len(rows), lengths.max()), np.int32)
+  if width is not None and lengths.max() > width:
+    raise ValueError(
+        f"prompt {int(lengths.argmax())} has {lengths.max()} tokens, more than {width}"
+    )
+  tokens = np.zeros((len(rows), lengths.max() if width is None else width), np.int32)
   segment_ids = np.ones_like(tokens)
   for i, row in enumerate(rows):
     tokens[i, : row.size] = row
@@ -94,13 +100,24 @@ class Generator:
       mesh: jax.sharding.Mesh | None = None,
       rules: config_lib.AxisRules = config_lib.DEFAULT_AXIS_RULES,
       model_kwargs: dict[str, Any] | None = None,
+      prefill_chunk: int | None = None,
   ):
-    """`model_kwargs` go to every call of the model (v2's `ltm_delay`)."""
+    """`model_kwargs` go to every call of the model (v2's `ltm_delay`). Prompts longer than
+    `prefill_chunk` tokens go in chunks of that size, the first through the training path and the
+    rest through the cache (default, and at most: the longest input of the model, v1's
+    block_size; else whole)."""
     self.model = model
     self.mesh = mesh
     self.rules = rules
     self.model_kwargs = dict(model_kwargs or {})
+    if prefill_chunk is not None and prefill_chunk < 1:
+      raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    longest = families.of(model.config).max_length(model.config)
+    if longest is not None:
+      prefill_chunk = longest if prefill_chunk is None else min(prefill_chunk, longest)
+    self.prefill_chunk = prefill_chunk
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("max_len",))
+    self._extend = jax.jit(self._extend_fn, donate_argnames=("cache",))
     # The cache is donated: the loop updates it in place instead of copying it per dispatch.
     self._decode = jax.jit(
         self._decode_fn,
@@ -125,6 +142,25 @@ class Generator:
     logits, cache = self._apply(params, tokens, segment_ids, cache, lengths)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
     return last, constrain_cache(cache)
+
+  def _extend_fn(
+      self, params, tokens: Int[Array, "b t"], segment_ids, lengths: Int[Array, " b"], cache, last
+  ) -> tuple[Float[Array, "b v"], cache_lib.Cache]:
+    """A later chunk of the prompts; a row that ended before it keeps its `last` logits."""
+    logits, cache = self._apply(params, tokens, segment_ids, cache, lengths)
+    return cache_lib.last(logits, lengths, last), constrain_cache(cache)
+
+  def _prefill_chunks(self, params, tokens, segment_ids, lengths, max_len):
+    """(the logits after each row's prompt, the cache), the prompts in chunks of prefill_chunk."""
+    step = tokens.shape[1] if self.prefill_chunk is None else self.prefill_chunk
+    parts = [
+        (tokens[:, i : i + step], segment_ids[:, i : i + step], np.clip(lengths - i, 0, step))
+        for i in range(0, tokens.shape[1], step)
+    ]
+    logits, cache = self._prefill(params, *parts[0], max_len=max_len)
+    for part in parts[1:]:
+      logits, cache = self._extend(params, *part, cache, logits)
+    return logits, cache
 
   def _decode_fn(
       self, params, logits, cache, done, key, first, steps, sampling, stop
@@ -161,13 +197,14 @@ class Generator:
       stop_tokens: Sequence[int] = (),
       max_len: int | None = None,
       chunk: int | None = None,
+      width: int | None = None,
   ) -> Iterator[np.ndarray]:
     """The new tokens as they come: first an array [batch, 0] once the prompts are in the cache
     (the prefill's end), then arrays [batch, n] of up to `chunk` tokens per dispatch of the decode
     loop (default all at once), PAD where a row has stopped. Arguments as for `__call__`; the
     tokens do not depend on `chunk`."""
     tokens, segment_ids, lengths, max_len = self._check(
-        prompts, max_new_tokens, stop_tokens, max_len
+        prompts, max_new_tokens, stop_tokens, max_len, width
     )
     chunk = max_new_tokens if chunk is None else chunk
     key = jax.random.key(seed)
@@ -175,7 +212,7 @@ class Generator:
     with self._context():
       if self.mesh is not None:
         params = jax.device_put(params, self._param_shardings(tokens))
-      logits, cache = self._prefill(params, tokens, segment_ids, lengths, max_len=max_len)
+      logits, cache = self._prefill_chunks(params, tokens, segment_ids, lengths, max_len)
       jax.block_until_ready(logits)
       yield np.zeros((len(lengths), 0), np.int32)
       done = jnp.zeros((len(lengths),), bool)
@@ -198,6 +235,7 @@ class Generator:
       seed: int = 0,
       stop_tokens: Sequence[int] = (),
       max_len: int | None = None,
+      width: int | None = None,
   ) -> list[list[int]]:
     """The new tokens of each prompt, each row ending after its first stop token (included) or
     after `max_new_tokens`.
@@ -211,6 +249,8 @@ class Generator:
       stop_tokens: ids that end a row.
       max_len: tokens a row's cache holds (prompt and new tokens); default the longest prompt
         plus max_new_tokens. Memory Mosaics generate past their training context.
+      width: the padded width of the prompts (default the longest): calls with prompts of
+        different lengths but one width and max_len share their compiled functions.
 
     Raises:
       ValueError: an empty prompt, a token id outside the vocabulary, max_new_tokens < 1, or a
@@ -224,16 +264,23 @@ class Generator:
         seed=seed,
         stop_tokens=stop_tokens,
         max_len=max_len,
+        width=width,
     )
     return [row[row != PAD].tolist() for row in np.concatenate(list(parts), axis=1)]
 
-  def _check(self, prompts, max_new_tokens, stop_tokens, max_len):
+  def _check(self, prompts, max_new_tokens, stop_tokens, max_len, width):
     """(tokens, segment ids, lengths, max_len) of valid arguments; ValueError naming a bad one."""
     vocab = self.model.config.vocab_size
-    tokens, segment_ids, lengths = pad_prompts(prompts, vocab)
+    tokens, segment_ids, lengths = pad_prompts(prompts, vocab, width)
+    if self.prefill_chunk is not None and tokens.shape[1] > self.prefill_chunk:
+      # Whole chunks: the last one compiles like the others.
+      whole = -(-tokens.shape[1] // self.prefill_chunk) * self.prefill_chunk
+      tokens, segment_ids, lengths = pad_prompts(prompts, vocab, whole)
     if isinstance(max_new_tokens, bool) or max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     needed = int(lengths.max()) + max_new_tokens
+    # Padding is never stored (a chunk's pairs past a row's length are masked): a cache holds the
+    # rows' own tokens, whatever the prompts' width.
     max_len = needed if max_len is None else max_len
     if max_len < needed:
       raise ValueError(

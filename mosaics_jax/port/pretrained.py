@@ -11,6 +11,7 @@
 
     model = mosaics_jax.load("runs/quickstart")
     logits = model.logits(tokens)     # int [batch, seq] -> numpy float32 [batch, seq, vocab]
+    losses = model.token_losses(rows) # token-id rows of any lengths -> per-token losses
 
 The exported `config.json` is `{"model": {"family": ..., fields...}, "step": N}`; "step" is the
 training step the weights come from, or null.
@@ -33,7 +34,11 @@ import numpy as np
 from jaxtyping import Float, Int
 
 from mosaics_jax import checkpoints, config as config_lib, sharding, tokenizers
-from mosaics_jax.inference import generate as generate_lib, sampling as sampling_lib
+from mosaics_jax.inference import (
+    generate as generate_lib,
+    sampling as sampling_lib,
+    score as score_lib,
+)
 from mosaics_jax.model import families, lm
 from mosaics_jax.port import layout as layout_lib
 
@@ -68,6 +73,16 @@ class Pretrained:
         tokens, segment_ids, families.of(self.config).max_length(self.config)
     )
     return np.asarray(self._apply({"params": self.params}, tokens, segment_ids, **model_kwargs))
+
+  @functools.cached_property
+  def _scorer(self) -> score_lib.Scorer:
+    return score_lib.Scorer(self.model)
+
+  def token_losses(self, rows: score_lib.Rows) -> list[Float[np.ndarray, " t"]]:
+    """Per row of token ids (any lengths, each >= 2), the losses -log p(row[i + 1] | row[: i +
+    1]) in nats: in chunks through the decode cache, so no length limit (v1's block_size
+    included) and one compilation per bucket of lengths (`inference.score`)."""
+    return self._scorer.token_losses(self.params, rows)
 
   @functools.cached_property
   def _generator(self) -> generate_lib.Generator:

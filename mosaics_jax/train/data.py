@@ -22,6 +22,10 @@ Sources (`DataConfig.source`):
   synthetic_induction, synthetic_mqar: drawn on the fly by `induction_example` and `mqar_example`
     from a generator seeded by (seed, index). Validation sequences use a fixed seed of their own,
     so every run is scored on the same ones.
+  regbench: in-context language learning (`mosaics_jax.regbench`). As in seq_icl, the training
+    set is one fixed sequence of each of the regbench_languages training languages, the validation
+    set one of each held-out language; seed only orders them. A row is one sequence, cut or padded
+    by `regbench_example`.
   text: a UTF-8 file, tokenised whole in memory ("char", "byte" or "hf").
   tokens: a flat binary file of token ids (nanoGPT's .bin), read through a memmap.
 
@@ -45,7 +49,7 @@ import grain
 import numpy as np
 from jaxtyping import Bool, Int, Integer, UInt
 
-from mosaics_jax import tokenizers as tokenizers_lib
+from mosaics_jax import regbench, tokenizers as tokenizers_lib
 from mosaics_jax.config import DataConfig
 
 Split = Literal["train", "val"]
@@ -89,6 +93,8 @@ def vocab_size(cfg: DataConfig) -> int:
     return cfg.task_vocab
   if cfg.source == "synthetic_mqar":
     return cfg.task_vocab + 1  # The pad id is task_vocab.
+  if cfg.source == "regbench":
+    return regbench.PAD + 1
   if cfg.source == "text":
     return load_tokenizer(cfg).vocab_size
   return int(_token_file(cfg).max()) + 1
@@ -118,7 +124,8 @@ def make_iterator(
     cfg: the data to read.
     split: "train" or "val".
     batch_size: the global batch, over all processes.
-    seed: orders the windows of files and draws the synthetic training sequences, in [0, 2**32).
+    seed: orders the windows of files and the RegBench sequences, and draws the synthetic training
+      sequences, in [0, 2**32).
     process_index: this process, in [0, process_count).
     process_count: the processes sharing each global batch; each reads a disjoint share.
     repeat: True: an endless stream, reshuffled every epoch (training). False: one finite,
@@ -142,13 +149,13 @@ def make_iterator(
     task_seed = seed if split == "train" else SYNTHETIC_VAL_SEED
     ds = ds.random_map(functools.partial(_synthetic_example, cfg=cfg, count=count), seed=task_seed)
   else:
-    windows = _windows(cfg, split)
-    ds = grain.MapDataset.range(_epoch_length(windows.count, batch_size, repeat))
+    examples = _languages(cfg, split) if cfg.source == "regbench" else _windows(cfg, split)
+    ds = grain.MapDataset.range(_epoch_length(examples.count, batch_size, repeat))
     if split == "train" or repeat:
       ds = ds.shuffle(seed)  # Before repeat: a new order every epoch.
     if repeat:
       ds = ds.repeat()
-    ds = ds.map(windows)
+    ds = ds.map(examples)
   # Batch before sharding: local batch k * P + p is this process's rows of global batch k. Both
   # are lazy, so only this process's examples are made.
   ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
@@ -217,6 +224,21 @@ def mqar_example(
   return _example(sequence, answers, answers)
 
 
+def regbench_example(sequence: Integer[np.ndarray, " m"], seq_len: int) -> Example:
+  """A RegBench sequence as one row: its first seq_len + 1 tokens, padded with regbench.PAD.
+
+  As seq_icl (which truncates to its input_seq_len and pads with its noop token), the loss is
+  taken only where the target is a letter: neither on padding nor on the separators `|`, whose
+  places (string lengths) are random. The answer mask is 0: the accuracy of RegBench, a legal
+  letter rather than the sampled one, needs the automaton (`regbench.scores`).
+  """
+  window = np.full(seq_len + 1, regbench.PAD)
+  kept = sequence[: seq_len + 1]
+  window[: len(kept)] = kept
+  letters = window[1:] < regbench.NUM_LETTERS
+  return _example(window, letters, np.zeros_like(letters))
+
+
 def window_example(window: Integer[np.ndarray, " n"], eot_id: int | None) -> Example:
   """The example of n = seq_len + 1 consecutive tokens, documents delimited by `eot_id`."""
   if eot_id is None:
@@ -278,6 +300,34 @@ class _Windows:
       return _padding(self.seq_len)
     start = self.begin + index * self.stride
     return window_example(np.asarray(self.tokens[start : start + self.seq_len + 1]), self.eot_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Languages:
+  """Maps example i to the sequence of language i, drawn from a generator seeded by (split, i);
+  i >= count gives padding."""
+
+  automata: tuple[regbench.Automaton, ...]
+  split: Split
+  seq_len: int
+  max_string: int
+
+  @property
+  def count(self) -> int:
+    return len(self.automata)
+
+  def __call__(self, index: int) -> Example:
+    if index >= self.count:
+      return _padding(self.seq_len)
+    rng = np.random.default_rng((("train", "val").index(self.split), index))
+    sequence = regbench.sample_sequence(rng, self.automata[index], max_string=self.max_string)
+    return regbench_example(sequence, self.seq_len)
+
+
+def _languages(cfg: DataConfig, split: Split) -> _Languages:
+  train, held_out = regbench.train_test_languages(cfg.regbench_languages)
+  automata = train if split == "train" else held_out
+  return _Languages(automata, split, cfg.seq_len, cfg.regbench_max_string)
 
 
 def _windows(cfg: DataConfig, split: Split) -> _Windows:

@@ -1,0 +1,207 @@
+"""Scoring sequences of any length: the log-probability of every next token, in fixed-size chunks.
+
+    scorer = Scorer(model, chunk=512, batch_size=8)
+    losses = scorer.token_losses(params, [ids_a, ids_b])   # -log p(x[i+1] | x[:i+1]) per row
+
+Rows go through the model `chunk` tokens at a time: the first chunk through the training path
+into a fresh decode cache, the others through the cache (as a long prompt's prefill does). Shapes
+are bucketed so that scoring many lengths compiles a few functions, not one per length: a batch
+is always `batch_size` rows (short batches are padded with one-token rows), rows are padded to
+whole chunks, and the cache holds the next power of two of tokens (at least one chunk). Memory
+Mosaics v1 refuse inputs longer than their block_size in one call, but its chunks bound only the
+chunk: through the cache, no model here has a length limit beyond memory.
+
+On a mesh (`mesh=`), batches are split over the data axes and parameters sharded as their
+logical axes say; results are those of one device.
+
+Axis legend: b = batch, c = chunk, t = row length, v = vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from mosaics_jax import config as config_lib, sharding
+from mosaics_jax.inference import generate as generate_lib
+from mosaics_jax.model import families
+
+Rows = Sequence[Sequence[int] | np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+  """What scoring or generating rows of one length holds at once, in bytes (an estimate)."""
+
+  params: int
+  cache: int
+  activations: int
+
+  @property
+  def total(self) -> int:
+    return self.params + self.cache + self.activations
+
+
+class Scorer:
+  """Compiled chunked scoring of one model (module docstring)."""
+
+  def __init__(
+      self,
+      model: nn.Module,
+      *,
+      chunk: int = 512,
+      batch_size: int = 8,
+      mesh: jax.sharding.Mesh | None = None,
+      rules: config_lib.AxisRules = config_lib.DEFAULT_AXIS_RULES,
+      model_kwargs: dict[str, Any] | None = None,
+  ):
+    """`chunk` is capped by the model's longest input (v1's block_size); `model_kwargs` go to
+    every call of the model (v2's `ltm_delay`)."""
+    if chunk < 1 or batch_size < 1:
+      raise ValueError(f"chunk and batch_size must be >= 1, got {chunk} and {batch_size}")
+    longest = families.of(model.config).max_length(model.config)
+    self.model = model
+    self.chunk = chunk if longest is None else min(chunk, longest)
+    self.batch_size = batch_size
+    self.mesh = mesh
+    self.rules = rules
+    self.model_kwargs = dict(model_kwargs or {})
+    self._first = jax.jit(self._first_fn, static_argnames=("capacity", "full"))
+    self._next = jax.jit(self._next_fn, static_argnames=("full",), donate_argnames=("cache",))
+
+  def capacity(self, length: int) -> int:
+    """The tokens a row's cache holds to score rows of up to `length` tokens (bucketed)."""
+    return max(self.chunk, 1 << max(0, math.ceil(math.log2(max(length, 1)))))
+
+  def memory_estimate(self, length: int, params: Any = None) -> MemoryEstimate:
+    """Bytes to score (or generate) a batch of rows of `length` tokens: parameters, the decode
+    cache of `capacity(length)` tokens, and a chunk's largest activations (its logits in float32,
+    the training path's scores of a chunk against itself, the layer's hidden states)."""
+    cfg = self.model.config
+    if params is None:
+      param_bytes = 4 * families.param_count(cfg)
+    else:
+      param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    # Leaves only: shapes need not rebuild the cache's dataclasses.
+    cache = jax.eval_shape(
+        lambda: jax.tree.leaves(self.model.init_cache(self.batch_size, self.capacity(length)))
+    )
+    cache_bytes = sum(x.size * x.dtype.itemsize for x in cache)
+    b, c = self.batch_size, self.chunk
+    # Logits, log-softmax and the outputs kept: three [b, c, v] float32 arrays; per head, a
+    # chunk's scores against itself; a layer's hidden states several times over.
+    activations = 4 * b * c * (3 * cfg.vocab_size + cfg.num_heads * c + 16 * cfg.width)
+    return MemoryEstimate(param_bytes, cache_bytes, activations)
+
+  def check_memory(self, length: int, params: Any = None) -> MemoryEstimate:
+    """The estimate for `length`; ValueError when it exceeds the memory of the devices here."""
+    estimate = self.memory_estimate(length, params)
+    available = sharding.memory_available()
+    if estimate.total > available:
+      gib = 2**30
+      raise ValueError(
+          f"rows of {length} tokens need about {estimate.total / gib:.1f} GiB (parameters"
+          f" {estimate.params / gib:.1f}, cache {estimate.cache / gib:.1f}, activations"
+          f" {estimate.activations / gib:.1f}) in batches of {self.batch_size}, more than the"
+          f" {available / gib:.1f} GiB here: use a shorter length or a smaller batch size"
+      )
+    return estimate
+
+  def token_losses(self, params: Any, rows: Rows) -> list[Float[np.ndarray, " t"]]:
+    """Per row of n >= 2 tokens, the n - 1 losses -log p(row[i + 1] | row[: i + 1]) in nats."""
+    return [out[: len(row) - 1] for out, row in zip(self._score(params, rows, False), rows)]
+
+  def next_log_probs(self, params: Any, rows: Rows) -> list[Float[np.ndarray, "t v"]]:
+    """Per row of n tokens, log p(next token | row[: i + 1]) over the vocabulary, [n, v]."""
+    return [out[: len(row)] for out, row in zip(self._score(params, rows, True), rows)]
+
+  def _score(self, params: Any, rows: Rows, full: bool) -> list[np.ndarray]:
+    rows = [np.asarray(r, np.int32).reshape(-1) for r in rows]
+    vocab = self.model.config.vocab_size
+    for i, row in enumerate(rows):
+      if row.size < (1 if full else 2):
+        raise ValueError(f"row {i} has {row.size} tokens; scoring needs {1 if full else 2}")
+      if row.min() < 0 or row.max() >= vocab:
+        raise ValueError(f"row {i} holds token ids outside the model's vocabulary [0, {vocab})")
+    outs = []
+    with self._context():
+      if self.mesh is not None:
+        params = jax.device_put(params, self._param_shardings())
+      for start in range(0, len(rows), self.batch_size):
+        batch = rows[start : start + self.batch_size]
+        outs.extend(self._batch(params, batch, full)[: len(batch)])
+    return outs
+
+  def _batch(self, params: Any, rows: list[np.ndarray], full: bool) -> list[np.ndarray]:
+    """The outputs of up to batch_size rows, padded to batch_size rows of whole chunks."""
+    lengths = np.ones(self.batch_size, np.int32)
+    lengths[: len(rows)] = [row.size for row in rows]
+    width = -(-int(lengths.max()) // self.chunk) * self.chunk
+    tokens = np.zeros((self.batch_size, width + 1), np.int32)  # One more: the last target.
+    for i, row in enumerate(rows):
+      tokens[i, : row.size] = row
+    targets = tokens[:, 1:]
+    tokens = tokens[:, :-1]
+    # Padding is a document of its own, after the row's document 0.
+    segment_ids = (np.arange(width)[None] >= lengths[:, None]).astype(np.int32)
+    capacity = self.capacity(width)
+    parts = []
+    cache = None
+    for i in range(0, width, self.chunk):
+      cut = slice(i, i + self.chunk)
+      args = (tokens[:, cut], segment_ids[:, cut], np.clip(lengths - i, 0, self.chunk))
+      if cache is None:
+        out, cache = self._first(params, *args, targets[:, cut], capacity=capacity, full=full)
+      else:
+        out, cache = self._next(params, *args, targets[:, cut], cache, full=full)
+      parts.append(out)
+    return list(np.concatenate([np.asarray(p) for p in parts], axis=1))
+
+  def _apply(self, params, tokens, segment_ids, lengths, cache):
+    return self.model.apply(
+        {"params": params},
+        tokens,
+        segment_ids,
+        cache=cache,
+        lengths=lengths,
+        **self.model_kwargs,
+    )
+
+  @staticmethod
+  def _outputs(
+      logits: Float[Array, "b c v"], targets: Int[Array, "b c"], full: bool
+  ) -> Float[Array, "b c v"] | Float[Array, "b c"]:
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    if full:
+      return log_probs
+    return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+
+  def _first_fn(self, params, tokens, segment_ids, lengths, targets, capacity, full):
+    cache = generate_lib.constrain_cache(self.model.init_cache(tokens.shape[0], capacity))
+    logits, cache = self._apply(params, tokens, segment_ids, lengths, cache)
+    return self._outputs(logits, targets, full), generate_lib.constrain_cache(cache)
+
+  def _next_fn(self, params, tokens, segment_ids, lengths, targets, cache, full):
+    logits, cache = self._apply(params, tokens, segment_ids, lengths, cache)
+    return self._outputs(logits, targets, full), generate_lib.constrain_cache(cache)
+
+  @contextlib.contextmanager
+  def _context(self):
+    if self.mesh is None:
+      yield
+      return
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
+  def _param_shardings(self) -> Any:
+    tokens = jnp.zeros((self.batch_size, 1), jnp.int32)
+    return sharding.param_shardings(self.model, tokens, self.mesh, self.rules)
