@@ -70,7 +70,10 @@ def _full_losses(cfg, params, rows):
   return [-log_probs[i, np.arange(len(r) - 1), r[1:]] for i, r in enumerate(rows)]
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+# The default suite scores v1 (past its block_size) in chunks of 5; the slow suite every family.
+@pytest.mark.parametrize(
+    "name", [n if n == "mm1" else pytest.param(n, marks=pytest.mark.slow) for n in sorted(CONFIGS)]
+)
 @pytest.mark.parametrize("chunk", [5, pytest.param(16, marks=pytest.mark.slow)])
 def test_chunked_scores_equal_the_full_forward(name, chunk):
   """Rows of 23, 4 and 16 tokens in batches of 2 (the last padded), in chunks through the cache:
@@ -95,7 +98,29 @@ def test_a_scorer_compiles_per_bucket_not_per_length():
   assert scorer.capacity(9) == scorer.capacity(16) == 16 and scorer.capacity(17) == 32
 
 
-@pytest.mark.parametrize("name", ["mm1", pytest.param("mm2", marks=pytest.mark.slow)])
+# Also checked against hand-computed log-likelihoods through lm-eval (tests/test_lm_harness.py).
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mm1", "mm2"])
+def test_continuations_of_one_cached_context_score_as_whole_rows(name):
+  """Five continuations of a 21-token context, in batches of 2 from one copy of the context's
+  cache (v1 past its block_size): the sums of the losses of the whole rows; the greedy
+  continuation, and only it, is flagged greedy."""
+  model, params = _params(CONFIGS[name])
+  rng = np.random.default_rng(0)
+  context = rng.integers(0, 50, 21)
+  greedy = generate_lib.Generator(model, prefill_chunk=8)(params, [context.tolist()], 4)[0]
+  continuations = [greedy, *(rng.integers(0, 50, n) for n in (1, 3, 9, 2))]
+  scorer = score_lib.Scorer(model, chunk=8, batch_size=2)
+  got = scorer.continuation_scores(params, context, continuations)
+  rows = [np.concatenate([context, c]) for c in continuations]
+  for (value, is_greedy), losses, c in zip(got, scorer.token_losses(params, rows), continuations):
+    assert value == pytest.approx(-losses[len(context) - 1 :].sum(), rel=1e-5)
+    assert is_greedy == (c is greedy)
+
+
+# In the default suite, the generation tasks' long prompts go through chunked prefills (mm2).
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mm1", "mm2"])
 def test_chunked_prefill_generates_as_one_prefill(name):
   """Prompts of 23 and 5 tokens in prefill chunks of 4 or 7 (v1 past its block_size), and one
   fixed width: the tokens of a prefill token by token."""
@@ -173,7 +198,9 @@ def test_mosaics_eval_prints_tables_and_appends_records(char_model, tmp_path, ca
       "synthetic_qa.num_examples=3",
       "model.long_term_delay=5",
       "--limit",
-      "4",
+      "2",
+      "--batch-size",
+      "2",
       "--out",
       str(out),
   ]
@@ -185,7 +212,7 @@ def test_mosaics_eval_prints_tables_and_appends_records(char_model, tmp_path, ca
   records = results_lib.read_jsonl(out)
   qa = [r for r in records if r["task"] == "synthetic_qa"]
   assert [r["settings"]["length"] for r in qa] == [768]
-  assert all(r["num_examples"] == 3 and 0 <= r["value"] <= 100 for r in qa)
+  assert all(r["num_examples"] == 2 and 0 <= r["value"] <= 100 for r in qa)  # --limit 2
   first = records[0]
   assert first["model"] == {
       "path": str(char_model),
@@ -273,6 +300,7 @@ def regbench_model(tmp_path_factory):
   return path
 
 
+@pytest.mark.slow
 def test_regbench_scores_the_model_and_the_ngram_baseline(regbench_model):
   h = harness_lib.Harness.load(str(regbench_model), batch_size=4, chunk=128, progress=False)
   settings = tasks.settings(["regbench"], ["regbench.num_examples=6", "regbench.max_string=8"])

@@ -137,6 +137,13 @@ class Harness:
   def next_log_probs(self, rows: Sequence[np.ndarray]) -> list[np.ndarray]:
     return self.scorer.next_log_probs(self.model.params, rows)
 
+  def continuation_scores(
+      self, context: Sequence[int] | np.ndarray, continuations: score_lib.Rows
+  ) -> list[tuple[float, bool]]:
+    """Per continuation of `context` (token ids), (its summed log-probability, whether greedy);
+    the context is read once (`Scorer.continuation_scores`)."""
+    return self.scorer.continuation_scores(self.model.params, context, continuations)
+
   def generate_text(
       self, prompts: Sequence[str], max_new_tokens: int, length: int, bar: tqdm.tqdm | None = None
   ) -> list[str]:

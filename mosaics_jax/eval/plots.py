@@ -2,7 +2,8 @@
 
     plot_results(results.read_jsonl("results.jsonl"), "eval.png")
 
-A metric measured at several task lengths is drawn against the length (RULER's curves); the loss
+A metric measured at several task lengths is drawn against the length (RULER's curves), an
+in-context classification score against the number of shots (its best prompt variant), and the loss
 by position of `perplexity` against the position (the middle of each bucket); one line per model
 (its path, step and overrides). Drawn on matplotlib's Agg canvas, without pyplot.
 """
@@ -26,6 +27,8 @@ def _x(record: Mapping[str, Any]) -> tuple[str, float] | None:
     return "position", (settings["position_start"] + settings["position_end"]) / 2
   if isinstance(settings.get("length"), int):
     return "task length (tokens)", settings["length"]
+  if isinstance(settings.get("shots"), int) and "variant" not in settings:
+    return "shots (demonstrations per class)", settings["shots"]  # The best variant's score.
   return None
 
 

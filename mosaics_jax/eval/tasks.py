@@ -15,6 +15,7 @@ from mosaics_jax import config as config_lib, overrides
 from mosaics_jax.eval import (
     generation,
     harness as harness_lib,
+    icl,
     perplexity,
     regbench,
     results as results_lib,
@@ -67,6 +68,13 @@ TASKS: dict[str, Task] = {
         "in-context language learning on held-out regular languages (accuracy, L1)",
         regbench.Settings,
         regbench.run,
+    ),
+    icl.NAME: Task(
+        icl.NAME,
+        "LongICLBench's in-context classification (Banking77, GoEmotions, TACRED, synthetic) by"
+        " demonstrations per class: exact match and likelihood accuracy",
+        icl.Settings,
+        icl.run,
     ),
 }
 

@@ -124,6 +124,88 @@ class Scorer:
     """Per row of n tokens, log p(next token | row[: i + 1]) over the vocabulary, [n, v]."""
     return [out[: len(row)] for out, row in zip(self._score(params, rows, True), rows)]
 
+  def continuation_scores(
+      self, params: Any, context: Sequence[int] | np.ndarray, continuations: Rows
+  ) -> list[tuple[float, bool]]:
+    """Per continuation, (log p(continuation | context) summed over its tokens, whether it is the
+    greedy continuation: every token the argmax).
+
+    The context goes through the model once (one row); its cache is copied to every row of a
+    batch of continuations, which then go through the cache together: scoring C answers to one
+    question costs one context, not C (multiple-choice tasks, class labels).
+    """
+    context = np.asarray(context, np.int32).reshape(-1)
+    rows = [np.asarray(c, np.int32).reshape(-1) for c in continuations]
+    vocab = self.model.config.vocab_size
+    if context.size < 1 or any(r.size < 1 for r in rows):
+      raise ValueError("a context and every continuation need at least one token")
+    for ids in (context, *rows):
+      if ids.min() < 0 or ids.max() >= vocab:
+        raise ValueError(f"token ids outside the model's vocabulary [0, {vocab})")
+    # Short continuations (answers, labels) in a power-of-two width, long ones in whole chunks.
+    longest = max(r.size for r in rows)
+    width = min(self.chunk, 1 << math.ceil(math.log2(longest)))
+    width = width * -(-longest // width)
+    capacity = self.capacity(context.size + width)
+    out = []
+    with self._context():
+      if self.mesh is not None:
+        params = jax.device_put(params, self._param_shardings())
+      first, cache = self._prefill_one(params, context, capacity)
+      for start in range(0, len(rows), self.batch_size):
+        batch = rows[start : start + self.batch_size]
+        out += self._continue(params, first, cache, batch, width)
+    return out
+
+  def _prefill_one(self, params, context: np.ndarray, capacity: int):
+    """(log p of the token after the context [v], the cache of the context): one row, or on a
+    mesh a whole batch of copies (one row could not be split over the data axes)."""
+    rows = 1 if self.mesh is None else self.batch_size
+    width = self.chunk * -(-context.size // self.chunk)
+    tokens = np.zeros((rows, width + 1), np.int32)
+    tokens[:, : context.size] = context
+    segment_ids = np.broadcast_to(np.arange(width) >= context.size, (rows, width)).astype(np.int32)
+    lengths = np.full(rows, context.size, np.int32)
+    cache = None
+    for i in range(0, width, self.chunk):
+      cut = slice(i, i + self.chunk)
+      args = (tokens[:, cut], segment_ids[:, cut], np.clip(lengths - i, 0, self.chunk))
+      if cache is None:
+        out, cache = self._first(params, *args, tokens[:, cut], capacity=capacity, full=True)
+      else:
+        out, cache = self._next(params, *args, tokens[:, cut], cache, full=True)
+      if i <= context.size - 1 < i + self.chunk:
+        last = out[0, context.size - 1 - i]
+    return np.asarray(last), cache
+
+  def _continue(self, params, first, cache, rows: list[np.ndarray], width: int):
+    """The scores of up to batch_size continuations of one cached context."""
+    b = self.batch_size
+    tokens = np.zeros((b, width), np.int32)
+    lengths = np.zeros(b, np.int32)
+    for i, row in enumerate(rows):
+      tokens[i, : row.size], lengths[i] = row, row.size
+    # Every row goes on from the context's cache, a copy: the chunks update it in place.
+    cache = jax.tree.map(lambda x: jnp.repeat(x, b // x.shape[0], axis=0), cache)
+    segment_ids = np.zeros_like(tokens)
+    parts = []
+    step_width = min(width, self.chunk)
+    for i in range(0, width, step_width):
+      cut = slice(i, i + step_width)
+      step = np.clip(lengths - i, 0, step_width)
+      out, cache = self._next(
+          params, tokens[:, cut], segment_ids[:, cut], step, tokens[:, cut], cache, full=True
+      )
+      parts.append(np.asarray(out))
+    # Position j predicts token j + 1; the context's last position predicts token 0.
+    log_probs = np.concatenate([np.broadcast_to(first, (b, 1, first.size)), *parts], axis=1)
+    scores = []
+    for i, row in enumerate(rows):
+      picked = log_probs[i, np.arange(row.size), row]
+      greedy = bool((log_probs[i, : row.size].argmax(-1) == row).all())
+      scores.append((float(picked.sum()), greedy))
+    return scores
+
   def _score(self, params: Any, rows: Rows, full: bool) -> list[np.ndarray]:
     rows = [np.asarray(r, np.int32).reshape(-1) for r in rows]
     vocab = self.model.config.vocab_size
