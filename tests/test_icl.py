@@ -20,8 +20,9 @@ from mosaics_jax.eval import harness as harness_lib, icl, prompts, tasks
 from mosaics_jax.model import families
 from mosaics_jax.port import pretrained
 
-SHAKESPEARE = pathlib.Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
-BANKING77 = pathlib.Path("/work/shared/data/banking77")
+SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+SHAKESPEARE = SHARED / "tinyshakespeare" / "input.txt"
+BANKING77 = SHARED / "banking77"
 # Every printable ASCII character and the newline: a tokenizer that writes all the prompts.
 ASCII = tokenizers.CharTokenizer("\n" + "".join(chr(c) for c in range(32, 127)))
 ALPHABET = prompts.Alphabet(ASCII)

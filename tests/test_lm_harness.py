@@ -234,6 +234,7 @@ def test_mosaics_lm_eval_knows_the_model_by_name(char_model, tmp_path, capsys, m
   assert "change the parameters: width" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_generate_until_stops_at_stop_sequences_and_max_gen_toks(lm, reference, monkeypatch):
   """Greedy text cut before a stop sequence of two characters (looked for between dispatches: the
   batch ends at the first) or of one (a stop token), and max_gen_toks tokens without one."""
