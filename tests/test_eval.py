@@ -89,6 +89,7 @@ def test_chunked_scores_equal_the_full_forward(name, chunk):
     np.testing.assert_allclose(-full[np.arange(len(row) - 1), row[1:]], want, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_a_scorer_compiles_per_bucket_not_per_length():
   model, params = _params(CONFIGS["mm2"])
   scorer = score_lib.Scorer(model, chunk=8, batch_size=2)

@@ -288,6 +288,7 @@ def test_settings_beyond_max_length_are_skipped_and_memory_is_checked_first():
 
 
 @pytest.mark.skipif(not BANKING77.is_dir(), reason="no Banking77 files")
+@pytest.mark.slow
 def test_banking77_is_read_from_its_csv_files_and_runs_with_semantic_labels():
   dataset = icl.load(_settings(dataset="banking77", path=str(BANKING77)), ALPHABET)
   assert len(dataset.classes) == 77 and len(dataset.train) == 10003 and len(dataset.test) == 3080

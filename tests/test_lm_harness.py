@@ -185,6 +185,7 @@ DOCS = [
 ]
 
 
+@pytest.mark.slow
 def test_simple_evaluate_scores_a_local_multiple_choice_task(lm, reference, tmp_path):
   """acc and acc_norm (log-likelihood per character of the choice, as lm-eval divides) of a
   JSON-lines task, against the choices' log-likelihoods by hand."""
