@@ -90,6 +90,32 @@ def constrain_cache(cache: cache_lib.Cache) -> cache_lib.Cache:
   )
 
 
+@contextlib.contextmanager
+def mesh_context(mesh: jax.sharding.Mesh | None, rules: config_lib.AxisRules) -> Iterator[None]:
+  """The mesh and the logical axis rules, for the model's sharding constraints (none without a
+  mesh)."""
+  if mesh is None:
+    yield
+    return
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def put_params(
+    model: nn.Module,
+    params: Any,
+    mesh: jax.sharding.Mesh | None,
+    rules: config_lib.AxisRules,
+    batch: int,
+) -> Any:
+  """`params` sharded over `mesh` as their logical axes say; unchanged without a mesh. `batch`,
+  the rows of the calls to come, must split over the data axes (the model traces a batch)."""
+  if mesh is None:
+    return params
+  tokens = jnp.zeros((batch, 1), jnp.int32)
+  return jax.device_put(params, sharding.param_shardings(model, tokens, mesh, rules))
+
+
 class Generator:
   """The compiled prefill and decode loop of one model."""
 
@@ -209,9 +235,8 @@ class Generator:
     chunk = max_new_tokens if chunk is None else chunk
     key = jax.random.key(seed)
     stop = tuple(int(s) for s in stop_tokens)
-    with self._context():
-      if self.mesh is not None:
-        params = jax.device_put(params, self._param_shardings(tokens))
+    with mesh_context(self.mesh, self.rules):
+      params = put_params(self.model, params, self.mesh, self.rules, tokens.shape[0])
       logits, cache = self._prefill_chunks(params, tokens, segment_ids, lengths, max_len)
       jax.block_until_ready(logits)
       yield np.zeros((len(lengths), 0), np.int32)
@@ -291,15 +316,3 @@ class Generator:
     if bad_stops:
       raise ValueError(f"stop tokens {bad_stops} are outside the vocabulary [0, {vocab})")
     return tokens, segment_ids, lengths, max_len
-
-  @contextlib.contextmanager
-  def _context(self):
-    """The mesh and the logical axis rules, for the model's sharding constraints."""
-    if self.mesh is None:
-      yield
-      return
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      yield
-
-  def _param_shardings(self, tokens: np.ndarray) -> Any:
-    return sharding.param_shardings(self.model, jnp.asarray(tokens[:, :1]), self.mesh, self.rules)

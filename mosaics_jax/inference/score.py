@@ -19,7 +19,6 @@ Axis legend: b = batch, c = chunk, t = row length, v = vocabulary.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -148,9 +147,8 @@ class Scorer:
     width = width * -(-longest // width)
     capacity = self.capacity(context.size + width)
     out = []
-    with self._context():
-      if self.mesh is not None:
-        params = jax.device_put(params, self._param_shardings())
+    with generate_lib.mesh_context(self.mesh, self.rules):
+      params = generate_lib.put_params(self.model, params, self.mesh, self.rules, self.batch_size)
       first, cache = self._prefill_one(params, context, capacity)
       for start in range(0, len(rows), self.batch_size):
         batch = rows[start : start + self.batch_size]
@@ -215,9 +213,8 @@ class Scorer:
       if row.min() < 0 or row.max() >= vocab:
         raise ValueError(f"row {i} holds token ids outside the model's vocabulary [0, {vocab})")
     outs = []
-    with self._context():
-      if self.mesh is not None:
-        params = jax.device_put(params, self._param_shardings())
+    with generate_lib.mesh_context(self.mesh, self.rules):
+      params = generate_lib.put_params(self.model, params, self.mesh, self.rules, self.batch_size)
       for start in range(0, len(rows), self.batch_size):
         batch = rows[start : start + self.batch_size]
         outs.extend(self._batch(params, batch, full)[: len(batch)])
@@ -275,15 +272,3 @@ class Scorer:
   def _next_fn(self, params, tokens, segment_ids, lengths, targets, cache, full):
     logits, cache = self._apply(params, tokens, segment_ids, lengths, cache)
     return self._outputs(logits, targets, full), generate_lib.constrain_cache(cache)
-
-  @contextlib.contextmanager
-  def _context(self):
-    if self.mesh is None:
-      yield
-      return
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      yield
-
-  def _param_shardings(self) -> Any:
-    tokens = jnp.zeros((self.batch_size, 1), jnp.int32)
-    return sharding.param_shardings(self.model, tokens, self.mesh, self.rules)
