@@ -1,5 +1,5 @@
 """Experiments that run on a laptop-class CPU: tiny models of every family, TinyShakespeare and
-RegBench.
+RegBench, and the synthetic recall runs of the reproductions (`experiments/repro_cpu.py`).
 
 TinyShakespeare runs use nanoGPT's character-level size (6 layers, 6 heads, width 384, block 256);
 get the text from github.com/karpathy/char-rnn (data/tinyshakespeare/input.txt) and pass its path
@@ -44,6 +44,23 @@ _REGBENCH_DATA = DataConfig(
     source="regbench", name="RegBench", seq_len=256, regbench_languages=1000, regbench_max_string=8
 )
 _REGBENCH_TRAIN = TrainConfig(batch_size=16, steps=1000, learning_rate=3e-3, warmup_steps=50)
+
+# Induction at context 256 for length extrapolation: 256 symbols, so a context of 129 is mostly
+# distinct; longer evaluations repeat symbols and keep only the unambiguous queries.
+_RECALL = dict(vocab_size=256, num_layers=2, width=64, num_heads=4)
+_RECALL_DATA = DataConfig(
+    source="synthetic_induction", name="induction heads", seq_len=256, task_vocab=256
+)
+_RECALL_TRAIN = TrainConfig(
+    batch_size=16,
+    steps=500,
+    learning_rate=3e-3,
+    warmup_steps=50,
+    weight_decay=0.0,
+    eval_every=50,
+    eval_batches=4,
+    checkpoint_every=250,
+)
 
 EXPERIMENTS = (
     Experiment(
@@ -126,10 +143,47 @@ EXPERIMENTS = (
         train=_REGBENCH_TRAIN,
     ),
     Experiment(
+        name="mm1-regbench-cpu",
+        description="RegBench at CPU scale (strings <= 8 letters, 1000 languages): 2-layer v1",
+        # pmem_size 256 gives the parameter count of llama-regbench-cpu (109k).
+        model=MosaicV1Config(
+            vocab_size=20, num_layers=2, width=64, num_heads=4, block_size=256, pmem_size=256
+        ),
+        data=_REGBENCH_DATA,
+        train=_REGBENCH_TRAIN,
+    ),
+    Experiment(
         name="llama-regbench-cpu",
         description="RegBench at CPU scale (strings <= 8 letters, 1000 languages): 2-layer Llama",
         model=LlamaConfig(**_REGBENCH),
         data=_REGBENCH_DATA,
         train=_REGBENCH_TRAIN,
+    ),
+    Experiment(
+        name="mm2-recall-cpu",
+        description="2-layer v2 trained on induction at context 256 (length extrapolation)",
+        model=MosaicV2Config(
+            **_RECALL,
+            ffn_width=192,
+            short_term_window=32,
+            long_term_delay=16,
+            long_term_delay_range=(16, 64),
+        ),
+        data=_RECALL_DATA,
+        train=_RECALL_TRAIN,
+    ),
+    Experiment(
+        name="llama-recall-cpu",
+        description="2-layer Llama trained on induction at context 256 (length extrapolation)",
+        model=LlamaConfig(**_RECALL, ffn_width=240),  # mm2-recall-cpu's parameter count.
+        data=_RECALL_DATA,
+        train=_RECALL_TRAIN,
+    ),
+    Experiment(
+        name="llama-char-small",
+        description="2-layer Llama on TinyShakespeare characters, mm2-char-small's size",
+        model=LlamaConfig(vocab_size=65, num_layers=2, width=128, num_heads=4, ffn_width=480),
+        data=_CHAR_DATA,
+        train=_SMALL_CHAR_TRAIN,
     ),
 )

@@ -21,7 +21,7 @@ PACKAGE = ROOT / "mosaics_jax"
 # whose dotted name starts with one of the values (besides its own part).
 ALLOWED = {
     "kernels_pallas": (),
-    "experiments": ("mosaics_jax.config",),
+    "experiments": ("mosaics_jax.config", "mosaics_jax.repro.declaration"),
     "mosaics_jax.config": (),
     "mosaics_jax.overrides": ("mosaics_jax.config",),
     "mosaics_jax.registry": ("mosaics_jax.config", "experiments"),
@@ -36,10 +36,12 @@ ALLOWED = {
         "mosaics_jax.checkpoints",
         "mosaics_jax.tokenizers",
         "mosaics_jax.regbench",
+        "mosaics_jax.synthetic",
         "kernels_pallas",
     ),
     "mosaics_jax.tokenizers": (),
     "mosaics_jax.regbench": (),
+    "mosaics_jax.synthetic": (),
     # Inference needs no optimizer: it never imports training.
     "mosaics_jax.inference": ("mosaics_jax.config", "mosaics_jax.model", "mosaics_jax.sharding"),
     "mosaics_jax.port": (
@@ -61,6 +63,7 @@ ALLOWED = {
         "mosaics_jax.sharding",
         "mosaics_jax.tokenizers",
         "mosaics_jax.regbench",
+        "mosaics_jax.synthetic",
     ),
     "mosaics_jax.analysis": (
         "mosaics_jax.config",
@@ -70,6 +73,19 @@ ALLOWED = {
         "mosaics_jax.inference",
         "mosaics_jax.sharding",
         "kernels_pallas",
+    ),
+    # Reproductions are data (declaration, which experiment files import); running one trains,
+    # evaluates and counts FLOPs.
+    "mosaics_jax.repro.declaration": (),
+    "mosaics_jax.repro": (
+        "mosaics_jax.config",
+        "mosaics_jax.overrides",
+        "mosaics_jax.registry",
+        "mosaics_jax.checkpoints",
+        "mosaics_jax.train",
+        "mosaics_jax.eval",
+        "mosaics_jax.port",
+        "mosaics_jax.analysis",
     ),
     "mosaics_jax.cli": ("mosaics_jax", "kernels_pallas"),
 }

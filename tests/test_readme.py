@@ -16,8 +16,20 @@ import shlex
 
 import pytest
 
-from mosaics_jax.cli import bench, common, eval as eval_cli, generate, info, plot, port, train
+from mosaics_jax import registry
+from mosaics_jax.cli import (
+    bench,
+    common,
+    eval as eval_cli,
+    generate,
+    info,
+    plot,
+    port,
+    repro,
+    train,
+)
 from mosaics_jax.eval import tasks
+from mosaics_jax.repro import plan
 from mosaics_jax.train import metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -30,6 +42,7 @@ CLIS = {
     "mosaics-port": port,
     "mosaics-generate": generate,
     "mosaics-eval": eval_cli,
+    "mosaics-repro": repro,
 }
 
 
@@ -94,6 +107,8 @@ def test_shell_commands_parse(argv):
     common.experiment(experiment or train.DEFAULT_EXPERIMENT, getattr(parsed, "set", []))
   if name == "mosaics-eval" and parsed.task:
     tasks.settings(parsed.task, [a for a in parsed.set if not a.startswith("model.")])
+  if name == "mosaics-repro" and parsed.name:
+    plan.plan(registry.get_reproduction(parsed.name), tuple(parsed.set))
 
 
 def test_every_cli_appears():

@@ -30,7 +30,7 @@ NAME = "perplexity"
 class Settings:
   """What to score and how."""
 
-  path: str | None = None  # The text or token file.
+  path: str | None = None  # The text or token file; default: the training run's text file.
   kind: Literal["text", "tokens"] = "text"  # tokens: a flat binary file of ids (nanoGPT's .bin).
   token_dtype: Literal["uint16", "uint32"] = "uint16"
   length: int = 1024  # Tokens per window: may exceed the training context.
@@ -56,9 +56,12 @@ def windows(
     harness: harness_lib.Harness, settings: Settings
 ) -> tuple[Int[np.ndarray, "w t"], bool]:
   """(the windows to score, whether the file is text)."""
-  if settings.path is None:
+  path = settings.path
+  if path is None and settings.kind == "text":  # The run's own text file.
+    path = (harness.training_data or {}).get("path")
+  if path is None:
     raise harness_lib.EvalError("perplexity reads a file: set perplexity.path=FILE")
-  path = pathlib.Path(settings.path)
+  path = pathlib.Path(path)
   if not path.is_file():
     raise harness_lib.EvalError(f"perplexity.path: {path} does not exist")
   if settings.kind == "text":

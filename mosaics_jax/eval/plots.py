@@ -19,12 +19,16 @@ from typing import Any
 from matplotlib import figure as figure_lib
 from matplotlib.backends import backend_agg
 
+STEP_AXIS = "training step"
+
 
 def _x(record: Mapping[str, Any]) -> tuple[str, float] | None:
   """(the x axis, its value) of a record, or None for a record with no axis."""
   settings = record["settings"]
   if "position_start" in settings:
     return "position", (settings["position_start"] + settings["position_end"]) / 2
+  if isinstance(settings.get("step"), int):  # A training run's validation record.
+    return STEP_AXIS, settings["step"]
   if isinstance(settings.get("length"), int):
     return "task length (tokens)", settings["length"]
   if isinstance(settings.get("shots"), int) and "variant" not in settings:
@@ -49,8 +53,8 @@ def plot_results(
     title: str | None = None,
     dpi: int = 100,
 ) -> pathlib.Path:
-  """Draws every (task, metric) measured at two lengths or more, or by position, in its own
-  panel.
+  """Draws every (task, metric) measured at two lengths or more, by position, or by training
+  step, in its own panel.
 
   Raises ValueError when there is no such metric.
   """
@@ -79,7 +83,7 @@ def plot_results(
     for j, (label, points) in enumerate(lines.items()):
       xs, ys = zip(*sorted(points.items()))
       ax.plot(xs, ys, "o-", color=f"C{j % 10}", label=label, markersize=4)
-    if axis != "position":
+    if axis not in ("position", STEP_AXIS):
       ax.set_xscale("log", base=2)
     if metric.startswith("string_match"):
       ax.set_ylim(-3, 103)  # RULER's scores are x100.

@@ -17,6 +17,7 @@ from mosaics_jax.eval import (
     harness as harness_lib,
     icl,
     perplexity,
+    recall,
     regbench,
     results as results_lib,
 )
@@ -68,6 +69,19 @@ TASKS: dict[str, Task] = {
         "in-context language learning on held-out regular languages (accuracy, L1)",
         regbench.Settings,
         regbench.run,
+    ),
+    recall.SYNTHETIC: Task(
+        recall.SYNTHETIC,
+        "the run's synthetic recall task (induction or MQAR) at any length: accuracy and loss on"
+        " the answers",
+        recall.SyntheticSettings,
+        recall.run_synthetic,
+    ),
+    recall.COPY: Task(
+        recall.COPY,
+        "a passage of text read twice: loss on the passage, loss and greedy accuracy on its copy",
+        recall.CopySettings,
+        recall.run_copy,
     ),
     icl.NAME: Task(
         icl.NAME,

@@ -19,7 +19,7 @@ iterator built with the same arguments resumes the stream exactly.
 
 Sources (`DataConfig.source`):
 
-  synthetic_induction, synthetic_mqar: drawn on the fly by `induction_example` and `mqar_example`
+  synthetic_induction, synthetic_mqar: drawn on the fly by `mosaics_jax.synthetic`
     from a generator seeded by (seed, index). Validation sequences use a fixed seed of their own,
     so every run is scored on the same ones.
   regbench: in-context language learning (`mosaics_jax.regbench`). As in seq_icl, the training
@@ -49,7 +49,7 @@ import grain
 import numpy as np
 from jaxtyping import Bool, Int, Integer, UInt
 
-from mosaics_jax import regbench, tokenizers as tokenizers_lib
+from mosaics_jax import regbench, synthetic, tokenizers as tokenizers_lib
 from mosaics_jax.config import DataConfig
 
 Split = Literal["train", "val"]
@@ -163,67 +163,6 @@ def make_iterator(
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)))
 
 
-def induction_example(rng: np.random.Generator, *, seq_len: int, task_vocab: int) -> Example:
-  """A random context, then recalls "a b" of random pairs of neighbours in it: "... a b ... a -> b".
-
-  The context holds h = seq_len // 2 + 1 symbols of range(task_vocab), drawn without replacement
-  when task_vocab >= h. The rest of the seq_len + 1 tokens are queries: for a random i < h - 1, the
-  pair (context[i], context[i + 1]), so the target at the query is the symbol that followed its
-  earlier occurrence. The distance back to that occurrence is random, so no position rule solves the
-  task: it takes an induction head. A query is an answer only when every earlier occurrence of its
-  symbol was followed by that same symbol (repeated symbols may make the rule ambiguous). The
-  context is unpredictable noise, so the loss is taken on the answers only.
-
-  Args:
-    rng: the example's generator.
-    seq_len: t.
-    task_vocab: the number of symbols.
-
-  Returns:
-    An example with answer_mask = loss_mask = 1 on the answers, one segment.
-  """
-  half = seq_len // 2 + 1
-  context = rng.choice(task_vocab, half, replace=task_vocab < half)
-  starts = rng.integers(0, half - 1, size=-(-(seq_len + 1 - half) // 2))
-  recalls = np.stack([context[starts], context[starts + 1]], axis=1).reshape(-1)
-  sequence = np.concatenate([context, recalls])[: seq_len + 1]
-  answers = np.zeros(seq_len, bool)
-  for t in range(half, seq_len, 2):
-    earlier = np.flatnonzero(sequence[:t] == sequence[t])
-    answers[t] = np.all(sequence[earlier + 1] == sequence[t + 1])
-  return _example(sequence, answers, answers)
-
-
-def mqar_example(
-    rng: np.random.Generator, *, seq_len: int, task_vocab: int, task_pairs: int
-) -> Example:
-  """Multi-query associative recall (Zoology): key-value pairs, then every key again for recall.
-
-  With n = task_pairs, the sequence is k1 v1 ... kn vn, then the keys in a random order, each
-  followed by its value, then the pad id task_vocab up to seq_len + 1 tokens. Keys are distinct,
-  drawn from [0, task_vocab // 2); values from [task_vocab // 2, task_vocab). The answers (and the
-  loss) are the values of the recall part: targets at the positions of the repeated keys.
-
-  Args:
-    rng: the example's generator.
-    seq_len: t; needs 4 * task_pairs <= seq_len + 1.
-    task_vocab: keys and values; the pad id is task_vocab.
-    task_pairs: n.
-
-  Returns:
-    An example with answer_mask = loss_mask = 1 on the recalled values, one segment.
-  """
-  keys = rng.choice(task_vocab // 2, task_pairs, replace=False)
-  values = rng.integers(task_vocab // 2, task_vocab, task_pairs)
-  order = rng.permutation(task_pairs)
-  sequence = np.full(seq_len + 1, task_vocab)
-  sequence[: 2 * task_pairs] = np.stack([keys, values], axis=1).ravel()
-  sequence[2 * task_pairs : 4 * task_pairs] = np.stack([keys[order], values[order]], axis=1).ravel()
-  answers = np.zeros(seq_len, bool)
-  answers[2 * task_pairs : 4 * task_pairs : 2] = True
-  return _example(sequence, answers, answers)
-
-
 def regbench_example(sequence: Integer[np.ndarray, " m"], seq_len: int) -> Example:
   """A RegBench sequence as one row: its first seq_len + 1 tokens, padded with regbench.PAD.
 
@@ -277,11 +216,14 @@ def _synthetic_example(
 ) -> Example:
   if index >= count:
     return _padding(cfg.seq_len)
-  if cfg.source == "synthetic_induction":
-    return induction_example(rng, seq_len=cfg.seq_len, task_vocab=cfg.task_vocab)
-  return mqar_example(
-      rng, seq_len=cfg.seq_len, task_vocab=cfg.task_vocab, task_pairs=cfg.task_pairs
+  sequence, answers = synthetic.draw(
+      rng,
+      cfg.source,
+      seq_len=cfg.seq_len,
+      task_vocab=cfg.task_vocab,
+      task_pairs=cfg.task_pairs,
   )
+  return _example(sequence, answers, answers)
 
 
 @dataclasses.dataclass(frozen=True)

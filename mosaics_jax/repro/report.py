@@ -1,0 +1,314 @@
+"""A reproduction's report: every run's results gathered (DIR/results.jsonl), the quantities of the
+checks and of the paper's numbers averaged over seeds, the verdict, plots and wall times
+(DIR/report.md, DIR/plots.png).
+
+The verdict is "reproduced" when every check holds, "not reproduced" when one fails, and
+"incomplete" while a quantity has no result yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from mosaics_jax.repro import declaration as decl, plan as plan_lib, runner
+
+RESULTS = "results.jsonl"
+REPORT = "report.md"
+PLOTS = "plots.png"
+
+
+@dataclasses.dataclass(frozen=True)
+class Value:
+  """A quantity over seeds: one value per seed that has it."""
+
+  values: tuple[float, ...]
+  seeds: tuple[int, ...]
+
+  @property
+  def mean(self) -> float:
+    return statistics.fmean(self.values)
+
+  @property
+  def std(self) -> float:
+    """The sample standard deviation over seeds (0 for one seed)."""
+    return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+  def __str__(self) -> str:
+    spread = f" ± {_number(self.std)}" if len(self.values) > 1 else ""
+    return f"{_number(self.mean)}{spread}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+  """A check's numbers: the left side, the bound it is compared with, and whether it holds (None
+  while a side has no result)."""
+
+  check: decl.Check
+  left: Value | None
+  bound: float | None
+  holds: bool | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  verdict: str
+  outcomes: tuple[Outcome, ...]
+  records: tuple[dict[str, Any], ...]
+  path: pathlib.Path
+
+
+def gather(repro: decl.Reproduction, root: pathlib.Path, seeds: int) -> list[dict[str, Any]]:
+  """Every result record of every run, seed and evaluation found under `root`, tagged with `run`,
+  `train_seed` and `evaluation`."""
+  out = []
+  for seed in range(seeds):
+    for run in repro.runs:
+      for evaluation in repro.evaluations:
+        path = runner.results_path(root, repro, run.name, seed, evaluation.name)
+        if path.exists():
+          for line in path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            out.append(
+                {"run": run.name, "train_seed": seed, "evaluation": evaluation.name, **record}
+            )
+  return out
+
+
+def _matches(record: dict[str, Any], quantity: decl.Quantity) -> bool:
+  return (
+      record["run"] == quantity.run
+      and record["evaluation"] == quantity.evaluation
+      and record["metric"] == quantity.metric
+      and all(record["settings"].get(key) == value for key, value in quantity.where)
+  )
+
+
+def quantity(records: Sequence[dict[str, Any]], q: decl.Quantity) -> Value | None:
+  """The values of `q`, one per seed; None when no seed has one.
+
+  Raises ReproError when `q` selects several records of one seed (it needs more `where`).
+  """
+  by_seed: dict[int, list[dict[str, Any]]] = {}
+  for record in records:
+    if _matches(record, q):
+      by_seed.setdefault(record["train_seed"], []).append(record)
+  for seed, found in by_seed.items():
+    if len(found) > 1:
+      settings = [r["settings"] for r in found]
+      raise plan_lib.ReproError(
+          f"quantity {q} selects {len(found)} results of seed {seed} (settings {settings}):"
+          " add settings to its `where`"
+      )
+  if not by_seed:
+    return None
+  seeds = tuple(sorted(by_seed))
+  return Value(tuple(float(by_seed[s][0]["value"]) for s in seeds), seeds)
+
+
+def outcome(records: Sequence[dict[str, Any]], check: decl.Check) -> Outcome:
+  left = quantity(records, check.left)
+  right = check.right
+  right_value = quantity(records, right) if isinstance(right, decl.Quantity) else right
+  if left is None or right_value is None:
+    return Outcome(check, left, None, None)
+  base = right_value.mean if isinstance(right_value, Value) else float(right_value)
+  bound = check.scale * base + check.offset
+  holds = left.mean >= bound if check.op == ">=" else left.mean <= bound
+  return Outcome(check, left, bound, holds)
+
+
+def verdict(outcomes: Sequence[Outcome]) -> str:
+  if any(o.holds is None for o in outcomes) or not outcomes:
+    return "incomplete"
+  return "reproduced" if all(o.holds for o in outcomes) else "not reproduced"
+
+
+def write(
+    repro: decl.Reproduction,
+    root: str | pathlib.Path,
+    *,
+    seeds: int,
+    assignments: tuple[str, ...] = (),
+) -> Report:
+  """Gathers the results under `root` and writes results.jsonl, report.md and plots.png."""
+  root = pathlib.Path(root).absolute()
+  planned = plan_lib.plan(repro, assignments)
+  records = gather(repro, root, seeds)
+  runner.write_jsonl(root / RESULTS, records)
+  outcomes = tuple(outcome(records, c) for c in repro.checks)
+  plotted = _plot(repro, records, root / PLOTS)
+  text = _markdown(repro, planned, records, outcomes, seeds, assignments, root, plotted)
+  runner.write_atomic(root / REPORT, text)
+  return Report(verdict(outcomes), outcomes, tuple(records), root / REPORT)
+
+
+def _number(x: float) -> str:
+  if not math.isfinite(x):
+    return str(x)
+  return f"{x:.4g}" if abs(x) < 1e4 else f"{x:.3e}"
+
+
+def _label(repro: decl.Reproduction, record: dict[str, Any]) -> str:
+  evaluation = {e.name: e for e in repro.evaluations}[record["evaluation"]]
+  return f"{record['run']} ({evaluation.name})" if evaluation.model else record["run"]
+
+
+def _row_settings(record: dict[str, Any]) -> dict[str, Any]:
+  return {k: v for k, v in record["settings"].items() if k in plan_lib.ROW_KEYS and k != "last"}
+
+
+def aggregate(records: Sequence[dict[str, Any]]) -> dict[tuple, Value]:
+  """Values over seeds of every (run, evaluation, task, metric, row settings)."""
+  groups: dict[tuple, dict[int, float]] = {}
+  for r in records:
+    key = (r["run"], r["evaluation"], r["task"], r["metric"], json.dumps(_row_settings(r)))
+    groups.setdefault(key, {})[r["train_seed"]] = float(r["value"])
+  return {key: Value(tuple(v[s] for s in sorted(v)), tuple(sorted(v))) for key, v in groups.items()}
+
+
+def _plot(repro: decl.Reproduction, records: list[dict[str, Any]], path: pathlib.Path) -> bool:
+  """The means over seeds by length, position or training step, one line per run."""
+  try:
+    from mosaics_jax.eval import plots  # matplotlib is the optional `plots` extra.
+  except ImportError:
+    return False
+  means = []
+  labels = {(r["run"], r["evaluation"]): _label(repro, r) for r in records}
+  for (run, evaluation, task, metric, settings), value in aggregate(records).items():
+    means.append(
+        {
+            "task": task,
+            "metric": metric,
+            "value": value.mean,
+            "settings": json.loads(settings),
+            "model": {"path": labels[run, evaluation], "step": None, "overrides": []},
+        }
+    )
+  try:
+    plots.plot_results(means, path, title=f"{repro.name}: means over seeds")
+  except ValueError:  # Nothing measured at two lengths, positions or steps.
+    path.unlink(missing_ok=True)
+    return False
+  return True
+
+
+def _markdown(
+    repro: decl.Reproduction,
+    planned: list[plan_lib.PlannedRun],
+    records: list[dict[str, Any]],
+    outcomes: tuple[Outcome, ...],
+    seeds: int,
+    assignments: tuple[str, ...],
+    root: pathlib.Path,
+    plotted: bool,
+) -> str:
+  held = sum(bool(o.holds) for o in outcomes)
+  command = f"mosaics-repro {repro.name} --workdir DIR --seeds {seeds}"
+  if assignments:
+    command += " --set " + " ".join(assignments)
+  lines = [
+      f"# Reproduction `{repro.name}`",
+      "",
+      f"**Claim** ({repro.source}): {repro.claim}",
+      "",
+      f"**Verdict: {verdict(outcomes)}** ({held} of {len(outcomes)} checks hold; {repro.scale}"
+      f" scale; means ± sample standard deviation over seeds).",
+      "",
+      f"Command: `{command}`",
+      "",
+      "## Checks",
+      "",
+      "| check | ours | bound | holds |",
+      "|---|---:|---:|---|",
+  ]
+  for o in outcomes:
+    c = o.check
+    right = c.right if isinstance(c.right, decl.Quantity) else _number(c.right)
+    scale = "" if c.scale == 1.0 else f"{_number(c.scale)} × "
+    offset = "" if c.offset == 0.0 else f" {'+' if c.offset > 0 else '-'} {_number(abs(c.offset))}"
+    rule = f"{c.left} {c.op} {scale}{right}{offset}"
+    bound = "-" if o.bound is None else f"{c.op} {_number(o.bound)}"
+    holds = {None: "no result yet", True: "yes", False: "**no**"}[o.holds]
+    lines.append(f"| {c.description}: {rule} | {o.left or '-'} | {bound} | {holds} |")
+  if repro.paper:
+    lines += [
+        "",
+        "## The paper's numbers and ours",
+        "",
+        "| paper | value | ours |",
+        "|---|---:|---|",
+    ]
+    for p in repro.paper:
+      ours = "not comparable at this scale"
+      if p.ours is not None:
+        value = quantity(records, p.ours)
+        ours = f"{value} ({p.ours})" if value is not None else f"no result yet ({p.ours})"
+      lines.append(f"| {p.what} | {_number(p.value)} | {ours} |")
+  lines += ["", "## Results", ""]
+  values = aggregate(records)
+  for evaluation in repro.evaluations:
+    rows = [
+        (key, value)
+        for key, value in values.items()
+        if key[1] == evaluation.name
+        # The training record's final evaluation only; the plot has the curves.
+        and (evaluation.task != decl.TRAINING or _is_last(records, key))
+    ]
+    model = f" with model {' '.join(evaluation.model)}" if evaluation.model else ""
+    lines += [f"### {evaluation.name} (`{evaluation.task}`{model})", ""]
+    if not rows:
+      lines += ["no results yet", ""]
+      continue
+    lines += ["| run | metric | setting | mean | std | per seed |", "|---|---|---|---:|---:|---|"]
+    for (run, _, _, metric, settings), value in rows:
+      setting = ", ".join(f"{k}={v}" for k, v in json.loads(settings).items()) or "-"
+      per_seed = ", ".join(f"{s}: {_number(v)}" for s, v in zip(value.seeds, value.values))
+      lines.append(
+          f"| {run} | {metric} | {setting} | {_number(value.mean)} | {_number(value.std)} |"
+          f" {per_seed} |"
+      )
+    lines.append("")
+  if plotted:
+    lines += ["## Plots", "", f"![{repro.name}]({PLOTS})", ""]
+  lines += [
+      "## Runs",
+      "",
+      "| run | experiment | overrides | params | tokens | seeds trained | train min / seed |"
+      " eval min / seed |",
+      "|---|---|---|---:|---:|---:|---:|---:|",
+  ]
+  total = 0.0
+  for p in planned:
+    spent = [runner.timing(runner.run_dir(root, p.run.name, s)) for s in range(seeds)]
+    done = [t for t in spent if t]
+    train = [t.get("train_seconds", 0.0) for t in done]
+    evals = [t.get("eval_seconds", 0.0) for t in done]
+    total += sum(train) + sum(evals)
+    per = lambda xs: _number(statistics.fmean(xs) / 60) if xs else "-"
+    lines.append(
+        f"| {p.run.name} | {p.run.experiment} | {' '.join(p.run.overrides) or '-'} |"
+        f" {p.params:,} | {p.tokens:,} | {len(done)} | {per(train)} | {per(evals)} |"
+    )
+  lines += ["", f"Wall time of training and evaluation, all seeds: {total / 60:.1f} min.", ""]
+  if repro.notes:
+    lines += ["## Notes", "", repro.notes, ""]
+  return "\n".join(lines)
+
+
+def _is_last(records: list[dict[str, Any]], key: tuple) -> bool:
+  run, evaluation, task, metric, settings = key
+  step = json.loads(settings).get("step")
+  return any(
+      r["run"] == run
+      and r["evaluation"] == evaluation
+      and r["metric"] == metric
+      and r["settings"].get("step") == step
+      and r["settings"].get("last")
+      for r in records
+  )
