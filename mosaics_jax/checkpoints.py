@@ -24,6 +24,7 @@ process 0 alone.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 import warnings
@@ -38,6 +39,14 @@ from mosaics_jax import config as config_lib
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
 UNREADABLE_DIR = "checkpoints-unreadable"
+
+
+def saved_steps(workdir: str | os.PathLike) -> list[int]:
+  """The steps of the checkpoints in `workdir` (its step-numbered folders), without opening one."""
+  folder = pathlib.Path(workdir) / CHECKPOINTS_DIR
+  return (
+      sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+  )
 
 
 class CheckpointError(RuntimeError):

@@ -108,5 +108,10 @@ def test_what_a_recall_task_lacks_is_named(tmp_path):
   )["synthetic"]
   with pytest.raises(harness_lib.EvalError, match="needs 17 token ids, the model has 16"):
     tasks.get("synthetic").run(h, settings)
+  settings = tasks.settings(["copy"], [f"copy.path={tmp_path / 'none.txt'}", "copy.lengths=[8]"])[
+      "copy"
+  ]
+  with pytest.raises(harness_lib.EvalError, match="none.txt does not exist"):
+    tasks.get("copy").run(h, settings)
   with pytest.raises(config_lib.ConfigError, match="lengths >= 4"):
     tasks.settings(["copy"], ["copy.lengths=[2]"])

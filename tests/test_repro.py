@@ -257,6 +257,22 @@ def test_the_report_averages_the_runs_results_and_decides(tmp_path):
   assert report_lib.write(repro, tmp_path, seeds=2).verdict == "incomplete"
 
 
+def test_a_corrupt_results_file_is_named_and_left_as_it_is(tmp_path):
+  repro = _with(evaluations=TINY.evaluations[1:])
+  _fake_results(tmp_path, repro, {"mm1": [{64: 1.0}], "llama": [{64: 0.5}]})
+  path = runner.results_path(tmp_path, repro, "llama", 0, "synthetic")
+  for text in ('{"metric": "accuracy"\n', "[1, 2]\n"):
+    path.write_text(text)
+    with pytest.raises(plan_lib.ReproError, match="delete it and run the command again"):
+      report_lib.gather(repro, tmp_path, seeds=1)
+    assert path.read_text() == text
+
+
+def test_a_key_set_twice_is_refused(capsys):
+  assert repro_cli.main(["regbench", "--dry-run", "--set", "train.steps=5", "train.steps=6"]) == 2
+  assert "--set gives train.steps more than once" in capsys.readouterr().err
+
+
 def test_a_quantity_that_selects_several_results_is_named(tmp_path):
   repro = _with(evaluations=TINY.evaluations[1:])
   _fake_results(tmp_path, repro, {"mm1": [{64: 1.0, 128: 0.9}], "llama": [{64: 0.5, 128: 0.1}]})

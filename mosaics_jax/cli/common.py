@@ -29,12 +29,17 @@ class StoreOnce(argparse.Action):
     setattr(namespace, self.dest, values)
 
 
-def experiment(name: str, assignments: Sequence[str]) -> config_lib.Experiment:
-  """The experiment `name` with the `--set` assignments applied; a key given twice is an error."""
+def refuse_repeated_keys(assignments: Sequence[str]) -> None:
+  """ConfigError when `--set` gives a key twice (which value was meant is unknown)."""
   keys = [a.partition("=")[0] for a in assignments]
   repeated = sorted({k for k in keys if keys.count(k) > 1})
   if repeated:
     raise config_lib.ConfigError(f"--set gives {', '.join(repeated)} more than once")
+
+
+def experiment(name: str, assignments: Sequence[str]) -> config_lib.Experiment:
+  """The experiment `name` with the `--set` assignments applied; a key given twice is an error."""
+  refuse_repeated_keys(assignments)
   return overrides.apply(registry.get(name), assignments)
 
 

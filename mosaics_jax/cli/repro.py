@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f"--seeds must be >= 1, got {args.seeds}")
   assignments = tuple(args.set)
   try:
+    common.refuse_repeated_keys(assignments)
     repro = registry.get_reproduction(args.name)
     seeds = args.seeds or repro.seeds
     if args.dry_run:

@@ -21,7 +21,6 @@ Open MPI the processes find each other without them:
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 
 import jax
@@ -86,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
 def _init_from(args, experiment: config_lib.Experiment) -> loop.InitFrom | None:
   """The parameters to start from, checked against the experiment's model; None to start from
   random ones or to resume."""
-  resuming = not args.restart and _has_checkpoints(pathlib.Path(args.workdir))
+  resuming = not args.restart and bool(checkpoints.saved_steps(args.workdir))
   if args.init_from is None:
     if experiment.init_from and not args.from_scratch and not resuming:
       raise loop.TrainingError(
@@ -104,11 +103,6 @@ def _init_from(args, experiment: config_lib.Experiment) -> loop.InitFrom | None:
         + ", ".join(differing)
     )
   return loop.InitFrom(params=source.params, origin=str(args.init_from), step=source.step)
-
-
-def _has_checkpoints(workdir: pathlib.Path) -> bool:
-  folder = workdir / checkpoints.CHECKPOINTS_DIR
-  return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
 
 
 def main(argv: list[str] | None = None) -> int:

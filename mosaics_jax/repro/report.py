@@ -72,12 +72,27 @@ def gather(repro: decl.Reproduction, root: pathlib.Path, seeds: int) -> list[dic
       for evaluation in repro.evaluations:
         path = runner.results_path(root, repro, run.name, seed, evaluation.name)
         if path.exists():
-          for line in path.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
+          for record in _read_records(path):
             out.append(
                 {"run": run.name, "train_seed": seed, "evaluation": evaluation.name, **record}
             )
   return out
+
+
+def _read_records(path: pathlib.Path) -> list[dict[str, Any]]:
+  """The records of a results file, or ReproError naming it (the runner writes them whole, so a
+  bad one was changed by hand: delete it and the command evaluates again)."""
+  try:
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+  except (ValueError, OSError) as e:
+    raise plan_lib.ReproError(
+        f"{path} is not a results file ({e}); delete it and run the command again"
+    ) from None
+  if not all(isinstance(r, dict) and {"metric", "value", "settings"} <= r.keys() for r in records):
+    raise plan_lib.ReproError(
+        f"{path} holds lines that are not result records; delete it and run the command again"
+    )
+  return records
 
 
 def _matches(record: dict[str, Any], quantity: decl.Quantity) -> bool:

@@ -104,7 +104,7 @@ def _check_manifest(root: pathlib.Path, repro: decl.Reproduction, assignments: t
       theirs = json.loads(path.read_text())
     except (ValueError, OSError) as e:
       raise plan_lib.ReproError(f"{path} is unreadable ({e}); use another --workdir") from None
-    started = any((root / "runs").glob(f"*/{checkpoints.CHECKPOINTS_DIR}/*"))
+    started = any(checkpoints.saved_steps(w) for w in (root / "runs").glob("*"))
     # A command that failed before any run trained (a missing data path) binds nothing.
     if theirs != mine and (started or theirs.get("reproduction") != repro.name):
       raise plan_lib.ReproError(
@@ -118,15 +118,14 @@ def _check_manifest(root: pathlib.Path, repro: decl.Reproduction, assignments: t
 
 
 def _finished(workdir: pathlib.Path, experiment: config_lib.Experiment) -> bool:
-  folder = workdir / checkpoints.CHECKPOINTS_DIR
-  steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
-  return bool(steps) and max(steps) >= experiment.train.steps
+  steps = checkpoints.saved_steps(workdir)
+  return bool(steps) and steps[-1] >= experiment.train.steps
 
 
 def _init_from(
     root: pathlib.Path, run: decl.Run, seed: int, workdir: pathlib.Path
 ) -> loop.InitFrom | None:
-  if run.init_from is None or (workdir / checkpoints.CHECKPOINTS_DIR).is_dir():
+  if run.init_from is None or checkpoints.saved_steps(workdir):
     return None  # From scratch, or a fine-tune that resumes.
   source_dir = run_dir(root, run.init_from, seed)
   source = pretrained.load(source_dir)
