@@ -11,11 +11,13 @@ from kernels_pallas.bands import (
     visible_counts,
 )
 from kernels_pallas.persistent import retrieve_persistent, retrieve_persistent_reference
-from kernels_pallas.retrieve import IMPLEMENTATIONS, retrieve
+from kernels_pallas.retrieve import IMPLEMENTATIONS, retrieve, retrieve_selected
 from kernels_pallas.scans import linear_scan
+from kernels_pallas.select import BlockSelection, select_blocks
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "BlockSelection",
     "band_mask",
     "count_in_band",
     "document_positions",
@@ -23,6 +25,8 @@ __all__ = [
     "retrieve",
     "retrieve_persistent",
     "retrieve_persistent_reference",
+    "retrieve_selected",
     "segment_starts",
+    "select_blocks",
     "visible_counts",
 ]

@@ -32,6 +32,12 @@ tiles: float32 defaults to B = 32 for head dims up to 64, 16 beyond, and 8 warps
 
 Off GPU the kernels run in Pallas's interpreter (see `retrieve_pallas_gpu`'s `interpret`).
 
+With a block selection (`retrieve_pallas_gpu_selected`, design.md "Block selection") the same
+three kernels visit, instead of a range, a list per (batch row, head, block): the key blocks that
+some query of the block selected (`selected_visits`; for dkv, the query blocks some of whose
+queries selected the key block), and each tile's mask also keeps only the rows that selected it:
+the queries' selected blocks are an input [b, t, h, k] beside q.
+
 Axis legend: b = batch, t = query time, s = key time, h = heads, d = head dim of q and k,
 e = head dim of v, n = blocks, i = query rows of a block, j = key columns of a block, w = live
 blocks listed per block.
@@ -41,7 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +56,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
-from kernels_pallas import bands, blocks
+from kernels_pallas import bands, blocks, select
 
 # Default (and largest default) block. One B serves the forward and both backward kernels; the
 # backward ones keep four [B, d] operands and accumulators plus two [B, B] float32 tiles (p, dp)
@@ -79,6 +85,8 @@ class _Config:
     num_stages: software-pipelining depth of the loops over live blocks.
     interpret: whether to run Pallas's interpreter instead of compiling with Triton.
     precision: of every dot in the kernels (`dot_precision`).
+    selected: whether the kernels visit listed blocks of a block selection (`Visits`) instead of
+      ranges, and mask the rows that did not select a block.
   """
 
   block: int
@@ -89,6 +97,7 @@ class _Config:
   num_stages: int
   interpret: bool
   precision: jax.lax.DotAlgorithmPreset | None
+  selected: bool = False
 
 
 def default_block_size(seq_len: int, dim: int = MIN_DIM, dtype: Any = jnp.bfloat16) -> int:
@@ -218,11 +227,34 @@ def _recompute(
   return p, _scores(dy, v, precision)
 
 
-def _split_segments(config: _Config, refs: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...]]:
-  """(the document ids' ref or None, the output refs) from a kernel's trailing refs."""
+def _split_extras(config: _Config, refs: tuple[Any, ...]) -> tuple[Any, Any, tuple[Any, ...]]:
+  """(the document ids' ref or None, the selected blocks' ref or None, the output refs) from a
+  kernel's trailing refs."""
+  segment_ref = chosen_ref = None
   if config.segmented:
-    return refs[0], refs[1:]
-  return None, refs
+    segment_ref, refs = refs[0], refs[1:]
+  if config.selected:
+    chosen_ref, refs = refs[0], refs[1:]
+  return segment_ref, chosen_ref, refs
+
+
+def _visited(config: _Config, table_ref: Any, own: Int[Array, ""], step: Int[Array, ""]):
+  """The block of the other side visited at `step`: the next of the range starting at
+  table_ref[own], or the listed table_ref[own, step] of a block selection."""
+  if config.selected:
+    return table_ref[own, step]
+  return table_ref[own] + step
+
+
+def _rows_that_chose(
+    config: _Config, mask: Bool[Array, "i j"], chosen: Int[Array, "i k"] | None, key_block
+) -> Bool[Array, "i j"]:
+  """The tile's mask, keeping with a block selection only the rows that selected key_block."""
+  if not config.selected:
+    return mask
+  # A sum, not jnp.any: Triton has no lowering of a boolean reduction.
+  hits = jnp.sum((chosen == key_block).astype(jnp.int32), axis=1, keepdims=True)
+  return mask & (hits > 0)
 
 
 # ----------------------------------------------------------------------------------- the kernels
@@ -234,16 +266,18 @@ def _split_segments(config: _Config, refs: tuple[Any, ...]) -> tuple[Any, tuple[
 
 def _forward_kernel(lo_ref, count_ref, first_ref, q_ref, k_ref, v_ref, *refs, config: _Config):
   """Folds the live key blocks of one query block into y and its per-row (max, sum)."""
-  segment_ref, (y_ref, max_ref, sum_ref) = _split_segments(config, refs)
+  segment_ref, chosen_ref, (y_ref, max_ref, sum_ref) = _split_extras(config, refs)
   query_block, lo, block = pl.program_id(0), lo_ref[0], config.block
   q = q_ref[...]
+  chosen = chosen_ref[...] if config.selected else None
   t, q_segments = _query_side(config, query_block, segment_ref)
 
   def fold(step, carry):
-    key_block = first_ref[query_block] + step
+    key_block = _visited(config, first_ref, query_block, step)
     keys = _block_slice(key_block, block)
     s, k_segments = _key_side(config, key_block, segment_ref)
     mask = blocks.tile_mask(t, s, lo, config.hi, q_segments, k_segments)
+    mask = _rows_that_chose(config, mask, chosen, key_block)
     scores = _scores(q, k_ref[keys, :], config.precision)
     return blocks.online_softmax_update(
         *carry, scores, mask, v_ref[keys, :], precision=config.precision
@@ -276,18 +310,20 @@ def _dq_kernel(
     config: _Config,
 ):
   """D = sum_s p dp, then dq = sum_s p (dp - D) k, for the rows of one query block."""
-  segment_ref, (dq_ref, correction_ref) = _split_segments(config, refs)
+  segment_ref, chosen_ref, (dq_ref, correction_ref) = _split_extras(config, refs)
   query_block, lo, block = pl.program_id(0), lo_ref[0], config.block
   q, dy = q_ref[...], dy_ref[...]
+  chosen = chosen_ref[...] if config.selected else None
   row_max, row_sum = _column(max_ref[...]), _column(sum_ref[...])
   t, q_segments = _query_side(config, query_block, segment_ref)
   count = count_ref[query_block]
 
   def tile(step):
-    key_block = first_ref[query_block] + step
+    key_block = _visited(config, first_ref, query_block, step)
     keys = _block_slice(key_block, block)
     s, k_segments = _key_side(config, key_block, segment_ref)
     mask = blocks.tile_mask(t, s, lo, config.hi, q_segments, k_segments)
+    mask = _rows_that_chose(config, mask, chosen, key_block)
     k = k_ref[keys, :]
     p, dp = _recompute(q, k, v_ref[keys, :], dy, row_max, row_sum, mask, config.precision)
     return k, p, dp
@@ -322,17 +358,19 @@ def _dkv_kernel(
     config: _Config,
 ):
   """dk = sum_t p (dp - D) q and dv = sum_t p dy for the columns of one key block."""
-  segment_ref, (dk_ref, dv_ref) = _split_segments(config, refs)
+  segment_ref, chosen_ref, (dk_ref, dv_ref) = _split_extras(config, refs)
   key_block, lo, block = pl.program_id(0), lo_ref[0], config.block
   k, v = k_ref[...], v_ref[...]
   s, k_segments = _key_side(config, key_block, segment_ref)
 
   def fold(step, carry):
     dk, dv = carry
-    query_block = first_ref[key_block] + step
+    query_block = _visited(config, first_ref, key_block, step)
     rows = _block_slice(query_block, block)
     t, q_segments = _query_side(config, query_block, segment_ref)
     mask = blocks.tile_mask(t, s, lo, config.hi, q_segments, k_segments)
+    chosen = chosen_ref[rows, :] if config.selected else None
+    mask = _rows_that_chose(config, mask, chosen, key_block)
     q, dy = q_ref[rows, :], dy_ref[rows, :]
     row_max, row_sum = _column(max_ref[rows]), _column(sum_ref[rows])
     p, dp = _recompute(q, k, v, dy, row_max, row_sum, mask, config.precision)
@@ -374,19 +412,78 @@ def _whole_stats(seq_len: int) -> pl.BlockSpec:
   return pl.BlockSpec((None, None, seq_len), lambda n, b, h: (b, h, 0))
 
 
+class Visits(NamedTuple):
+  """The blocks the kernels visit for a block selection (`selected_visits`); all int32."""
+
+  kv_count: Int[Array, "b h n"]  # How many key blocks some query of query block n selected,
+  kv_list: Int[Array, "b h n w"]  # which, in increasing order (then padding);
+  q_count: Int[Array, "b h n"]  # how many query blocks hold a query that selected key block n,
+  q_list: Int[Array, "b h n w"]  # which, in increasing order (then padding);
+  chosen: Int[Array, "b t h k"]  # each query's selected blocks, -1 for none (k a power of two).
+
+
+def selected_visits(selected: select.Selected, num_blocks: int, block: int) -> Visits:
+  """The lists of blocks the kernels visit for the queries' `selected` blocks of B = `block`
+  positions (query blocks are B positions too), over a sequence padded to `num_blocks` blocks."""
+  batch, seq_len, heads, width = selected.blocks.shape
+  padded = num_blocks * block
+  chosen = jnp.where(selected.valid, selected.blocks, -1).astype(jnp.int32)
+  pad = [(0, 0), (0, padded - seq_len), (0, 0), (0, pl.next_power_of_2(width) - width)]
+  chosen = jnp.pad(chosen, pad, constant_values=-1)
+  # hit[b, h, i, j]: some query of block i selected key block j (column num_blocks: none).
+  rows = jnp.arange(batch)[:, None, None, None]
+  head = jnp.arange(heads)[None, None, :, None]
+  query_block = (jnp.arange(padded) // block)[None, :, None, None]
+  key_block = jnp.where(chosen >= 0, chosen, num_blocks)
+  hit = jnp.zeros((batch, heads, num_blocks, num_blocks + 1), bool)
+  hit = hit.at[rows, head, query_block, key_block].set(True)[..., :num_blocks]
+
+  def listed(hit, most):
+    # A stable sort of "not hit" puts the hit blocks first, in increasing order.
+    order = jnp.argsort(~hit, axis=-1, stable=True)[..., :most].astype(jnp.int32)
+    return hit.sum(axis=-1, dtype=jnp.int32), order
+
+  kv_count, kv_list = listed(hit, min(num_blocks, block * chosen.shape[-1]))
+  q_count, q_list = listed(hit.swapaxes(-1, -2), num_blocks)
+  return Visits(kv_count, kv_list, q_count, q_list, chosen)
+
+
+def _chosen(
+    config: _Config, schedule: blocks.Schedule | Visits, *, own: bool
+) -> tuple[Int[Array, "b t h k"], pl.BlockSpec] | None:
+  """The queries' selected blocks and their spec (the program's own rows, or all of them), for
+  the kernels of a block selection."""
+  if not config.selected:
+    return None
+  chosen = schedule.chosen
+  width = chosen.shape[-1]
+  return chosen, _own(config, width) if own else _whole(chosen.shape[1], width)
+
+
+def _table(schedule: blocks.Schedule | Visits, side: str) -> tuple[Array, Array]:
+  """(count, first or list) of the blocks the kernels of `side` visit ("kv": the forward and dq
+  kernels, which loop over key blocks; "q": the dkv kernel)."""
+  if isinstance(schedule, Visits):
+    return getattr(schedule, f"{side}_count"), getattr(schedule, f"{side}_list")
+  return getattr(schedule, f"{side}_count"), getattr(schedule, f"{side}_first")
+
+
 def _call(
     config: _Config,
     kernel: Any,
     *,
-    table: tuple[Int[Array, "b n"], Int[Array, "b n"]],
+    table: tuple[Array, Array],
     lo: Int[Array, 1],
     in_specs: list[pl.BlockSpec],
     inputs: list[Array],
     segments: Int[Array, "b t"] | None,
     out_specs: list[pl.BlockSpec],
     out_shape: list[jax.ShapeDtypeStruct],
+    chosen: tuple[Int[Array, "b t h k"], pl.BlockSpec] | None = None,
 ) -> tuple[Array, ...]:
-  """One kernel over the grid (n, b, h), reading its side's live-block ranges (count, first)."""
+  """One kernel over the grid (n, b, h), reading its side's live-block ranges (count, first) per
+  batch row; with a block selection, its lists (count, list) per batch row and head and the
+  queries' selected blocks (`chosen`: the array and its block spec)."""
   count, first = table
   batch, seq_len, heads, _ = inputs[0].shape
   table_specs = [
@@ -394,14 +491,23 @@ def _call(
       pl.BlockSpec((None, config.num_blocks), lambda n, b, h: (b, 0)),
       pl.BlockSpec((None, config.num_blocks), lambda n, b, h: (b, 0)),
   ]
-  segment_specs, segment_inputs = [], []
+  if config.selected:
+    width = first.shape[-1]
+    table_specs[1:] = [
+        pl.BlockSpec((None, None, config.num_blocks), lambda n, b, h: (b, h, 0)),
+        pl.BlockSpec((None, None, config.num_blocks, width), lambda n, b, h: (b, h, 0, 0)),
+    ]
+  extra_specs, extra_inputs = [], []
   if segments is not None:
-    segment_specs = [pl.BlockSpec((None, seq_len), lambda n, b, h: (b, 0))]
-    segment_inputs = [segments]
+    extra_specs = [pl.BlockSpec((None, seq_len), lambda n, b, h: (b, 0))]
+    extra_inputs = [segments]
+  if chosen is not None:
+    extra_specs.append(chosen[1])
+    extra_inputs.append(chosen[0])
   call = pl.pallas_call(
       functools.partial(kernel, config=config),
       grid=(config.num_blocks, batch, heads),
-      in_specs=table_specs + in_specs + segment_specs,
+      in_specs=table_specs + in_specs + extra_specs,
       out_specs=out_specs,
       out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(
@@ -413,7 +519,7 @@ def _call(
   # Dots without an explicit precision (bfloat16 ones, and all of them when interpreted) run at
   # "highest": IEEE float32 products on the CPU; bfloat16 dots are unaffected.
   with jax.default_matmul_precision("highest"):
-    return call(lo, count, first, *inputs, *segment_inputs)
+    return call(lo, count, first, *inputs, *extra_inputs)
 
 
 def _forward(
@@ -422,7 +528,7 @@ def _forward(
     k: Float[Array, "b s h d"],
     v: Float[Array, "b s h e"],
     segments: Int[Array, "b t"] | None,
-    schedule: blocks.Schedule,
+    schedule: blocks.Schedule | Visits,
     lo: Int[Array, 1],
 ) -> tuple[Float[Array, "b t h e"], Float[Array, "b h t"], Float[Array, "b h t"]]:
   """y (input dtype) and the per-row max and sum (float32; 0 and 1 on empty rows)."""
@@ -432,7 +538,8 @@ def _forward(
   return _call(
       config,
       _forward_kernel,
-      table=(schedule.kv_count, schedule.kv_first),
+      table=_table(schedule, "kv"),
+      chosen=_chosen(config, schedule, own=True),
       lo=lo,
       in_specs=[_own(config, dim), _whole(seq_len, dim), _whole(seq_len, value_dim)],
       inputs=[q, k, v],
@@ -449,7 +556,7 @@ def _retrieve(
     k: Float[Array, "b s h d"],
     v: Float[Array, "b s h e"],
     segments: Int[Array, "b t"] | None,
-    schedule: blocks.Schedule,
+    schedule: blocks.Schedule | Visits,
     lo: Int[Array, 1],
 ) -> Float[Array, "b t h e"]:
   """Blocked retrieval on padded arrays, with a recomputing backward pass."""
@@ -470,7 +577,8 @@ def _retrieve_bwd(config, residuals, dy):
   dq, correction = _call(
       config,
       _dq_kernel,
-      table=(schedule.kv_count, schedule.kv_first),
+      table=_table(schedule, "kv"),
+      chosen=_chosen(config, schedule, own=True),
       lo=lo,
       in_specs=[
           _own(config, dim),
@@ -491,7 +599,8 @@ def _retrieve_bwd(config, residuals, dy):
   dk, dv = _call(
       config,
       _dkv_kernel,
-      table=(schedule.q_count, schedule.q_first),
+      table=_table(schedule, "q"),
+      chosen=_chosen(config, schedule, own=False),
       lo=lo,
       in_specs=[
           _whole(seq_len, dim),
@@ -522,6 +631,7 @@ def _retrieve_padded(
     v: Float[Array, "b s h e"],
     segment_ids: Int[Array, "b t"] | None,
     lo: Int[Array, ""],
+    selected: select.Selected | None,
     *,
     hi: int | None,
     block: int,
@@ -529,7 +639,8 @@ def _retrieve_padded(
     num_stages: int,
     interpret: bool,
 ) -> Float[Array, "b t h e"]:
-  """Pads T to whole blocks and the head dims to Triton's sizes, schedules, runs and crops."""
+  """Pads T to whole blocks and the head dims to Triton's sizes, schedules (or lists the
+  `selected` blocks), runs and crops."""
   batch, seq_len, _, dim = q.shape
   value_dim = v.shape[-1]
   num_blocks = -(-seq_len // block)
@@ -539,9 +650,12 @@ def _retrieve_padded(
   def pad(x, width):
     return jnp.pad(x, [(0, 0), (0, num_blocks * block - seq_len), (0, 0), (0, width - x.shape[-1])])
 
-  schedule = blocks.schedule(
-      segment_ids, batch=batch, seq_len=seq_len, block_q=block, block_k=block, lo=lo, hi=hi
-  )
+  if selected is None:
+    schedule = blocks.schedule(
+        segment_ids, batch=batch, seq_len=seq_len, block_q=block, block_k=block, lo=lo, hi=hi
+    )
+  else:
+    schedule = selected_visits(selected, num_blocks, block)
   segments = None
   if segment_ids is not None:
     segments = jnp.pad(segment_ids.astype(jnp.int32), [(0, 0), (0, num_blocks * block - seq_len)])
@@ -554,6 +668,7 @@ def _retrieve_padded(
       num_stages=num_stages,
       interpret=interpret,
       precision=dot_precision(q.dtype, interpret),
+      selected=selected is not None,
   )
   y = _retrieve(
       config,
@@ -613,6 +728,44 @@ def retrieve_pallas_gpu(
       v,
       segment_ids,
       jnp.asarray(lo, jnp.int32),
+      None,
+      hi=hi,
+      block=block_size,
+      num_warps=num_warps,
+      num_stages=num_stages,
+      interpret=interpret,
+  )
+
+
+def retrieve_pallas_gpu_selected(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b s h d"],
+    v: Float[Array, "b s h e"],
+    *,
+    lo: bands.IntLike,
+    hi: int | None,
+    segment_ids: Int[Array, "b t"] | None,
+    selected: select.Selected,
+    block_size: int,
+    backend: str | None = None,
+    interpret: bool | None = None,
+    num_warps: int | None = None,
+    num_stages: int = DEFAULT_NUM_STAGES,
+) -> Float[Array, "b t h e"]:
+  """`select.retrieve_selected_xla` as GPU kernels: each query block visits the key blocks its
+  queries selected (B = `block_size`, the selection's block, a power of two >= 16), each row
+  reading its own. Arguments as `retrieve_pallas_gpu`'s; reverse-mode differentiable in q, k, v.
+  """
+  if interpret is None:
+    interpret = (backend or jax.default_backend()) != "gpu"
+  _check_block_size(block_size)
+  return _retrieve_padded(
+      q,
+      k,
+      v,
+      segment_ids,
+      jnp.asarray(lo, jnp.int32),
+      selected,
       hi=hi,
       block=block_size,
       num_warps=num_warps,

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from kernels_pallas import bands, pallas_gpu, pallas_tpu, reference, shift, xla
+from kernels_pallas import bands, pallas_gpu, pallas_tpu, reference, select, shift, xla
 
 RetrieveFn = Callable[..., Float[Array, "b t h e"]]
 
@@ -159,3 +159,61 @@ def retrieve(
       block_size=block_size,
       backend=backend,
   )
+
+
+# Validates its own inputs, as `retrieve` does.
+@typing.no_type_check
+def retrieve_selected(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b s h d"],
+    v: Float[Array, "b s h e"],
+    *,
+    lo: bands.IntLike,
+    hi: int | None = None,
+    segment_ids: Int[Array, "b t"] | None = None,
+    selection: select.BlockSelection,
+    impl: str = "auto",
+    query_chunk: int | None = None,
+    backend: str | None = None,
+) -> Float[Array, "b t h e"]:
+  """`retrieve` over the blocks `selection` picks for each query (`kernels_pallas.select`).
+
+  Args:
+    q, k, v, lo, hi, segment_ids: as `retrieve`.
+    selection: K, B, R and the block summary.
+    impl: "reference" (dense); "pallas_gpu" (or "pallas" off TPU) the GPU kernels, interpreted
+      off GPU, whose B must be a power of two >= 16; any other name of `retrieve`, "auto"
+      included, the XLA path: the GPU kernels have not run on a GPU yet, and no TPU kernel reads
+      selected blocks (design.md, "Block selection").
+    query_chunk: queries scored and read at once (default B): the temporaries are
+      O(chunk (K + R) B).
+    backend: as `retrieve`'s (the GPU kernels compile for "gpu" and are interpreted elsewhere).
+
+  Returns:
+    y in the dtype of the inputs, computed with float32 softmax and sums.
+  """
+  backend = backend or jax.default_backend()
+  resolve_impl(impl, backend)  # An unknown name is an error here too.
+  q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+  if segment_ids is not None:
+    segment_ids = jnp.asarray(segment_ids)
+  _check_arrays(q, k, v, segment_ids)
+  lo = _check_band(lo, hi)
+  if not isinstance(selection, select.BlockSelection):
+    raise TypeError(f"selection must be a kernels_pallas.BlockSelection, got {selection!r}")
+  if query_chunk is not None and (
+      isinstance(query_chunk, bool) or not isinstance(query_chunk, int) or query_chunk < 1
+  ):
+    raise ValueError(f"query_chunk must be a positive int or None, got {query_chunk!r}")
+  selected = select.select_blocks(
+      q, k, lo=lo, hi=hi, segment_ids=segment_ids, selection=selection, query_chunk=query_chunk
+  )
+  band = dict(lo=lo, hi=hi, segment_ids=segment_ids, selected=selected)
+  size = selection.block_size
+  if impl == "reference":
+    return select.retrieve_selected_reference(q, k, v, block_size=size, **band)
+  if impl == "pallas_gpu" or (impl == "pallas" and backend != "tpu"):
+    return pallas_gpu.retrieve_pallas_gpu_selected(
+        q, k, v, block_size=size, backend=backend, **band
+    )
+  return select.retrieve_selected_xla(q, k, v, block_size=size, query_chunk=query_chunk, **band)

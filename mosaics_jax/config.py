@@ -175,6 +175,10 @@ class MosaicV2Config(ModelConfig):
       "long_term_delay",
       "long_term_delay_range",
       "drop_long_term_memory",
+      "long_term_select_blocks",
+      "long_term_select_block_size",
+      "long_term_select_recent",
+      "long_term_select_summary",
   )
 
   ffn_width: int  # d' of the SwiGLU persistent memory.
@@ -193,6 +197,14 @@ class MosaicV2Config(ModelConfig):
   value_scale_max: float = 15.0
   bandwidth_init: tuple[float, float, float] = (1.5, 1.5, 1.0 / 3.0)  # theta0, theta1, theta_a.
   bandwidth_max: float = 10.0  # beta0, beta1 = exp(min(theta, bandwidth_max)).
+  # Block selection in the long-term memory (not in the papers; design.md, "Block selection"):
+  # 0 reads every pair. K > 0: each query reads its long_term_select_recent newest blocks of
+  # long_term_select_block_size pairs and the K older blocks whose summary ("mean" of the keys,
+  # or the channel-wise "bound" of q . k) scores highest against it.
+  long_term_select_blocks: int = 0
+  long_term_select_block_size: int = 64
+  long_term_select_recent: int = 1
+  long_term_select_summary: Literal["mean", "bound"] = "mean"
 
   def __post_init__(self):
     super().__post_init__()
@@ -205,6 +217,22 @@ class MosaicV2Config(ModelConfig):
       raise ConfigError(f"long_term_delay must be >= 1, got {self.long_term_delay}")
     if self.drop_long_term_memory and not self.long_term_memory:
       raise ConfigError("drop_long_term_memory needs long_term_memory=True")
+    if self.long_term_select_blocks < 0:
+      raise ConfigError(
+          f"long_term_select_blocks must be >= 0 (0: read every pair), got "
+          f"{self.long_term_select_blocks}"
+      )
+    if self.long_term_select_blocks and not self.long_term_memory:
+      raise ConfigError("long_term_select_blocks needs long_term_memory=True")
+    if self.long_term_select_block_size < 1:
+      raise ConfigError(
+          f"long_term_select_block_size must be >= 1, got {self.long_term_select_block_size}"
+      )
+    if self.long_term_select_recent < 1:
+      raise ConfigError(
+          f"long_term_select_recent must be >= 1 (the partly filled newest block cannot be "
+          f"scored), got {self.long_term_select_recent}"
+      )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

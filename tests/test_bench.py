@@ -171,3 +171,24 @@ def test_decode_table(capsys):
   assert bench.main([*args, "--no-rerun", "--repeats", "1"]) == 0
   out = capsys.readouterr().out
   assert "full re-run: not run" in out and "(grows with max_len" in out
+
+
+def test_kernels_times_block_selection_on_unbounded_bands(capsys):
+  """`--select-blocks`: one row per K on the long-term band only, its useful FLOPs counted over
+  the pairs it reads (fewer than the full band's, so at equal speed a lower rate)."""
+  args = [*KERNELS_ARGS, "--impls", "xla", "--select-blocks", "1", "3", "--select-block-size", "32"]
+  assert bench.main(args) == 0
+  rows = _kernel_rows(capsys.readouterr().out)
+  assert set(rows) == {
+      ("short-term", "xla"),
+      ("long-term", "xla"),
+      ("long-term", "select 1+1/32"),
+      ("long-term", "select 3+1/32"),
+  }
+  for time_ms, tflops, _, _ in rows.values():
+    assert float(time_ms) > 0 and float(tflops) > 0
+
+
+def test_kernels_names_a_bad_selection(capsys):
+  assert bench.main([*KERNELS_ARGS, "--select-blocks", "2", "--select-recent", "0"]) == 2
+  assert "recent must be >= 1" in capsys.readouterr().err

@@ -29,6 +29,27 @@ CONFIGS = {
     "mm2": config_lib.MosaicV2Config(
         **TINY, ffn_width=48, short_term_window=6, long_term_delay=3, long_term_delay_range=(2, 5)
     ),
+    # The long-term memory reads its 1 newest block of 4 pairs and the best older one.
+    "mm2-select": config_lib.MosaicV2Config(
+        **TINY,
+        ffn_width=48,
+        short_term_window=6,
+        long_term_delay=3,
+        long_term_delay_range=(2, 5),
+        long_term_select_blocks=1,
+        long_term_select_block_size=4,
+        long_term_select_summary="bound",
+    ),
+    "mm2-select-mean": config_lib.MosaicV2Config(
+        **TINY,
+        ffn_width=48,
+        short_term_window=6,
+        long_term_delay=3,
+        long_term_delay_range=(2, 5),
+        long_term_select_blocks=2,
+        long_term_select_block_size=4,
+        long_term_select_recent=2,
+    ),
     "mm2-no-ltm": config_lib.MosaicV2Config(
         **TINY, ffn_width=48, short_term_window=6, long_term_memory=False
     ),
@@ -96,10 +117,11 @@ def _decode(model, params, tokens, segment_ids, chunk: int, dtype="float32", pro
   return out
 
 
-# The default suite decodes one v1 (two persistent memories), one v2 (both memories) and Llama token
-# by token; the slow suite adds v1 with one persistent memory, v2 without long-term memory and
-# chunks of 3 tokens.
-FAST = ("mm1-pmem2", "mm2", "llama")
+# The default suite decodes one v1 (two persistent memories), one v2 (both memories), one v2 whose
+# long-term memory reads selected blocks and Llama token by token; the slow suite adds v1 with one
+# persistent memory, v2 without long-term memory, v2 selecting with mean summaries and chunks of 3
+# tokens.
+FAST = ("mm1-pmem2", "mm2", "mm2-select", "llama")
 
 
 @pytest.mark.parametrize(
@@ -122,10 +144,12 @@ def test_decoding_gives_the_full_forward(name, chunk):
   np.testing.assert_allclose(decoded, full, atol=1e-5 * scale, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["mm2", "llama"])
+@pytest.mark.parametrize(
+    "name", ["mm2", "llama", pytest.param("mm2-select", marks=pytest.mark.slow)]
+)
 def test_long_streams_read_their_pairs_block_by_block(name):
   """300 tokens: the decode reads the stored pairs in blocks of 128 slots, only those below the
-  chunk; the logits are still the full forward's."""
+  chunk (or, selecting, its selected blocks of 4); the logits are still the full forward's."""
   cfg = CONFIGS[name]
   model, params = _random_params(cfg)
   tokens = np.asarray(jax.random.randint(jax.random.key(8), (2, 300), 0, 50), np.int32)
@@ -327,3 +351,21 @@ def test_mosaics_generate_refuses_a_prompt_given_twice(tmp_path, capsys, flag):
     generate_cli.main([str(tmp_path), flag, "a", flag, "b"])
   assert exit_info.value.code == 2
   assert f"{flag} is given more than once" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_long_term_selection_reads_fewer_pairs_and_all_of_them_with_a_large_k():
+  """The same parameters: selecting 1 + 1 blocks of 4 changes the logits of a 30-token stream;
+  selecting more blocks than there are gives the full memory's."""
+  cfg = CONFIGS["mm2"]
+  model, params = _random_params(cfg)
+  tokens, segment_ids = _stream()
+  full = _forward(model, params, tokens, segment_ids)
+  few = families.build_model(CONFIGS["mm2-select"])
+  every = families.build_model(
+      dataclasses.replace(CONFIGS["mm2-select"], long_term_select_blocks=T)
+  )
+  assert not np.allclose(_forward(few, params, tokens, segment_ids), full, atol=1e-3)
+  np.testing.assert_allclose(
+      _forward(every, params, tokens, segment_ids), full, atol=1e-5 * np.abs(full).max(), rtol=0
+  )

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from jax._src import mesh as mesh_lib
 
-from kernels_pallas import pallas_gpu
+from kernels_pallas import BlockSelection, pallas_gpu, retrieve_selected, select_blocks
 
 import kernel_cases as kc
 
@@ -165,6 +165,55 @@ def test_lowers_to_triton(dtype):
   ):
     lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
   assert lowered.as_text().count("xla.gpu.triton") == 3
+
+
+def test_selected_kernels_lower_to_triton():
+  """With a block selection (`retrieve_pallas_gpu_selected`) the three kernels lower too."""
+  seq_len, dims = 200, (24, 32)
+  selection = BlockSelection(blocks=2, block_size=16)
+
+  def fn(q, k, v, cotangent, lo, segment_ids):
+    selected = select_blocks(q, k, lo=lo, hi=None, segment_ids=segment_ids, selection=selection)
+    kernel = functools.partial(
+        pallas_gpu.retrieve_pallas_gpu_selected,
+        lo=lo,
+        hi=None,
+        segment_ids=segment_ids,
+        selected=selected,
+        block_size=16,
+        interpret=False,
+    )
+    y, vjp = jax.vjp(kernel, q, k, v)
+    return y, vjp(cotangent)
+
+  args = [
+      jax.ShapeDtypeStruct((B, seq_len, H, dim), jnp.bfloat16) for dim in (*dims[:1] * 2, dims[1])
+  ]
+  args += [
+      jax.ShapeDtypeStruct((B, seq_len, H, dims[1]), jnp.bfloat16),
+      jax.ShapeDtypeStruct((), jnp.int32),
+      jax.ShapeDtypeStruct((B, seq_len), jnp.int32),
+  ]
+  h100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="cuda")
+  with jax.sharding.use_abstract_mesh(
+      jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)
+  ):
+    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  assert lowered.as_text().count("xla.gpu.triton") == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_selected_compiled_on_gpu_matches_the_xla_path(dtype):
+  """The block-selection kernels compiled with Triton against the XLA path (and that against the
+  dense oracle, tests/test_select.py)."""
+  case = kc.CASES["long_term_100_packed"]
+  args = kc.inputs(12, case.seq_len, DIMS, dtype=dtype)
+  selection = BlockSelection(blocks=3, block_size=32)
+  op = lambda impl: functools.partial(retrieve_selected, selection=selection, impl=impl)
+  actual = kc.run(op("pallas_gpu"), args, **case.band)
+  expected = kc.run(op("xla"), tuple(x.astype(jnp.float32) for x in args), **case.band)
+  kc.assert_matches(actual, expected, dtype)
 
 
 @pytest.mark.gpu

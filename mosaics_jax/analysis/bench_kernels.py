@@ -1,6 +1,7 @@
 """`mosaics-bench kernels`: every retrieval implementation side by side, forward and backward: time,
 useful FLOP/s against a plain matmul in the same process, and peak memory; or, compiled for a TPU
-with libtpu (`--compile-for`), XLA's planned peak memory without a TPU.
+with libtpu (`--compile-for`), XLA's planned peak memory without a TPU. With `--select-blocks`,
+the unbounded bands also time `retrieve_selected` (the XLA path reading K + R blocks per query).
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ def kernels(
     repeats: int = 3,
     max_dense_bytes: float = DEFAULT_MAX_DENSE_GB * 2**30,
     target: Any = None,
+    selections: tuple[kernels_pallas.BlockSelection, ...] = (),
 ) -> Iterator[KernelRow]:
   """Forward+backward of every implementation in `impls` over bands, lengths and head dims.
 
@@ -120,6 +122,9 @@ def kernels(
 
   With a `target` device (`mosaics_jax.aot.topology_devices`), every implementation is compiled
   for it and not run: rows hold XLA's planned peak memory on that device and no time.
+
+  Each of `selections` adds a row `select K+R/B` to the unbounded bands: `retrieve_selected`'s XLA
+  path, its useful FLOPs counted over the pairs it reads at most, min(n_t, (K + R) B) per query.
   """
   backend = None if target is None else target.platform
   for band in bands:
@@ -133,20 +138,30 @@ def kernels(
         else:
           on_target = jax.sharding.SingleDeviceSharding(target)
           args = [jax.ShapeDtypeStruct(shape, dtype, sharding=on_target)] * 4
-        pairs = float(np.asarray(kernels_pallas.visible_counts(None, t, lo, hi)).sum())
-        useful = 3.5 * 4 * head_dim * heads * batch * pairs
-        for impl in impls:
+        counts = np.asarray(kernels_pallas.visible_counts(None, t, lo, hi))
+        variants = [
+            (impl, functools.partial(kernels_pallas.retrieve, impl=impl, backend=backend), counts)
+            for impl in impls
+        ]
+        if hi is None:
+          variants += [
+              (
+                  f"select {s.blocks}+{s.recent}/{s.block_size}",
+                  functools.partial(kernels_pallas.retrieve_selected, selection=s),
+                  np.minimum(counts, s.per_query * s.block_size),
+              )
+              for s in selections
+          ]
+        for impl, op, read in variants:
+          useful = 3.5 * 4 * head_dim * heads * batch * float(read.sum())
           row = functools.partial(KernelRow, name, t, head_dim, impl)
           estimate = dense_bytes(impl, batch, heads, t, dtype, head_dim, backend)
           if estimate is not None and estimate > max_dense_bytes:
             yield row(None, None, None, None, skipped=f"does not fit: ~{estimate / 2**30:.3g} GB")
             continue
 
-          def grads(q, k, v, cotangent, impl=impl, lo=lo, hi=hi):
-            loss = lambda q, k, v: jnp.sum(
-                kernels_pallas.retrieve(q, k, v, lo=lo, hi=hi, impl=impl, backend=backend)
-                * cotangent
-            )
+          def grads(q, k, v, cotangent, op=op, lo=lo, hi=hi):
+            loss = lambda q, k, v: jnp.sum(op(q, k, v, lo=lo, hi=hi) * cotangent)
             return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
           try:

@@ -55,8 +55,16 @@ class Report:
 
 
 def mean_visible(context: int, band: family_lib.Band) -> float:
-  """Mean over t < context of the number of pairs the band holds (`visible_counts`)."""
-  return float(np.mean(kernels_pallas.visible_counts(None, context, band.lo, band.hi)))
+  """Mean over t < context of the number of pairs the band reads (`visible_counts`).
+
+  A band with a block selection reads at most (K + R) B of them, and scores one block summary
+  per B positions, counted as half a pair (a q . k product without its p . v).
+  """
+  counts = np.asarray(kernels_pallas.visible_counts(None, context, band.lo, band.hi), float)
+  if band.selection is not None:
+    size = band.selection.block_size
+    counts = np.minimum(counts, band.selection.per_query * size) + counts / size / 2
+  return float(np.mean(counts))
 
 
 def count(config: config_lib.ModelConfig, context: int = 256) -> Report:

@@ -2,7 +2,7 @@
 
 mosaics-bench kernels [--seq-lens 4096 ... 65536] [--impls ...] [--bands short long]
     [--heads 16] [--head-dims 64 128] [--dtype bfloat16] [--max-dense-gb GB]
-    [--compile-for TOPOLOGY]
+    [--compile-for TOPOLOGY] [--select-blocks K ... [--select-block-size 64]]
 mosaics-bench train EXPERIMENT [--set key=value ...] [--steps 5] [--repeats 3] [--profile DIR]
 mosaics-bench decode EXPERIMENT [--set key=value ...] [--batch 1] [--prompt-len 256]
     [--new-tokens 2048] [--bucket 256]
@@ -43,6 +43,18 @@ def _parser() -> argparse.ArgumentParser:
   kernels.add_argument("--heads", type=int, default=16)
   kernels.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
   kernels.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+  kernels.add_argument(
+      "--select-blocks",
+      type=int,
+      nargs="+",
+      default=[],
+      metavar="K",
+      help="also time retrieve_selected reading the R newest and the K best blocks per query, on"
+      " the unbounded bands (design.md, 'Block selection')",
+  )
+  kernels.add_argument("--select-block-size", type=int, default=64, metavar="B")
+  kernels.add_argument("--select-recent", type=int, default=1, metavar="R")
+  kernels.add_argument("--select-summary", choices=["mean", "bound"], default="mean")
   kernels.add_argument("--repeats", type=int, default=3)
   kernels.add_argument(
       "--max-dense-gb",
@@ -96,6 +108,18 @@ def _kernels(args: argparse.Namespace) -> int:
   sizes = (args.repeats, args.matmul_size, args.batch, args.heads, *args.seq_lens, *args.head_dims)
   if min(sizes) < 1:
     return common.fail("mosaics-bench", "sizes and --repeats must be >= 1")
+  try:
+    selections = tuple(
+        kernels_pallas.BlockSelection(
+            blocks=k,
+            block_size=args.select_block_size,
+            recent=args.select_recent,
+            summary=args.select_summary,
+        )
+        for k in args.select_blocks
+    )
+  except ValueError as e:
+    return common.fail("mosaics-bench", e)
   target = None
   if args.compile_for is not None:
     try:
@@ -138,6 +162,7 @@ def _kernels(args: argparse.Namespace) -> int:
       repeats=args.repeats,
       max_dense_bytes=max_dense_bytes,
       target=target,
+      selections=selections,
   )
   for row in rows:
     print(bench_kernels.format_kernel_row(row), flush=True)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 import kernels_pallas
+from kernels_pallas import select as select_lib
 from mosaics_jax.model import family as family_lib
 
 # Slots per step of the decode's attention over stored pairs: only the blocks that hold pairs are
@@ -74,6 +75,8 @@ class MemoryCache:
   pairs: Pairs | None = None
   pending: Pending | None = None
   key_state: Float[Array, "b h d"] | None = None  # The key recurrence after the last position.
+  # Of a memory that reads selected blocks: the summaries of the blocks of its slots.
+  summaries: select_lib.Summaries | None = None
 
 
 @flax.struct.dataclass
@@ -113,9 +116,11 @@ def empty_memory(
     *,
     pending: bool,
     key_state: bool,
+    selection: select_lib.BlockSelection | None = None,
 ) -> MemoryCache:
   """The empty cache of one memory: `capacity` slots (None: no stored pairs), a pending pair if
-  its values look ahead, and a key state if its keys are a recurrence."""
+  its values look ahead, a key state if its keys are a recurrence, and the summaries of its
+  blocks if it reads a `selection` of them."""
   pairs = None
   if capacity is not None:
     pairs = Pairs(
@@ -133,7 +138,16 @@ def empty_memory(
         segment=jnp.zeros((batch,), jnp.int32),
     )
   state = jnp.zeros((batch, heads, key_dim), jnp.float32) if key_state else None
-  return MemoryCache(pairs=pairs, pending=waiting, key_state=state)
+  summaries = None
+  if selection is not None:
+    shape = (batch, capacity // selection.block_size, heads, key_dim)
+    if selection.summary == "mean":
+      summaries = select_lib.Summaries(total=jnp.zeros(shape, jnp.float32))
+    else:
+      summaries = select_lib.Summaries(
+          low=jnp.full(shape, jnp.inf, jnp.float32), high=jnp.full(shape, -jnp.inf, jnp.float32)
+      )
+  return MemoryCache(pairs=pairs, pending=waiting, key_state=state, summaries=summaries)
 
 
 def empty(
@@ -160,6 +174,7 @@ def empty(
               dtype,
               pending=pending,
               key_state=key_state,
+              selection=band.selection,
           )
           for name, band in bands.items()
       }
@@ -170,9 +185,12 @@ def empty(
 
 def capacity(band: family_lib.Band, max_len: int) -> int:
   """Slots a memory of this band needs: a bounded band keeps its last hi - lo + 1 pairs; the
-  others hold max_len, rounded up to whole blocks of the decode's attention (`attend_pairs`)."""
+  others hold max_len, rounded up to whole blocks of the decode's attention (`attend_pairs`), or
+  of the band's block selection (`attend_selected`)."""
   if band.hi is not None:
     return min(band.hi - int(band.lo) + 1, max_len)
+  if band.selection is not None:
+    return -(-max_len // band.selection.block_size) * band.selection.block_size
   return -(-max_len // BLOCK) * BLOCK if max_len > BLOCK else max_len
 
 
@@ -313,6 +331,68 @@ def attend_pairs(
   return jax.lax.fori_loop(0, jnp.minimum(-(-end // block), size // block), body, state)
 
 
+def add_to_summaries(
+    summaries: select_lib.Summaries,
+    keys: Float[Array, "b c h d"],
+    positions: Int[Array, "b c"],
+    valid: Bool[Array, "b c"],
+    block_size: int,
+) -> select_lib.Summaries:
+  """The summaries after the valid keys at `positions` joined their blocks (each key once: the
+  chunk's own, never a pending pair's again)."""
+  some = summaries.total if summaries.total is not None else summaries.low
+  blocks = jnp.where(valid, positions // block_size, some.shape[1])  # Out of range: dropped.
+  rows = jnp.arange(positions.shape[0])[:, None]
+  keys = keys.astype(jnp.float32)
+  if summaries.total is not None:
+    return select_lib.Summaries(total=summaries.total.at[rows, blocks].add(keys, mode="drop"))
+  return select_lib.Summaries(
+      low=summaries.low.at[rows, blocks].min(keys, mode="drop"),
+      high=summaries.high.at[rows, blocks].max(keys, mode="drop"),
+  )
+
+
+def attend_selected(
+    q: Float[Array, "b c h d"],
+    pairs: Pairs,
+    summaries: select_lib.Summaries,
+    chunk: Chunk,
+    band: family_lib.Band,
+) -> Softmax:
+  """The softmax of each query over the pairs of the blocks it selects (`kernels_pallas.select`):
+  the recent ones and the K best by summary. A token's cost is its K + R blocks and one score per
+  block of the buffer, not its position times the head dim."""
+  selection = band.selection
+  size = selection.block_size
+  batch, slots, heads, _ = pairs.keys.shape
+  scores = select_lib.block_scores(q, summaries, size)
+  chosen = select_lib.choose(
+      scores, chunk.positions, chunk.doc_starts, lo=band.lo, hi=band.hi, selection=selection
+  )
+  # Advanced indices split by a slice put their dimensions first: [b, c, h, k, j, ...].
+  rows = jnp.arange(batch)[:, None, None, None]
+  head = jnp.arange(heads)[None, None, :, None]
+  as_blocks = lambda x: x.reshape(batch, slots // size, size, *x.shape[2:])
+  keys = as_blocks(pairs.keys)[rows, chosen.blocks, :, head]
+  values = as_blocks(pairs.values)[rows, chosen.blocks, :, head]
+  positions = as_blocks(pairs.positions)[rows, chosen.blocks]
+  segments = as_blocks(pairs.segments)[rows, chosen.blocks]
+  delta = chunk.positions[:, :, None, None, None] - positions
+  mask = (positions >= 0) & chosen.valid[..., None] & (delta >= band.lo)
+  mask &= chunk.segment_ids[:, :, None, None, None] == segments
+  if band.hi is not None:
+    mask &= delta <= band.hi
+  logits = jnp.einsum("bchd,bchkjd->bchkj", q, keys, preferred_element_type=jnp.float32)
+  logits = jnp.where(mask, logits, -jnp.inf)
+  row_max = logits.max(axis=(-2, -1))
+  shift = jnp.where(jnp.isneginf(row_max), 0.0, row_max)
+  p = jnp.exp(logits - shift[..., None, None])
+  acc = jnp.einsum("bchkj,bchkje->bche", p, values.astype(jnp.float32))
+  # In the layout of `Softmax`: heads before the chunk's time.
+  row_sum = p.sum(axis=(-2, -1))
+  return row_max.transpose(0, 2, 1), row_sum.transpose(0, 2, 1), acc.transpose(0, 2, 1, 3)
+
+
 def store(
     pairs: Pairs,
     keys: Float[Array, "b n h d"],
@@ -391,6 +471,10 @@ def step(
     complete = jnp.concatenate([new_valid[:, :1], index < chunk.lengths[:, None] - 1], axis=1)
   else:
     complete = new_valid
+  summaries = cache.summaries
+  if summaries is not None:
+    # Every key of the chunk joins its block's summary now: it is known at its own position.
+    summaries = add_to_summaries(summaries, k, chunk.positions, real, band.selection.block_size)
   if chunk.fresh:
     y = retrieve(q, k, v, lo=lo, hi=hi, segment_ids=chunk.segment_ids)
     pairs = store(pairs, new_keys, new_values, new_positions, new_segments, complete)
@@ -398,7 +482,11 @@ def step(
     # Slots are positions: store every new pair, the provisional last one included (no query
     # reads it, and the next call's pending pair overwrites it), then read.
     pairs = store(pairs, new_keys, new_values, new_positions, new_segments, new_valid)
-    y = _finish(attend_pairs(_start(q, v.shape[-1]), q, pairs, chunk, band), q.dtype)
+    if band.selection is None:
+      state = attend_pairs(_start(q, v.shape[-1]), q, pairs, chunk, band)
+    else:
+      state = attend_selected(q, pairs, summaries, chunk, band)
+    y = _finish(state, q.dtype)
   else:
     # A ring (a few slots): read it whole with the new pairs, then store those that are complete
     # (storing first could evict pairs the chunk's first queries read).
@@ -429,7 +517,7 @@ def step(
   key_state = cache.key_state
   if kbar is not None:
     key_state = last(kbar, chunk.lengths, key_state)
-  return y, MemoryCache(pairs=pairs, pending=pending, key_state=key_state)
+  return y, MemoryCache(pairs=pairs, pending=pending, key_state=key_state, summaries=summaries)
 
 
 def counts(chunk: Chunk, band: family_lib.Band) -> Int[Array, "b c"]:

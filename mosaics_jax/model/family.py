@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import kernels_pallas
 from mosaics_jax import config as config_lib
 
 Path = tuple[str, ...]  # A parameter's path in the params pytree.
@@ -57,6 +58,8 @@ class Band:
 
   lo: int | jax.Array
   hi: int | None
+  # Reads only the blocks of pairs this picks per query (`kernels_pallas.select`); None: all.
+  selection: kernels_pallas.BlockSelection | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,8 +42,10 @@ def retrieve(
     hi: int | None,
     segment_ids: Int[Array, "b t"] | None,
     impl: str,
+    selection: kernels_pallas.BlockSelection | None = None,
 ) -> Float[Array, "b t h e"]:
-  """`kernels_pallas.retrieve`, run shard by shard when a mesh is set (`jax.set_mesh`).
+  """`kernels_pallas.retrieve` (or `retrieve_selected` with a block `selection`), run shard by
+  shard when a mesh is set (`jax.set_mesh`).
 
   Rows and heads never interact in the op, so each device computes its own (batch, heads) shard
   with no communication. `shard_map` says so explicitly: XLA cannot partition a Pallas kernel
@@ -55,6 +57,10 @@ def retrieve(
   device = None if mesh.empty else mesh.abstract_device
   backend = None if device is None else device.platform
   call = functools.partial(kernels_pallas.retrieve, hi=hi, impl=impl, backend=backend)
+  if selection is not None:
+    call = functools.partial(
+        kernels_pallas.retrieve_selected, hi=hi, impl=impl, selection=selection
+    )
   if mesh.empty or mesh.size == 1:
     return call(q, k, v, lo=lo, segment_ids=segment_ids)
   batch, _, heads, _ = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))

@@ -6,6 +6,9 @@
 | v2 short-term memory      | (1, h - 1)        | beta_t * k_t (Eq. 6)      |
 | v2 long-term memory       | (m, None)         | beta_t * k_t (Eq. 6)      |
 
+v2's long-term memory may read only a few blocks of its pairs per query (`selection`, from
+`MosaicV2Family.long_term_selection`; design.md, "Block selection").
+
 Each family's `bands` (`mm1.py`, `mm2.py`) is where these bands are set; a memory takes its `hi`
 as an attribute and its `lo`, which may be traced, as an argument. Given a decode cache and the
 chunk's place (`cache.Chunk`), a memory returns its output and its cache after the chunk
@@ -170,6 +173,7 @@ class AssociativeMemory(layers.PlainInit):
   config: config_lib.MosaicV2Config
   layer_index: int
   hi: int | None
+  selection: kernels_pallas.BlockSelection | None = None  # None: every pair of the band.
 
   @nn.compact
   def __call__(
@@ -205,7 +209,7 @@ class AssociativeMemory(layers.PlainInit):
         dtype=dtype,
         name="value",
     )(x)
-    band = family_lib.Band(lo, self.hi)
+    band = family_lib.Band(lo, self.hi, self.selection)
     if decoding:
       segment_ids = chunk.segment_ids
       counts = cache_lib.counts(chunk, band)
@@ -219,7 +223,7 @@ class AssociativeMemory(layers.PlainInit):
         name="bandwidth",
     )(counts)
     q, k, v = (_per_head(z.astype(dtype)) for z in (beta[..., None] * k, k, v))
-    retrieve = functools.partial(layers.retrieve, impl=cfg.retrieve_impl)
+    retrieve = functools.partial(layers.retrieve, impl=cfg.retrieve_impl, selection=self.selection)
     if decoding:
       return cache_lib.step(q, k, v, cache, chunk, band, retrieve, raw=raw, mix=mix, kbar=kbar)
     return retrieve(q, k, v, lo=lo, hi=self.hi, segment_ids=segment_ids)

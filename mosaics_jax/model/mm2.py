@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int
 
+import kernels_pallas
 from mosaics_jax import config as config_lib
 from mosaics_jax.model import cache as cache_lib, family, layers, lm, memories
 
@@ -41,7 +42,9 @@ class MosaicV2Block(nn.Module):
     h = lm.rms_norm(cfg, "norm1")(x)
     outputs, caches = [], {}
     for name, band in FAMILY.bands(cfg, ltm_delay).items():
-      memory = memories.AssociativeMemory(cfg, self.layer_index, hi=band.hi, name=name)
+      memory = memories.AssociativeMemory(
+          cfg, self.layer_index, hi=band.hi, selection=band.selection, name=name
+      )
       if cache is None:
         y = memory(h, segment_ids, band.lo)
       else:
@@ -118,8 +121,22 @@ class MosaicV2Family(family.Family):
     bands = {SHORT_TERM: family.Band(lo=1, hi=config.short_term_window - 1)}
     if config.long_term_memory:
       lo = config.long_term_delay if ltm_delay is None else ltm_delay
-      bands[LONG_TERM] = family.Band(lo=lo, hi=None)
+      bands[LONG_TERM] = family.Band(lo=lo, hi=None, selection=self.long_term_selection(config))
     return bands
+
+  def long_term_selection(
+      self, config: config_lib.MosaicV2Config
+  ) -> kernels_pallas.BlockSelection | None:
+    """The long-term memory's block selection (design.md, "Block selection"), or None: every
+    pair."""
+    if not config.long_term_select_blocks:
+      return None
+    return kernels_pallas.BlockSelection(
+        blocks=config.long_term_select_blocks,
+        block_size=config.long_term_select_block_size,
+        recent=config.long_term_select_recent,
+        summary=config.long_term_select_summary,
+    )
 
   def step_kwargs(self, config: config_lib.MosaicV2Config, key: jax.Array | None) -> dict[str, Any]:
     """m drawn uniformly from long_term_delay_range at a training step (one m per step: ASSUMED);
