@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from kernels_pallas import bands
 
@@ -26,11 +26,13 @@ def retrieve_reference(
     segment_ids: Int[Array, "b t"] | None = None,
     block_size: int | None = None,
     backend: str | None = None,
+    pair_mask: Bool[Array, "b h t s"] | None = None,
 ) -> Float[Array, "b t h e"]:
   """y[b, t, h] = sum_{s in S(t)} softmax_s(q[b, t, h] . k[b, s, h]) v[b, s, h]; 0 if S(t) is empty.
 
   Inputs are assumed validated by `kernels_pallas.retrieve`. Computes in float32 at least (float64
-  inputs stay float64) and returns the input dtype.
+  inputs stay float64) and returns the input dtype. `pair_mask`, if given, removes more pairs
+  from S(t) (a block selection's, `select.retrieve_selected_reference`).
   """
   del block_size, backend  # Dense, and the same on every backend.
   dtype = q.dtype
@@ -42,6 +44,8 @@ def retrieve_reference(
   mask = bands.band_mask(time[:, None], time[None, :], lo, hi)[None, None]
   if segment_ids is not None:
     mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+  if pair_mask is not None:
+    mask = mask & pair_mask
   scores = jnp.where(mask, scores, -jnp.inf)
   # The shift cancels in the softmax, so it needs no gradient. An empty row has max -inf; shifting
   # it by 0 instead keeps every exp() at exp(-inf) = 0 and NaN-free.

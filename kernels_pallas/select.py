@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from kernels_pallas import bands
+from kernels_pallas import bands, reference
 
 Summary = Literal["mean", "bound"]
 SUMMARIES: tuple[str, ...] = typing.get_args(Summary)
@@ -234,23 +234,11 @@ def retrieve_selected_reference(
     block_size: int,
 ) -> Float[Array, "b t h e"]:
   """The dense oracle: `retrieve`'s band and document mask, and only the selected blocks' pairs."""
-  dtype = q.dtype
-  compute_dtype = jnp.promote_types(dtype, jnp.float32)
-  q, k, v = (x.astype(compute_dtype) for x in (q, k, v))
-  highest = jax.lax.Precision.HIGHEST
-  scores = jnp.einsum("bthd,bshd->bhts", q, k, precision=highest)
   time = jnp.arange(q.shape[1], dtype=jnp.int32)
-  mask = bands.band_mask(time[:, None], time[None, :], lo, hi)[None, None]
-  if segment_ids is not None:
-    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-  mask = mask & _in_selected(time, selected, block_size).transpose(0, 2, 1, 3)
-  scores = jnp.where(mask, scores, -jnp.inf)
-  row_max = jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True))
-  row_max = jnp.where(jnp.isneginf(row_max), 0.0, row_max)
-  weights = jnp.exp(scores - row_max)
-  total = weights.sum(axis=-1, keepdims=True)
-  weights = weights / jnp.where(total > 0, total, 1.0)
-  return jnp.einsum("bhts,bshe->bthe", weights, v, precision=highest).astype(dtype)
+  pair_mask = _in_selected(time, selected, block_size).transpose(0, 2, 1, 3)
+  return reference.retrieve_reference(
+      q, k, v, lo=lo, hi=hi, segment_ids=segment_ids, pair_mask=pair_mask
+  )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,9 +6,11 @@ import dataclasses
 import json
 import subprocess
 import sys
+import typing
 
 import pytest
 
+import kernels_pallas
 from mosaics_jax import config as config_lib, overrides, registry
 from mosaics_jax.analysis import flops
 from mosaics_jax.cli import info
@@ -43,6 +45,23 @@ def test_flop_count_of_a_small_model_by_hand():
   short_mean = sum(min(t, 7) for t in range(ctx)) / ctx
   assert report.flops_per_token_band_exact == pytest.approx(
       2 * matmul + layers * 2 * 2 * d * short_mean
+  )
+
+
+def test_flop_count_of_a_long_term_block_selection_by_hand():
+  """With block selection the long-term band reads min(n_t, (K + R) B) pairs and scores n_t / B
+  block summaries at half a pair each; the paper's convention does not change."""
+  base = config_lib.MosaicV2Config(
+      vocab_size=100, num_layers=2, width=16, num_heads=2, ffn_width=24, long_term_delay=4
+  )
+  selecting = dataclasses.replace(base, long_term_select_blocks=1, long_term_select_block_size=8)
+  ctx, d, layers = 128, 16, 2
+  full, selected = flops.count(base, context=ctx), flops.count(selecting, context=ctx)
+  assert selected.flops_per_token == full.flops_per_token
+  visible = [max(0, t - 4 + 1) for t in range(ctx)]
+  saved = sum(n - min(n, 16) - n / 8 / 2 for n in visible) / ctx
+  assert full.flops_per_token_band_exact - selected.flops_per_token_band_exact == pytest.approx(
+      layers * 2 * 2 * d * saved
   )
 
 
@@ -147,3 +166,29 @@ def test_info_cli_unknown_experiment():
   )
   assert result.returncode == 2
   assert "unknown experiment 'llama-lareg'" in result.stderr and "llama-large" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(long_term_select_blocks=-1), "long_term_select_blocks must be >= 0"),
+        (dict(long_term_select_block_size=0), "long_term_select_block_size must be >= 1"),
+        (dict(long_term_select_recent=0), "long_term_select_recent must be >= 1"),
+        (
+            dict(long_term_memory=False, long_term_select_blocks=2),
+            "long_term_select_blocks needs long_term_memory=True",
+        ),
+    ],
+)
+def test_bad_long_term_selection_is_named(fields, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.MosaicV2Config(
+        vocab_size=10, num_layers=1, width=8, num_heads=2, ffn_width=8, **fields
+    )
+
+
+def test_long_term_summaries_are_the_ops():
+  """The config's summary names are those `kernels_pallas.select` implements (config.py imports
+  nothing of the project, so the list is written twice)."""
+  hint = typing.get_type_hints(config_lib.MosaicV2Config)["long_term_select_summary"]
+  assert typing.get_args(hint) == kernels_pallas.select.SUMMARIES

@@ -29,32 +29,25 @@ CONFIGS = {
     "mm2": config_lib.MosaicV2Config(
         **TINY, ffn_width=48, short_term_window=6, long_term_delay=3, long_term_delay_range=(2, 5)
     ),
-    # The long-term memory reads its 1 newest block of 4 pairs and the best older one.
-    "mm2-select": config_lib.MosaicV2Config(
-        **TINY,
-        ffn_width=48,
-        short_term_window=6,
-        long_term_delay=3,
-        long_term_delay_range=(2, 5),
-        long_term_select_blocks=1,
-        long_term_select_block_size=4,
-        long_term_select_summary="bound",
-    ),
-    "mm2-select-mean": config_lib.MosaicV2Config(
-        **TINY,
-        ffn_width=48,
-        short_term_window=6,
-        long_term_delay=3,
-        long_term_delay_range=(2, 5),
-        long_term_select_blocks=2,
-        long_term_select_block_size=4,
-        long_term_select_recent=2,
-    ),
     "mm2-no-ltm": config_lib.MosaicV2Config(
         **TINY, ffn_width=48, short_term_window=6, long_term_memory=False
     ),
     "llama": config_lib.LlamaConfig(**TINY, ffn_width=48),
 }
+# The long-term memory reads its 1 newest block of 4 pairs and the best older one by bound, or
+# its 2 newest and the 2 best by mean.
+CONFIGS["mm2-select"] = dataclasses.replace(
+    CONFIGS["mm2"],
+    long_term_select_blocks=1,
+    long_term_select_block_size=4,
+    long_term_select_summary="bound",
+)
+CONFIGS["mm2-select-mean"] = dataclasses.replace(
+    CONFIGS["mm2"],
+    long_term_select_blocks=2,
+    long_term_select_block_size=4,
+    long_term_select_recent=2,
+)
 T = 30
 PROMPTS = (11, 4)  # Prompt lengths of the two rows.
 
