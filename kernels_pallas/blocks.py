@@ -17,6 +17,12 @@ order the range spans the live blocks and may hold dead ones, which `tile_mask` 
 step past the count visits the last live block again (`visited_block`): a TPU index map asks for
 the block it already holds, so no DMA is issued.
 
+With a block selection (`select.py`) the kernels visit lists instead of ranges: per (batch row,
+head, block), the key blocks some query of the block selected, and per key block the query blocks
+holding a query that selected it (`selected_visits`, `Visits`), in the same int32 tables (flat on
+TPU, where they are b h n w integers of SMEM: the length they fit bounds the selection kernels);
+each tile also masks the rows that did not select it.
+
 Inside a live tile, `tile_mask` gives the exact band and document mask of its pairs, and
 `online_softmax_update` folds the tile's scores into the running row max, row sum and accumulator
 (all float32). The row max and row sum are kept apart to the end (`finish`): with v1's key scales
@@ -35,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from kernels_pallas import bands
+from kernels_pallas import bands, select
 
 
 class Schedule(NamedTuple):
@@ -205,3 +211,47 @@ def probabilities(
 ) -> Float[Array, "i j"]:
   """The forward's softmax weights of one tile, recomputed from the saved row max and row sum."""
   return jnp.where(mask, jnp.exp(scores - row_max), 0.0) / row_sum
+
+
+class Visits(NamedTuple):
+  """The blocks the kernels visit for a block selection (`selected_visits`); all int32."""
+
+  kv_count: Int[Array, "b h n"]  # How many key blocks some query of query block n selected,
+  kv_list: Int[Array, "b h n w"]  # which, in increasing order (then padding);
+  q_count: Int[Array, "b h n"]  # how many query blocks hold a query that selected key block n,
+  q_list: Int[Array, "b h n w"]  # which, in increasing order (then padding);
+  chosen: Int[Array, "b t h k"]  # each query's selected blocks, -1 for none (k a power of two).
+
+
+def selected_visits(selected: select.Selected, num_blocks: int, block: int) -> Visits:
+  """The lists of blocks the kernels visit for the queries' `selected` blocks of B = `block`
+  positions (query blocks are B positions too), over a sequence padded to `num_blocks` blocks."""
+  batch, seq_len, heads, width = selected.blocks.shape
+  padded = num_blocks * block
+  chosen = jnp.where(selected.valid, selected.blocks, -1).astype(jnp.int32)
+  pad = [(0, 0), (0, padded - seq_len), (0, 0), (0, (1 << max(width - 1, 0).bit_length()) - width)]
+  chosen = jnp.pad(chosen, pad, constant_values=-1)
+  # hit[b, h, i, j]: some query of block i selected key block j (column num_blocks: none).
+  rows = jnp.arange(batch)[:, None, None, None]
+  head = jnp.arange(heads)[None, None, :, None]
+  query_block = (jnp.arange(padded) // block)[None, :, None, None]
+  key_block = jnp.where(chosen >= 0, chosen, num_blocks)
+  hit = jnp.zeros((batch, heads, num_blocks, num_blocks + 1), bool)
+  hit = hit.at[rows, head, query_block, key_block].set(True)[..., :num_blocks]
+
+  def listed(hit, most):
+    # A stable sort of "not hit" puts the hit blocks first, in increasing order.
+    order = jnp.argsort(~hit, axis=-1, stable=True)[..., :most].astype(jnp.int32)
+    return hit.sum(axis=-1, dtype=jnp.int32), order
+
+  kv_count, kv_list = listed(hit, min(num_blocks, block * chosen.shape[-1]))
+  q_count, q_list = listed(hit.swapaxes(-1, -2), num_blocks)
+  return Visits(kv_count, kv_list, q_count, q_list, chosen)
+
+
+def visits(schedule: Schedule | Visits, side: str) -> tuple[Array, Array]:
+  """(count, first or list) of the blocks the kernels of `side` visit: "kv" for the query-major
+  kernels (forward, D, dq), which reduce over key blocks; "q" for the key-major dkv kernel."""
+  if isinstance(schedule, Visits):
+    return getattr(schedule, f"{side}_count"), getattr(schedule, f"{side}_list")
+  return getattr(schedule, f"{side}_count"), getattr(schedule, f"{side}_first")

@@ -34,7 +34,7 @@ Off GPU the kernels run in Pallas's interpreter (see `retrieve_pallas_gpu`'s `in
 
 With a block selection (`retrieve_pallas_gpu_selected`, design.md "Block selection") the same
 three kernels visit, instead of a range, a list per (batch row, head, block): the key blocks that
-some query of the block selected (`selected_visits`; for dkv, the query blocks some of whose
+some query of the block selected (`blocks.selected_visits`; for dkv, the query blocks some of whose
 queries selected the key block), and each tile's mask also keeps only the rows that selected it:
 the queries' selected blocks are an input [b, t, h, k] beside q.
 
@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -85,8 +85,8 @@ class _Config:
     num_stages: software-pipelining depth of the loops over live blocks.
     interpret: whether to run Pallas's interpreter instead of compiling with Triton.
     precision: of every dot in the kernels (`dot_precision`).
-    selected: whether the kernels visit listed blocks of a block selection (`Visits`) instead of
-      ranges, and mask the rows that did not select a block.
+    selected: whether the kernels visit listed blocks of a block selection (`blocks.Visits`)
+      instead of ranges, and mask the rows that did not select a block.
   """
 
   block: int
@@ -412,44 +412,8 @@ def _whole_stats(seq_len: int) -> pl.BlockSpec:
   return pl.BlockSpec((None, None, seq_len), lambda n, b, h: (b, h, 0))
 
 
-class Visits(NamedTuple):
-  """The blocks the kernels visit for a block selection (`selected_visits`); all int32."""
-
-  kv_count: Int[Array, "b h n"]  # How many key blocks some query of query block n selected,
-  kv_list: Int[Array, "b h n w"]  # which, in increasing order (then padding);
-  q_count: Int[Array, "b h n"]  # how many query blocks hold a query that selected key block n,
-  q_list: Int[Array, "b h n w"]  # which, in increasing order (then padding);
-  chosen: Int[Array, "b t h k"]  # each query's selected blocks, -1 for none (k a power of two).
-
-
-def selected_visits(selected: select.Selected, num_blocks: int, block: int) -> Visits:
-  """The lists of blocks the kernels visit for the queries' `selected` blocks of B = `block`
-  positions (query blocks are B positions too), over a sequence padded to `num_blocks` blocks."""
-  batch, seq_len, heads, width = selected.blocks.shape
-  padded = num_blocks * block
-  chosen = jnp.where(selected.valid, selected.blocks, -1).astype(jnp.int32)
-  pad = [(0, 0), (0, padded - seq_len), (0, 0), (0, pl.next_power_of_2(width) - width)]
-  chosen = jnp.pad(chosen, pad, constant_values=-1)
-  # hit[b, h, i, j]: some query of block i selected key block j (column num_blocks: none).
-  rows = jnp.arange(batch)[:, None, None, None]
-  head = jnp.arange(heads)[None, None, :, None]
-  query_block = (jnp.arange(padded) // block)[None, :, None, None]
-  key_block = jnp.where(chosen >= 0, chosen, num_blocks)
-  hit = jnp.zeros((batch, heads, num_blocks, num_blocks + 1), bool)
-  hit = hit.at[rows, head, query_block, key_block].set(True)[..., :num_blocks]
-
-  def listed(hit, most):
-    # A stable sort of "not hit" puts the hit blocks first, in increasing order.
-    order = jnp.argsort(~hit, axis=-1, stable=True)[..., :most].astype(jnp.int32)
-    return hit.sum(axis=-1, dtype=jnp.int32), order
-
-  kv_count, kv_list = listed(hit, min(num_blocks, block * chosen.shape[-1]))
-  q_count, q_list = listed(hit.swapaxes(-1, -2), num_blocks)
-  return Visits(kv_count, kv_list, q_count, q_list, chosen)
-
-
 def _chosen(
-    config: _Config, schedule: blocks.Schedule | Visits, *, own: bool
+    config: _Config, schedule: blocks.Schedule | blocks.Visits, *, own: bool
 ) -> tuple[Int[Array, "b t h k"], pl.BlockSpec] | None:
   """The queries' selected blocks and their spec (the program's own rows, or all of them), for
   the kernels of a block selection."""
@@ -458,14 +422,6 @@ def _chosen(
   chosen = schedule.chosen
   width = chosen.shape[-1]
   return chosen, _own(config, width) if own else _whole(chosen.shape[1], width)
-
-
-def _table(schedule: blocks.Schedule | Visits, side: str) -> tuple[Array, Array]:
-  """(count, first or list) of the blocks the kernels of `side` visit ("kv": the forward and dq
-  kernels, which loop over key blocks; "q": the dkv kernel)."""
-  if isinstance(schedule, Visits):
-    return getattr(schedule, f"{side}_count"), getattr(schedule, f"{side}_list")
-  return getattr(schedule, f"{side}_count"), getattr(schedule, f"{side}_first")
 
 
 def _call(
@@ -528,7 +484,7 @@ def _forward(
     k: Float[Array, "b s h d"],
     v: Float[Array, "b s h e"],
     segments: Int[Array, "b t"] | None,
-    schedule: blocks.Schedule | Visits,
+    schedule: blocks.Schedule | blocks.Visits,
     lo: Int[Array, 1],
 ) -> tuple[Float[Array, "b t h e"], Float[Array, "b h t"], Float[Array, "b h t"]]:
   """y (input dtype) and the per-row max and sum (float32; 0 and 1 on empty rows)."""
@@ -538,7 +494,7 @@ def _forward(
   return _call(
       config,
       _forward_kernel,
-      table=_table(schedule, "kv"),
+      table=blocks.visits(schedule, "kv"),
       chosen=_chosen(config, schedule, own=True),
       lo=lo,
       in_specs=[_own(config, dim), _whole(seq_len, dim), _whole(seq_len, value_dim)],
@@ -556,7 +512,7 @@ def _retrieve(
     k: Float[Array, "b s h d"],
     v: Float[Array, "b s h e"],
     segments: Int[Array, "b t"] | None,
-    schedule: blocks.Schedule | Visits,
+    schedule: blocks.Schedule | blocks.Visits,
     lo: Int[Array, 1],
 ) -> Float[Array, "b t h e"]:
   """Blocked retrieval on padded arrays, with a recomputing backward pass."""
@@ -577,7 +533,7 @@ def _retrieve_bwd(config, residuals, dy):
   dq, correction = _call(
       config,
       _dq_kernel,
-      table=_table(schedule, "kv"),
+      table=blocks.visits(schedule, "kv"),
       chosen=_chosen(config, schedule, own=True),
       lo=lo,
       in_specs=[
@@ -599,7 +555,7 @@ def _retrieve_bwd(config, residuals, dy):
   dk, dv = _call(
       config,
       _dkv_kernel,
-      table=_table(schedule, "q"),
+      table=blocks.visits(schedule, "q"),
       chosen=_chosen(config, schedule, own=False),
       lo=lo,
       in_specs=[
@@ -655,7 +611,7 @@ def _retrieve_padded(
         segment_ids, batch=batch, seq_len=seq_len, block_q=block, block_k=block, lo=lo, hi=hi
     )
   else:
-    schedule = selected_visits(selected, num_blocks, block)
+    schedule = blocks.selected_visits(selected, num_blocks, block)
   segments = None
   if segment_ids is not None:
     segments = jnp.pad(segment_ids.astype(jnp.int32), [(0, 0), (0, num_blocks * block - seq_len)])

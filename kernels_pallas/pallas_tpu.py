@@ -47,7 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Bool, Float, Int
 
-from kernels_pallas import bands, blocks
+from kernels_pallas import bands, blocks, select
 
 Interpret = bool | pltpu.InterpretParams
 
@@ -79,6 +79,9 @@ class _Config:
     max_q: grid steps over the live query blocks of a key block (`blocks.max_query_blocks`).
     segmented: whether document ids are passed.
     interpret: False to compile with Mosaic, else `pallas_call`'s interpret argument.
+    heads: heads of the arrays (the selection's tables are per head).
+    selected: whether the tables are a block selection's lists (`blocks.Visits`, max_kv and max_q
+      their widths) instead of ranges, and the queries' selected blocks are an input.
   """
 
   block: int
@@ -88,6 +91,8 @@ class _Config:
   max_q: int
   segmented: bool
   interpret: Interpret
+  heads: int = 1
+  selected: bool = False
 
 
 def default_block_size(seq_len: int) -> int:
@@ -122,6 +127,21 @@ class _Tile(NamedTuple):
   key_block: Int[Array, ""]
   lo: Int[Array, ""]
   segment_refs: tuple[Any, ...]
+  chosen_ref: Any = None  # With a block selection: the query rows' selected blocks [i, k].
+
+
+def _visited(
+    config: _Config, b, h, n, step, first_ref, count_ref, *, key_major: bool
+) -> tuple[Bool[Array, ""], Int[Array, ""]]:
+  """(whether `step` is live, the block of the other side it visits) for block n of (b, h): the
+  range's next block, or a block selection's listed one; past the count the last again."""
+  if not config.selected:
+    row = b * config.num_blocks + n
+    return step < count_ref[row], blocks.visited_block(first_ref[row], count_ref[row], step)
+  row = (b * config.heads + h) * config.num_blocks + n
+  width = config.max_q if key_major else config.max_kv
+  count = count_ref[row]
+  return step < count, first_ref[row * width + jnp.minimum(step, jnp.maximum(count - 1, 0))]
 
 
 def _step(
@@ -134,13 +154,13 @@ def _step(
     key_major: bool,
 ) -> tuple[Bool[Array, ""], _Tile, tuple[Any, ...]]:
   """(whether this grid step's tile is live, the tile, the refs after the document ids)."""
-  b, n, step = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-  row = b * config.num_blocks + n
-  other = blocks.visited_block(first_ref[row], count_ref[row], step)
+  b, h, n, step = (pl.program_id(axis) for axis in range(4))
+  live, other = _visited(config, b, h, n, step, first_ref, count_ref, key_major=key_major)
   query_block, key_block = (other, n) if key_major else (n, other)
   split = 2 if config.segmented else 0
-  tile = _Tile(query_block, key_block, lo_ref[0], refs[:split])
-  return step < count_ref[row], tile, refs[split:]
+  chosen_ref = refs[split] if config.selected else None
+  tile = _Tile(query_block, key_block, lo_ref[0], refs[:split], chosen_ref)
+  return live, tile, refs[split + config.selected :]
 
 
 def _is_last_step() -> Bool[Array, ""]:
@@ -161,7 +181,14 @@ def _scores_and_mask(
     q_segments_ref, k_segments_ref = tile.segment_refs
     # One lane of the query ids and one sublane of the key ids; the comparison broadcasts them.
     q_segments, k_segments = q_segments_ref[:, :1], k_segments_ref[:1, :]
-  return scores, blocks.tile_mask(t, s, tile.lo, config.hi, q_segments, k_segments)
+  mask = blocks.tile_mask(t, s, tile.lo, config.hi, q_segments, k_segments)
+  if config.selected:
+    # The rows that selected this key block (a sum: no boolean reductions in the kernels).
+    hits = jnp.sum(
+        (tile.chosen_ref[...] == tile.key_block).astype(jnp.int32), axis=1, keepdims=True
+    )
+    mask &= hits > 0
+  return scores, mask
 
 
 def _probabilities_and_dp(
@@ -312,18 +339,17 @@ def _dkv_kernel(
 # ---------------------------------------------------------------------------------- pallas calls
 
 
-def _own_block(b, n, step, *tables):
+def _own_block(b, h, n, step, *tables):
   """Where the side a grid runs over finds its block: the grid's own."""
-  del b, step, tables
+  del b, h, step, tables
   return n
 
 
-def _scheduled_block(config: _Config) -> Any:
+def _scheduled_block(config: _Config, *, key_major: bool) -> Any:
   """Where the side a grid reduces over finds its block: the schedule's for the grid step."""
 
-  def block(b, n, step, first_ref, count_ref, *_):
-    row = b * config.num_blocks + n
-    return blocks.visited_block(first_ref[row], count_ref[row], step)
+  def block(b, h, n, step, first_ref, count_ref, *_):
+    return _visited(config, b, h, n, step, first_ref, count_ref, key_major=key_major)[1]
 
   return block
 
@@ -332,7 +358,7 @@ def _time_spec(block: int, width: int, side: Any) -> pl.BlockSpec:
   """Blocks of a [b, h, t, width] array along t."""
 
   def index_map(b, h, n, step, *tables):
-    return b, h, side(b, n, step, *tables), 0
+    return b, h, side(b, h, n, step, *tables), 0
 
   return pl.BlockSpec((None, None, block, width), index_map)
 
@@ -343,15 +369,28 @@ def _segment_specs(config: _Config, queries: Any, keys: Any) -> list[pl.BlockSpe
     return []
 
   def query_index_map(b, h, n, step, *tables):
-    return b, queries(b, n, step, *tables), 0
+    return b, queries(b, h, n, step, *tables), 0
 
   def key_index_map(b, h, n, step, *tables):
-    return b, 0, keys(b, n, step, *tables)
+    return b, 0, keys(b, h, n, step, *tables)
 
   return [
       pl.BlockSpec((None, config.block, NUM_LANES), query_index_map),
       pl.BlockSpec((None, NUM_SUBLANES, config.block), key_index_map),
   ]
+
+
+def _extras(
+    config: _Config, queries: Any, keys: Any, segments: Any, schedule: Any
+) -> tuple[list[pl.BlockSpec], list[Array]]:
+  """The specs and arrays after a kernel's own inputs: the document ids, and with a block
+  selection the query rows' selected blocks ([b, h, t, k], blocked as the queries)."""
+  specs, arrays = _segment_specs(config, queries, keys), list(segments or ())
+  if config.selected:
+    chosen = schedule.chosen.transpose(0, 2, 1, 3)
+    specs.append(_time_spec(config.block, chosen.shape[-1], queries))
+    arrays.append(chosen)
+  return specs, arrays
 
 
 def _call(
@@ -362,13 +401,15 @@ def _call(
     out_specs: list[pl.BlockSpec],
     out_shape: list[jax.ShapeDtypeStruct],
     scratch: list[tuple[int, ...]],
-    first: Int[Array, "b n"],
-    count: Int[Array, "b n"],
+    first: Int[Array, "b n"] | Int[Array, "b h n w"],
+    count: Int[Array, "b n"] | Int[Array, "b h n"],
     steps: int,
     lo: Int[Array, 1],
     inputs: list[Array],
 ) -> tuple[Array, ...]:
-  """One kernel over the grid (b, h, block, step over the live blocks of the other side)."""
+  """One kernel over the grid (b, h, block, step over the live blocks of the other side): the
+  range tables (first, count) per batch row, or a block selection's (list, count) per row and
+  head."""
   batch, heads = inputs[0].shape[:2]
   grid = (batch, heads, config.num_blocks, steps)
   # The ranges go flat: SMEM is small, and pads the trailing dims of a multi-dimensional array.
@@ -401,14 +442,16 @@ def _forward(
     k: Float[Array, "b h s d"],
     v: Float[Array, "b h s e"],
     segments: tuple[Int[Array, "b t l"], Int[Array, "b 8 s"]] | None,
-    schedule: blocks.Schedule,
+    schedule: blocks.Schedule | blocks.Visits,
     lo: Int[Array, 1],
 ) -> tuple[Float[Array, "b h t e"], Float[Array, "b h t"], Float[Array, "b h t"]]:
   """y (input dtype) and the per-row max and sum (float32; 0 and 1 on empty rows)."""
   batch, heads, seq_len, dim = q.shape
   value_dim = v.shape[-1]
   block = config.block
-  queries, keys = _own_block, _scheduled_block(config)
+  queries, keys = _own_block, _scheduled_block(config, key_major=False)
+  extra_specs, extra = _extras(config, queries, keys, segments, schedule)
+  count, first = blocks.visits(schedule, "kv")
   stats = jax.ShapeDtypeStruct((batch, heads, seq_len, NUM_LANES), jnp.float32)
   y, row_max, row_sum = _call(
       config,
@@ -417,7 +460,7 @@ def _forward(
           _time_spec(block, dim, queries),
           _time_spec(block, dim, keys),
           _time_spec(block, value_dim, keys),
-          *_segment_specs(config, queries, keys),
+          *extra_specs,
       ],
       out_specs=[
           _time_spec(block, value_dim, queries),
@@ -426,11 +469,11 @@ def _forward(
       ],
       out_shape=[jax.ShapeDtypeStruct((batch, heads, seq_len, value_dim), v.dtype), stats, stats],
       scratch=[(block, 1), (block, 1), (block, value_dim)],
-      first=schedule.kv_first,
-      count=schedule.kv_count,
+      first=first,
+      count=count,
       steps=config.max_kv,
       lo=lo,
-      inputs=[q, k, v, *(segments or ())],
+      inputs=[q, k, v, *extra],
   )
   return y, row_max[..., 0], row_sum[..., 0]
 
@@ -442,7 +485,7 @@ def _retrieve(
     k: Float[Array, "b h s d"],
     v: Float[Array, "b h s e"],
     segments: tuple[Int[Array, "b t l"], Int[Array, "b 8 s"]] | None,
-    schedule: blocks.Schedule,
+    schedule: blocks.Schedule | blocks.Visits,
     lo: Int[Array, 1],
 ) -> Float[Array, "b h t e"]:
   """Blocked retrieval on padded, head-major arrays, with a recomputing backward pass."""
@@ -455,9 +498,16 @@ def _retrieve_fwd(config, q, k, v, segments, schedule, lo):
 
 
 def _backward_specs(
-    config: _Config, queries: Any, keys: Any, dim: int, value_dim: int, *, correction: bool
+    config: _Config,
+    queries: Any,
+    keys: Any,
+    dim: int,
+    value_dim: int,
+    extra_specs: list[pl.BlockSpec],
+    *,
+    correction: bool,
 ) -> list[pl.BlockSpec]:
-  """Blocks of the backward kernels' inputs (q, k, v, dy, row max, row sum[, D], ids)."""
+  """Blocks of the backward kernels' inputs (q, k, v, dy, row max, row sum[, D], `_extras`)."""
   block = config.block
   rows = [_time_spec(block, NUM_LANES, queries)] * (3 if correction else 2)
   return [
@@ -466,7 +516,7 @@ def _backward_specs(
       _time_spec(block, value_dim, keys),
       _time_spec(block, value_dim, queries),
       *rows,
-      *_segment_specs(config, queries, keys),
+      *extra_specs,
   ]
 
 
@@ -480,23 +530,27 @@ def _retrieve_bwd(config, residuals, dy):
   row_max, row_sum = (jnp.broadcast_to(x[..., None], stats_shape) for x in (row_max, row_sum))
 
   # Query-major: query block n reads its live key blocks.
-  queries, keys = _own_block, _scheduled_block(config)
-  common = dict(first=schedule.kv_first, count=schedule.kv_count, steps=config.max_kv, lo=lo)
+  queries, keys = _own_block, _scheduled_block(config, key_major=False)
+  extra_specs, extra = _extras(config, queries, keys, segments, schedule)
+  count, first = blocks.visits(schedule, "kv")
+  common = dict(first=first, count=count, steps=config.max_kv, lo=lo)
   (correction,) = _call(
       config,
       _correction_kernel,
-      in_specs=_backward_specs(config, queries, keys, dim, value_dim, correction=False),
+      in_specs=_backward_specs(
+          config, queries, keys, dim, value_dim, extra_specs, correction=False
+      ),
       out_specs=[_time_spec(block, NUM_LANES, queries)],
       out_shape=[jax.ShapeDtypeStruct(stats_shape, jnp.float32)],
       scratch=[(block, 1)],
-      inputs=[q, k, v, dy, row_max, row_sum, *(segments or ())],
+      inputs=[q, k, v, dy, row_max, row_sum, *extra],
       **common,
   )
-  inputs = [q, k, v, dy, row_max, row_sum, correction, *(segments or ())]
+  inputs = [q, k, v, dy, row_max, row_sum, correction, *extra]
   (dq,) = _call(
       config,
       _dq_kernel,
-      in_specs=_backward_specs(config, queries, keys, dim, value_dim, correction=True),
+      in_specs=_backward_specs(config, queries, keys, dim, value_dim, extra_specs, correction=True),
       out_specs=[_time_spec(block, dim, queries)],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)],
       scratch=[(block, dim)],
@@ -505,19 +559,21 @@ def _retrieve_bwd(config, residuals, dy):
   )
 
   # Key-major: key block n reads its live query blocks.
-  queries, keys = _scheduled_block(config), _own_block
+  queries, keys = _scheduled_block(config, key_major=True), _own_block
+  extra_specs, _ = _extras(config, queries, keys, segments, schedule)
+  count, first = blocks.visits(schedule, "q")
   dk, dv = _call(
       config,
       _dkv_kernel,
-      in_specs=_backward_specs(config, queries, keys, dim, value_dim, correction=True),
+      in_specs=_backward_specs(config, queries, keys, dim, value_dim, extra_specs, correction=True),
       out_specs=[_time_spec(block, dim, keys), _time_spec(block, value_dim, keys)],
       out_shape=[
           jax.ShapeDtypeStruct(k.shape, k.dtype),
           jax.ShapeDtypeStruct(v.shape, v.dtype),
       ],
       scratch=[(block, dim), (block, value_dim)],
-      first=schedule.q_first,
-      count=schedule.q_count,
+      first=first,
+      count=count,
       steps=config.max_q,
       lo=lo,
       inputs=inputs,
@@ -537,13 +593,15 @@ def _retrieve_padded(
     v: Float[Array, "b s h e"],
     segment_ids: Int[Array, "b t"] | None,
     lo: Int[Array, ""],
+    selected: select.Selected | None,
     *,
     hi: int | None,
     block: int,
     interpret: Interpret,
 ) -> Float[Array, "b t h e"]:
-  """Pads T to whole blocks, moves heads before time, schedules the live tiles, runs and crops."""
-  batch, seq_len, _, _ = q.shape
+  """Pads T to whole blocks, moves heads before time, schedules the live tiles (or lists the
+  `selected` blocks), runs and crops."""
+  batch, seq_len, heads, _ = q.shape
   num_blocks = -(-seq_len // block)
   pad = num_blocks * block - seq_len
 
@@ -551,9 +609,15 @@ def _retrieve_padded(
   def heads_major(x):
     return jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]).transpose(0, 2, 1, 3)
 
-  schedule = blocks.schedule(
-      segment_ids, batch=batch, seq_len=seq_len, block_q=block, block_k=block, lo=lo, hi=hi
-  )
+  if selected is None:
+    schedule = blocks.schedule(
+        segment_ids, batch=batch, seq_len=seq_len, block_q=block, block_k=block, lo=lo, hi=hi
+    )
+    max_kv = blocks.max_key_blocks(block, block, hi, num_blocks)
+    max_q = blocks.max_query_blocks(block, block, hi, num_blocks)
+  else:
+    schedule = blocks.selected_visits(selected, num_blocks, block)
+    max_kv, max_q = schedule.kv_list.shape[-1], schedule.q_list.shape[-1]
   segments = None
   if segment_ids is not None:
     ids = jnp.pad(segment_ids.astype(jnp.int32), [(0, 0), (0, pad)])
@@ -566,10 +630,12 @@ def _retrieve_padded(
       block=block,
       hi=hi,
       num_blocks=num_blocks,
-      max_kv=blocks.max_key_blocks(block, block, hi, num_blocks),
-      max_q=blocks.max_query_blocks(block, block, hi, num_blocks),
+      max_kv=max_kv,
+      max_q=max_q,
       segmented=segment_ids is not None,
       interpret=interpret,
+      heads=heads,
+      selected=selected is not None,
   )
   q, k, v = (heads_major(x) for x in (q, k, v))
   y = _retrieve(config, q, k, v, segments, schedule, lo[None])
@@ -618,6 +684,42 @@ def retrieve_pallas_tpu(
       v,
       segment_ids,
       jnp.asarray(lo, jnp.int32),
+      None,
+      hi=hi,
+      block=block_size,
+      interpret=interpret,
+  )
+
+
+def retrieve_pallas_tpu_selected(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b s h d"],
+    v: Float[Array, "b s h e"],
+    *,
+    lo: bands.IntLike,
+    hi: int | None,
+    segment_ids: Int[Array, "b t"] | None,
+    selected: select.Selected,
+    block_size: int,
+    backend: str | None = None,
+    interpret: Interpret | None = None,
+) -> Float[Array, "b t h e"]:
+  """`select.retrieve_selected_xla` as TPU kernels: the grid of each query block steps through
+  the key blocks its queries selected (scalar-prefetched lists, `blocks.selected_visits`), each
+  row reading its own. B = `block_size`, the selection's block, with `retrieve_pallas_tpu`'s
+  constraints. The lists take b h n w integers of SMEM, w up to n: they bound the length a
+  compiled kernel takes (design.md, "Block selection"). Reverse-mode differentiable in q, k, v.
+  """
+  if interpret is None:
+    interpret = False if (backend or jax.default_backend()) == "tpu" else CPU_INTERPRET
+  _check_block_size(block_size, q.shape[1], compiled=interpret is False)
+  return _retrieve_padded(
+      q,
+      k,
+      v,
+      segment_ids,
+      jnp.asarray(lo, jnp.int32),
+      selected,
       hi=hi,
       block=block_size,
       interpret=interpret,

@@ -181,10 +181,10 @@ def retrieve_selected(
   Args:
     q, k, v, lo, hi, segment_ids: as `retrieve`.
     selection: K, B, R and the block summary.
-    impl: "reference" (dense); "pallas_gpu" (or "pallas" off TPU) the GPU kernels, interpreted
-      off GPU, whose B must be a power of two >= 16; any other name of `retrieve`, "auto"
-      included, the XLA path: the GPU kernels have not run on a GPU yet, and no TPU kernel reads
-      selected blocks (design.md, "Block selection").
+    impl: "reference" (dense); "pallas_gpu", "pallas_tpu" or "pallas" (the platform's) the
+      Pallas kernels, interpreted off their platform, with their constraints on B; any other
+      name of `retrieve`, "auto" included, the XLA path: the kernels have not run on an
+      accelerator yet (design.md, "Block selection").
     query_chunk: queries scored and read at once (default B): the temporaries are
       O(chunk (K + R) B).
     backend: as `retrieve`'s (the GPU kernels compile for "gpu" and are interpreted elsewhere).
@@ -212,8 +212,13 @@ def retrieve_selected(
   size = selection.block_size
   if impl == "reference":
     return select.retrieve_selected_reference(q, k, v, block_size=size, **band)
-  if impl == "pallas_gpu" or (impl == "pallas" and backend != "tpu"):
+  kernel = resolve_impl(impl, backend) if impl in ("pallas_gpu", "pallas_tpu", "pallas") else None
+  if kernel == "pallas_gpu":
     return pallas_gpu.retrieve_pallas_gpu_selected(
+        q, k, v, block_size=size, backend=backend, **band
+    )
+  if kernel == "pallas_tpu":
+    return pallas_tpu.retrieve_pallas_tpu_selected(
         q, k, v, block_size=size, backend=backend, **band
     )
   return select.retrieve_selected_xla(q, k, v, block_size=size, query_chunk=query_chunk, **band)

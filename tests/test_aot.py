@@ -144,6 +144,30 @@ def test_retrieval_kernels_compile_for_every_generation(topology):
 
 
 @pytest.mark.tpu
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1"])
+def test_block_selection_kernels_compile(topology):
+  """Mosaic compiles the block-selection kernels (per-head lists in SMEM, the rows' selected
+  blocks as a VMEM input), forward and backward, bfloat16 and float32, with documents."""
+  device = aot.topology_devices(topology)[0]
+  on_device = jax.sharding.SingleDeviceSharding(device)
+  ids = jax.ShapeDtypeStruct((1, 1000), jnp.int32, sharding=on_device)
+  lo = jax.ShapeDtypeStruct((), jnp.int32, sharding=on_device)
+  selection = kernels_pallas.BlockSelection(blocks=3, block_size=128)
+  for dtype in (jnp.bfloat16, jnp.float32):
+    q = jax.ShapeDtypeStruct((1, 1000, 4, 64), dtype, sharding=on_device)
+
+    def loss(q, k, v, ids, lo):
+      y = kernels_pallas.retrieve_selected(
+          q, k, v, lo=lo, segment_ids=ids, selection=selection, impl="pallas_tpu", backend="tpu"
+      )
+      return jnp.sum(y.astype(jnp.float32))
+
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, q, q, ids, lo).lower()
+    assert lowered.as_text().count(aot.MOSAIC_CALL) == 4
+    lowered.compile()  # Raises if Mosaic rejects a kernel.
+
+
+@pytest.mark.tpu
 def test_kernel_table_compiled_for_a_tpu(capsys):
   """The kernels sweep compiled for a TPU: peak memory of the TPU implementations, no times."""
   args = [

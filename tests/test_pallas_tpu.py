@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas import pallas_tpu
+from kernels_pallas import BlockSelection, pallas_tpu, retrieve_selected, select_blocks
 
 import kernel_cases as kc
 
@@ -62,6 +62,36 @@ def test_tpu_simulator():
   kc.assert_matches(*kc.compare(op, args, 1, None, segment_ids, static_lo=True))
 
 
+def test_tpu_simulator_with_a_block_selection():
+  """The block-selection kernels read their per-head lists in bounds too, and match the XLA path
+  (itself tested against the dense oracle, tests/test_select.py)."""
+  seq_len = 100
+  segment_ids = kc.segments([[40, 1, 59], [100]])
+  selection = BlockSelection(blocks=2, block_size=16)
+
+  args = kc.inputs(9, seq_len, DIMS)
+  selected = lambda q, k, v, **band: pallas_tpu.retrieve_pallas_tpu_selected(
+      q,
+      k,
+      v,
+      selected=select_blocks(q, k, selection=selection, **band),
+      block_size=16,
+      interpret=pltpu.InterpretParams(),
+      **band,
+  )
+  kc.assert_matches(
+      kc.run(selected, args, 5, None, segment_ids, static_lo=True),
+      kc.run(
+          functools.partial(retrieve_selected, selection=selection, impl="xla"),
+          args,
+          5,
+          None,
+          segment_ids,
+          static_lo=True,
+      ),
+  )
+
+
 @pytest.mark.parametrize(
     "block_size, interpret, match",
     [
@@ -100,4 +130,31 @@ def test_lowers_to_mosaic(seq_len, hi, packed, dtype):
   lo = jax.ShapeDtypeStruct((), jnp.int32)
   exported = jax.export.export(grad, platforms=["tpu"])(q, q, v, segment_ids, lo)
   # The forward, D, dq and dk/dv kernels.
+  assert exported.mlir_module().count("tpu_custom_call") == 4
+
+
+def test_selected_kernels_lower_to_mosaic():
+  """With a block selection, forward and backward lower to the same four Mosaic kernels."""
+  seq_len = 1000
+  selection = BlockSelection(blocks=2, block_size=128)
+  q = jax.ShapeDtypeStruct((B, seq_len, H, D), jnp.bfloat16)
+  v = jax.ShapeDtypeStruct((B, seq_len, H, E), jnp.bfloat16)
+  segment_ids = jax.ShapeDtypeStruct((B, seq_len), jnp.int32)
+
+  def loss(q, k, v, segment_ids, lo):
+    band = dict(lo=lo, hi=None, segment_ids=segment_ids)
+    y = pallas_tpu.retrieve_pallas_tpu_selected(
+        q,
+        k,
+        v,
+        selected=select_blocks(q, k, selection=selection, **band),
+        block_size=128,
+        interpret=False,
+        **band,
+    )
+    return jnp.sum(y.astype(jnp.float32))
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  lo = jax.ShapeDtypeStruct((), jnp.int32)
+  exported = jax.export.export(grad, platforms=["tpu"])(q, q, v, segment_ids, lo)
   assert exported.mlir_module().count("tpu_custom_call") == 4

@@ -76,14 +76,15 @@ def test_xla_matches_the_dense_oracle_with_few_blocks(summary, lo, hi, packed, c
   assert not np.allclose(actual[0], full[0], atol=1e-3)
 
 
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
 @pytest.mark.parametrize("lo,hi,packed", [(1, None, False), (13, None, True), (3, 30, True)])
-def test_gpu_kernels_match_the_dense_oracle(lo, hi, packed):
-  """The Pallas GPU kernels (interpreted here) visit the listed blocks and mask the rows that did
-  not select them: forward and gradients equal the oracle's."""
+def test_pallas_kernels_match_the_dense_oracle(impl, lo, hi, packed):
+  """The Pallas kernels (interpreted here) visit the listed blocks and mask the rows that did not
+  select them: forward and gradients equal the oracle's."""
   segment_ids = SEGMENTS if packed else None
   args = kc.inputs(9, T, (D, E))
   selection = BlockSelection(blocks=2, block_size=16)
-  actual = kc.run(_selected_op("pallas_gpu", selection), args, lo, hi, segment_ids)
+  actual = kc.run(_selected_op(impl, selection), args, lo, hi, segment_ids)
   expected = kc.run(_selected_op("reference", selection), args, lo, hi, segment_ids)
   kc.assert_matches(actual, expected)
 
