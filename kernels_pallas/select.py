@@ -107,6 +107,33 @@ def block_summaries(k: Float[Array, "b s h d"], block_size: int, summary: Summar
   return Summaries(low=blocks.min(axis=2), high=blocks.max(axis=2))
 
 
+def empty_summaries(
+    batch: int, num_blocks: int, heads: int, dim: int, summary: Summary
+) -> Summaries:
+  """The summaries of blocks that hold no key yet (a decode cache's, before its first chunk)."""
+  shape = (batch, num_blocks, heads, dim)
+  if summary == "mean":
+    return Summaries(total=jnp.zeros(shape, jnp.float32))
+  return Summaries(low=jnp.full(shape, jnp.inf, jnp.float32), high=jnp.full(shape, -jnp.inf))
+
+
+def add_to_summaries(
+    summaries: Summaries,
+    keys: Float[Array, "b c h d"],
+    blocks: Int[Array, "b c"],
+) -> Summaries:
+  """The summaries after each key joined its block (`blocks` out of range: dropped), as
+  `block_summaries` of all of them at once would give them, up to rounding of the sums."""
+  rows = jnp.arange(blocks.shape[0])[:, None]
+  keys = keys.astype(jnp.float32)
+  if summaries.total is not None:
+    return Summaries(total=summaries.total.at[rows, blocks].add(keys, mode="drop"))
+  return Summaries(
+      low=summaries.low.at[rows, blocks].min(keys, mode="drop"),
+      high=summaries.high.at[rows, blocks].max(keys, mode="drop"),
+  )
+
+
 def block_scores(
     q: Float[Array, "b c h d"], summaries: Summaries, block_size: int
 ) -> Float[Array, "b c h n"]:

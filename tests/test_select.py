@@ -224,3 +224,21 @@ def test_bad_calls_are_named():
     retrieve_selected(q, k, v, lo=1, selection=2)
   with pytest.raises(ValueError, match="q and k must have the same shape"):
     retrieve_selected(q, k[:, :8], v, lo=1, selection=selection)
+
+
+@pytest.mark.parametrize("summary", select_lib.SUMMARIES)
+def test_summaries_added_chunk_by_chunk_are_the_blocks_summaries(summary):
+  """What a decode cache keeps (keys added 7 at a time, padding dropped) is `block_summaries`:
+  exactly for "bound", up to rounding for "mean"."""
+  _, k, _, _ = kc.inputs(10, 64, (D, E))
+  expected = select_lib.block_summaries(k, 8, summary)
+  summaries = select_lib.empty_summaries(kc.B, 8, kc.H, D, summary)
+  for start in range(0, 64, 7):
+    positions = np.arange(start, start + 7)[None].repeat(kc.B, 0)
+    blocks = jnp.asarray(np.where(positions < 64, positions // 8, 8))  # Past the end: dropped.
+    chunk = k[:, np.minimum(positions[0], 63)]
+    summaries = select_lib.add_to_summaries(summaries, chunk, blocks)
+  for actual, wanted in zip(summaries, expected):
+    assert (actual is None) == (wanted is None)
+    if wanted is not None:
+      np.testing.assert_allclose(actual, wanted, rtol=0, atol=1e-5 if summary == "mean" else 0)

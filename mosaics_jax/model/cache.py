@@ -140,13 +140,8 @@ def empty_memory(
   state = jnp.zeros((batch, heads, key_dim), jnp.float32) if key_state else None
   summaries = None
   if selection is not None:
-    shape = (batch, capacity // selection.block_size, heads, key_dim)
-    if selection.summary == "mean":
-      summaries = select_lib.Summaries(total=jnp.zeros(shape, jnp.float32))
-    else:
-      summaries = select_lib.Summaries(
-          low=jnp.full(shape, jnp.inf, jnp.float32), high=jnp.full(shape, -jnp.inf, jnp.float32)
-      )
+    num_blocks = capacity // selection.block_size
+    summaries = select_lib.empty_summaries(batch, num_blocks, heads, key_dim, selection.summary)
   return MemoryCache(pairs=pairs, pending=waiting, key_state=state, summaries=summaries)
 
 
@@ -331,27 +326,6 @@ def attend_pairs(
   return jax.lax.fori_loop(0, jnp.minimum(-(-end // block), size // block), body, state)
 
 
-def add_to_summaries(
-    summaries: select_lib.Summaries,
-    keys: Float[Array, "b c h d"],
-    positions: Int[Array, "b c"],
-    valid: Bool[Array, "b c"],
-    block_size: int,
-) -> select_lib.Summaries:
-  """The summaries after the valid keys at `positions` joined their blocks (each key once: the
-  chunk's own, never a pending pair's again)."""
-  some = summaries.total if summaries.total is not None else summaries.low
-  blocks = jnp.where(valid, positions // block_size, some.shape[1])  # Out of range: dropped.
-  rows = jnp.arange(positions.shape[0])[:, None]
-  keys = keys.astype(jnp.float32)
-  if summaries.total is not None:
-    return select_lib.Summaries(total=summaries.total.at[rows, blocks].add(keys, mode="drop"))
-  return select_lib.Summaries(
-      low=summaries.low.at[rows, blocks].min(keys, mode="drop"),
-      high=summaries.high.at[rows, blocks].max(keys, mode="drop"),
-  )
-
-
 def attend_selected(
     q: Float[Array, "b c h d"],
     pairs: Pairs,
@@ -473,8 +447,14 @@ def step(
     complete = new_valid
   summaries = cache.summaries
   if summaries is not None:
-    # Every key of the chunk joins its block's summary now: it is known at its own position.
-    summaries = add_to_summaries(summaries, k, chunk.positions, real, band.selection.block_size)
+    # Every real key of the chunk joins its block's summary now (each key once: a pending pair's
+    # key joined with its own chunk); padding goes to a block out of range, which is dropped.
+    size, num_blocks = (
+        band.selection.block_size,
+        pairs.positions.shape[1] // band.selection.block_size,
+    )
+    blocks = jnp.where(real, chunk.positions // size, num_blocks)
+    summaries = select_lib.add_to_summaries(summaries, k, blocks)
   if chunk.fresh:
     y = retrieve(q, k, v, lo=lo, hi=hi, segment_ids=chunk.segment_ids)
     pairs = store(pairs, new_keys, new_values, new_positions, new_segments, complete)
