@@ -193,7 +193,9 @@ def retrieve_selected(
     y in the dtype of the inputs, computed with float32 softmax and sums.
   """
   backend = backend or jax.default_backend()
-  resolve_impl(impl, backend)  # An unknown name is an error here too.
+  # "auto" is the XLA path here (see `impl`); any other name resolves as for `retrieve`, and an
+  # unknown one is an error.
+  name = "xla" if impl == "auto" else resolve_impl(impl, backend)
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
   if segment_ids is not None:
     segment_ids = jnp.asarray(segment_ids)
@@ -210,15 +212,12 @@ def retrieve_selected(
   )
   band = dict(lo=lo, hi=hi, segment_ids=segment_ids, selected=selected)
   size = selection.block_size
-  if impl == "reference":
+  if name == "reference":
     return select.retrieve_selected_reference(q, k, v, block_size=size, **band)
-  kernel = resolve_impl(impl, backend) if impl in ("pallas_gpu", "pallas_tpu", "pallas") else None
-  if kernel == "pallas_gpu":
-    return pallas_gpu.retrieve_pallas_gpu_selected(
-        q, k, v, block_size=size, backend=backend, **band
-    )
-  if kernel == "pallas_tpu":
-    return pallas_tpu.retrieve_pallas_tpu_selected(
-        q, k, v, block_size=size, backend=backend, **band
-    )
+  kernels = {
+      "pallas_gpu": pallas_gpu.retrieve_pallas_gpu_selected,
+      "pallas_tpu": pallas_tpu.retrieve_pallas_tpu_selected,
+  }
+  if name in kernels:
+    return kernels[name](q, k, v, block_size=size, backend=backend, **band)
   return select.retrieve_selected_xla(q, k, v, block_size=size, query_chunk=query_chunk, **band)

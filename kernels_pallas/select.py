@@ -172,17 +172,21 @@ def choose(
   newest = positions - lo  # e: the newest key a query may read.
   # Floor division of a possibly negative e: a query with no pair has newest block < 0.
   newest_block = jnp.floor_divide(newest, size)
-  j = jnp.arange(num_blocks, dtype=jnp.int32)
-  block_end = (j + 1) * size - 1  # The last position of block j.
-  candidate = j[None, None] <= (newest_block - recent)[..., None]
-  candidate &= block_end[None, None] >= doc_starts[..., None]
-  if hi is not None:
-    candidate &= block_end[None, None] >= (positions - hi)[..., None]
+
+  def reaches(block: Array) -> Array:
+    """Whether block (broadcast against [b, c, 1]) holds a key of the query's document inside
+    the band's far edge."""
+    end = (block + 1) * size - 1
+    inside = end >= doc_starts[..., None]
+    if hi is not None:
+      inside &= end >= (positions - hi)[..., None]
+    return inside
+
+  j = jnp.arange(num_blocks, dtype=jnp.int32)[None, None]
+  # Older than the recent blocks, hence complete.
+  candidate = (j <= (newest_block - recent)[..., None]) & reaches(j)
   recent_blocks = newest_block[..., None] - jnp.arange(recent, dtype=jnp.int32)[::-1]
-  # A recent block must exist and reach the query's document (and the band's far edge).
-  recent_valid = (recent_blocks >= 0) & ((recent_blocks + 1) * size - 1 >= doc_starts[..., None])
-  if hi is not None:
-    recent_valid &= (recent_blocks + 1) * size - 1 >= (positions - hi)[..., None]
+  recent_valid = (recent_blocks >= 0) & reaches(recent_blocks)
   heads = scores.shape[2]
   recent_blocks = jnp.broadcast_to(recent_blocks[:, :, None], (*positions.shape, heads, recent))
   recent_valid = jnp.broadcast_to(recent_valid[:, :, None], recent_blocks.shape)

@@ -176,7 +176,8 @@ def test_decode_table(capsys):
 def test_kernels_times_block_selection_on_unbounded_bands(capsys):
   """`--select-blocks`: one row per K on the long-term band only, its useful FLOPs counted over
   the pairs it reads (fewer than the full band's, so at equal speed a lower rate)."""
-  args = [*KERNELS_ARGS, "--impls", "xla", "--select-blocks", "1", "3", "--select-block-size", "32"]
+  args = [*KERNELS_ARGS, "--impls", "xla", "--select-blocks", "1", "--select-blocks", "3"]
+  args += ["--select-block-size", "32"]
   assert bench.main(args) == 0
   rows = _kernel_rows(capsys.readouterr().out)
   assert set(rows) == {

@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
       "--select-blocks",
       type=int,
       nargs="+",
+      action="extend",
       default=[],
       metavar="K",
       help="also time retrieve_selected reading the R newest and the K best blocks per query, on"

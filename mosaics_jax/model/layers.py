@@ -56,11 +56,10 @@ def retrieve(
   # An abstract mesh built without devices has no platform: then JAX's default backend.
   device = None if mesh.empty else mesh.abstract_device
   backend = None if device is None else device.platform
-  call = functools.partial(kernels_pallas.retrieve, hi=hi, impl=impl, backend=backend)
+  op = kernels_pallas.retrieve
   if selection is not None:
-    call = functools.partial(
-        kernels_pallas.retrieve_selected, hi=hi, impl=impl, selection=selection
-    )
+    op = functools.partial(kernels_pallas.retrieve_selected, selection=selection)
+  call = functools.partial(op, hi=hi, impl=impl, backend=backend)
   if mesh.empty or mesh.size == 1:
     return call(q, k, v, lo=lo, segment_ids=segment_ids)
   batch, _, heads, _ = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
