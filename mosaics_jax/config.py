@@ -399,6 +399,19 @@ class Experiment(_Typed):
   # The name of the experiment this one fine-tunes from (e.g. the 32k context extension).
   init_from: str | None = None
 
+  def check_lengths(self) -> None:
+    """ConfigError if the training sequences are longer than the model takes (v1's block_size).
+
+    Not checked on construction: `--set data.seq_len=4096 model.block_size=4096` passes through
+    an experiment that has one and not yet the other (`overrides.apply` checks at the end).
+    """
+    block_size = getattr(self.model, "block_size", None)
+    if block_size is not None and self.data.seq_len > block_size:
+      raise ConfigError(
+          f"data.seq_len {self.data.seq_len} exceeds model.block_size {block_size}, the longest"
+          " sequence the model takes: set model.block_size too"
+      )
+
 
 def fine_tune_mismatch(source: ModelConfig, target: ModelConfig) -> list[str]:
   """What differs between a model and one fine-tuned from it, beyond `runtime_fields` (context

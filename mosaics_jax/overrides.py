@@ -50,7 +50,8 @@ def resize(
 
 
 def apply(experiment: config_lib.Experiment, assignments: Iterable[str]) -> config_lib.Experiment:
-  """`experiment` with every "KEY=VALUE" of `assignments` applied in order."""
+  """`experiment` with every "KEY=VALUE" of `assignments` applied in order, then its sequence
+  lengths checked (`Experiment.check_lengths`)."""
   for assignment in assignments:
     key, sep, text = assignment.partition("=")
     if not sep:
@@ -59,6 +60,7 @@ def apply(experiment: config_lib.Experiment, assignments: Iterable[str]) -> conf
       experiment = override(experiment, key, parse_value(text, field_hint(experiment, key)))
     except config_lib.ConfigError as e:
       raise config_lib.ConfigError(f"{assignment}: {e}") from None
+  experiment.check_lengths()
   return experiment
 
 

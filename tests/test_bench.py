@@ -7,7 +7,7 @@ import re
 import jax
 import pytest
 
-from mosaics_jax.analysis import bench_kernels
+from mosaics_jax.analysis import bench_kernels, profile
 from mosaics_jax.cli import bench
 
 
@@ -41,17 +41,127 @@ def test_train_table(capsys):
       "model GFLOP/s",
       "matmul GFLOP/s",
       "MFU",
+      "peak memory (MB)",
   ]
   assert "3 x forward FLOPs" in out
   row = [line for line in out.splitlines() if line.startswith("| mm1-tiny")][0]
-  mfu = float(re.search(r"([\d.]+)% \|$", row).group(1))
-  tokens_per_second = float(row.split("|")[3])
-  assert mfu > 0 and tokens_per_second > 0
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  mfu, tokens_per_second, peak_mb = float(cells[6].rstrip("%")), float(cells[2]), float(cells[7])
+  assert mfu > 0 and tokens_per_second > 0 and peak_mb > 0
 
 
 def test_train_unknown_key(capsys):
   assert bench.main(["train", "mm1-tiny", "--set", "train.batch=2"]) == 2
   assert "did you mean batch_size" in capsys.readouterr().err
+
+
+# A stand-in for the official nanoMosaics/mosaic_model.py, with its interface (MemoryMosaicConfig
+# of model_args, MemoryMosaic(idx, targets) -> (logits, loss), configure_optimizers), built from our
+# own PyTorch v1 (`port.torch_models`); it logs the shape of every batch it trains on.
+_STAND_IN = """
+import dataclasses, pathlib
+import torch
+from torch.nn import functional as F
+from mosaics_jax.port import nanomosaics, torch_models
+
+@dataclasses.dataclass
+class MemoryMosaicConfig:
+  block_size: int
+  vocab_size: int
+  n_layer: int
+  n_head: int
+  n_embd: int
+  dropout: float
+  pmem_size: int
+  pmem_count: int
+  bias: bool
+  leaky_cuda: bool = False
+
+class MemoryMosaic(torch_models.MemoryMosaic):
+  def __init__(self, config):
+    super().__init__(nanomosaics.config_from_model_args(dataclasses.asdict(config)))
+
+  def forward(self, idx, targets):
+    with open(pathlib.Path(__file__).with_name("steps.log"), "a") as log:
+      log.write(f"{tuple(idx.shape)}\\n")
+    logits = super().forward(idx)
+    return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+  def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    print("parameter counts")
+    return torch.optim.AdamW(self.parameters(), lr=learning_rate, betas=betas)
+"""
+
+TRAIN_ARGS = ["--matmul-size", "64", "--set", "train.batch_size=2", "data.seq_len=32"]
+
+
+def _official_checkout(tmp_path, source=_STAND_IN):
+  folder = tmp_path / "MemoryMosaics" / "nanoMosaics"
+  folder.mkdir(parents=True)
+  (folder / "mosaic_model.py").write_text(source)
+  return tmp_path / "MemoryMosaics"
+
+
+@pytest.mark.slow
+def test_train_against_official_is_timed_interleaved(capsys, tmp_path):
+  pytest.importorskip("torch")
+  checkout = _official_checkout(tmp_path)
+  args = ["train", "mm1-tiny", "--steps", "2", "--repeats", "3", "--official", str(checkout)]
+  assert bench.main([*args, *TRAIN_ARGS]) == 0
+  out = capsys.readouterr().out
+  # One warm-up step, then 2 steps in each of 3 repeats, all on the experiment's batch shape.
+  steps = (checkout / "nanoMosaics" / "steps.log").read_text().splitlines()
+  assert steps == ["(2, 32)"] * 7
+  assert "parameter counts" not in out
+  ours = [line for line in out.splitlines() if line.startswith("| mm1-tiny")][0]
+  theirs = [line for line in out.splitlines() if line.startswith("| official nanoMosaics")][0]
+  assert "cpu" in theirs or "cuda" in theirs
+  ours_tps, theirs_tps = (float(row.split("|")[3]) for row in (ours, theirs))
+  ratio = float(re.search(r"ours / official nanoMosaics .*: ([\d.]+)x the tokens/s", out).group(1))
+  assert ratio == pytest.approx(ours_tps / theirs_tps, rel=0.01)
+
+
+def test_train_official_errors_are_named(capsys, tmp_path):
+  assert bench.main(["train", "mm1-tiny", "--official", str(tmp_path), *TRAIN_ARGS]) == 2
+  assert "no nanoMosaics/mosaic_model.py there" in capsys.readouterr().err
+  checkout = _official_checkout(tmp_path, "x = 1\n")
+  assert bench.main(["train", "mm2-tiny", "--official", str(checkout), *TRAIN_ARGS]) == 2
+  assert "compares nanoMosaics' MemoryMosaic with mm1" in capsys.readouterr().err
+  pytest.importorskip("torch")
+  assert bench.main(["train", "mm1-tiny", "--official", str(checkout), *TRAIN_ARGS]) == 2
+  assert "defines no MemoryMosaic: not nanoMosaics' model file" in capsys.readouterr().err
+
+
+_ATTN = "jit(step)/jvp(MosaicV1)/h_0/attn"
+_HLO = f"""
+%fused_computation.3 (param_0: f32[8,4], param_1: f32[8,4]) -> f32[8,8] {{
+  %param_0 = f32[8,4]{{1,0}} parameter(0)
+  %param_1 = f32[8,4]{{1,0}} parameter(1)
+  ROOT %dot.2 = f32[8,8]{{1,0}} dot(%param_0, %param_1)
+}}
+
+%fused_computation.4 (param_0: f32[8,8]) -> f32[8] {{
+  %param_0 = f32[8,8]{{1,0}} parameter(0)
+  ROOT %reduce.1 = f32[8]{{0}} reduce(%param_0)
+}}
+
+ENTRY %main (p: f32[8,4]) -> f32[8] {{
+  %p = f32[8,4]{{1,0}} parameter(0)
+  %exp.1 = f32[8,4]{{1,0}} exponential(%p), metadata={{op_name="{_ATTN}/exp"}}
+  %ynn_fusion.3 = f32[8,8]{{1,0}} fusion(%exp.1, %p), kind=kCustom, calls=%fused_computation.3
+  ROOT %ynn_fusion.4 = f32[8]{{0}} fusion(%ynn_fusion.3), kind=kCustom, calls=%fused_computation.4
+}}
+"""
+
+
+def test_profile_attributes_library_fusions_to_their_producers():
+  """CPU library fusions have no metadata: they take their operand's module (through chains of
+  such fusions), as a matmul when they fuse a dot."""
+  names = profile.hlo_op_names(_HLO)
+  assert names["exp.1"] == f"{_ATTN}/exp"
+  assert names["ynn_fusion.3"] == f"{_ATTN}/dot_general"
+  assert profile._op_group(names["ynn_fusion.3"], "MosaicV1") == ("h_*/attn", "forward", "matmul")
+  assert profile._op_group(names["ynn_fusion.4"], "MosaicV1") == ("h_*/attn", "forward", "other")
 
 
 def _kernel_rows(out):

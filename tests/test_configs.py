@@ -68,6 +68,7 @@ def test_flop_count_of_a_long_term_block_selection_by_hand():
 @pytest.mark.slow
 def test_every_experiment_builds_and_counts():
   for name, experiment in registry.all_experiments().items():
+    experiment.check_lengths()
     report = flops.count(experiment.model)
     assert report.params > 0 and report.flops_per_token > 0, name
 

@@ -78,3 +78,15 @@ def test_repeated_set_flags_accumulate():
 def test_a_key_given_twice_is_an_error():
   with pytest.raises(config_lib.ConfigError, match="gives train.steps more than once"):
     common.experiment("mm2-tiny", ["train.steps=4", "train.steps=5"])
+
+
+def test_sequences_longer_than_the_model_takes_are_named_after_every_assignment():
+  exp = registry.get("mm1-tiny")
+  longer = exp.model.block_size * 2
+  with pytest.raises(
+      config_lib.ConfigError, match=f"data.seq_len {longer} exceeds model.block_size"
+  ):
+    overrides.apply(exp, [f"data.seq_len={longer}"])
+  assert overrides.apply(exp, [f"data.seq_len={longer}", f"model.block_size={longer}"])
+  reordered = overrides.apply(exp, [f"model.block_size={longer}", f"data.seq_len={longer}"])
+  assert reordered.model.block_size == longer

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 import kernels_pallas
-from kernels_pallas import IMPLEMENTATIONS, retrieve, visible_counts
+from kernels_pallas import IMPLEMENTATIONS, retrieve, visible_counts, xla
 from kernels_pallas.retrieve import resolve_impl
+from kernels_pallas.xla import retrieve_xla
 
 import kernel_cases as kc
 
@@ -128,6 +129,72 @@ def test_xla_single_block_matches_reference(name):
   actual = _run("xla", case, args, 40)
   kc.assert_close(actual[0], _oracle(q, k, v, case.lo, case.hi, case.segment_ids), 1e-5)
   kc.assert_gradients_match(actual, _run("reference", case, args))
+
+
+class TestXlaAgainstReference(kc.ReferenceTests):
+  """The XLA path at its default blocks of 128 (8 blocks), lo compiled in: the unbounded bands run
+  the paired schedule with n - lo // B slots."""
+
+  op = staticmethod(retrieve_xla)
+  dims = (16, 8)
+  static_lo = True
+
+
+class TestXlaTracedLoAgainstReference(TestXlaAgainstReference):
+  """lo traced: the paired schedule keeps n slots and masks the lo // B it cannot skip."""
+
+  static_lo = False
+
+
+def _visited_pairs(num_blocks, lo, hi, block, static_lo, chunk_scores):
+  """The `xla._Schedule`: every (query block, key block) pair of a live slot, once per visit, and
+  the number of slots computed."""
+  band = xla._Band(lo=lo if static_lo else None, hi=hi, block=block, chunk_scores=chunk_scores)
+  schedule = xla._Schedule.make(band, jnp.int32(lo), num_blocks, 1)
+  pairs, computed = [], 0
+  for index in range(int((schedule.stop - schedule.start) * schedule.chunks)):
+    chunk = schedule.chunk_at(jnp.int32(index))
+    live = np.asarray(chunk.live)
+    assert live.shape == (schedule.chunk,)
+    computed += schedule.chunk
+    pairs += zip(
+        np.asarray(chunk.q_blocks)[live].tolist(), np.asarray(chunk.k_blocks)[live].tolist()
+    )
+  return pairs, computed, schedule
+
+
+@pytest.mark.parametrize("chunk_scores", [2**21, 16, 3 * 16])
+@pytest.mark.parametrize("static_lo", [True, False])
+@pytest.mark.parametrize("hi", [None, 20])
+def test_xla_schedule_visits_every_block_pair_of_the_band_once(chunk_scores, static_lo, hi):
+  """Brute force over n = 1..9 blocks of 4 and lo from 0 to past the end, in chunks of all slots,
+  1 slot or 3: each pair of blocks holding some (t, s) of the band is in exactly one live slot,
+  and (unbounded, lo compiled in, whole iterations) at most half an iteration's slots is dead."""
+  block = 4
+  for num_blocks in range(1, 10):
+    for lo in range(0, block * (num_blocks + 1), 3):
+      pairs, computed, schedule = _visited_pairs(num_blocks, lo, hi, block, static_lo, chunk_scores)
+      assert len(pairs) == len(set(pairs))
+      t = np.arange(num_blocks * block)
+      delta = t[:, None] - t[None, :]
+      inside = (delta >= lo) & (hi is None or delta <= hi)
+      needed = {(a // block, b // block) for a, b in zip(*np.nonzero(inside))}
+      assert needed <= set(pairs), (num_blocks, lo)
+      assert all(0 <= kb <= qb < num_blocks for qb, kb in pairs)
+      if hi is None:
+        # No dead blocks: the visited pairs are the needed ones, whole diagonals.
+        assert len(pairs) == sum(num_blocks - r for r in range(lo // block, num_blocks))
+        if static_lo and chunk_scores == 2**21 and computed > schedule.slots:
+          assert computed - len(pairs) <= schedule.slots // 2 + 1, (num_blocks, lo)
+
+
+@pytest.mark.parametrize("name", ["v1_packed", "long_term_100", "short_term_packed"])
+def test_xla_chunks_of_an_iteration_match_reference(name):
+  """Iterations cut into chunks of 3 slots (and a last, partial one) give the same result."""
+  case = kc.CASES[name]
+  args = kc.inputs(5, case.seq_len, (16, 8))
+  op = functools.partial(retrieve_xla, block_size=64, chunk_scores=3 * kc.B * kc.H * 64 * 64)
+  kc.assert_matches(*kc.compare(op, args, **case.band, static_lo=True))
 
 
 def test_xla_default_block_size():

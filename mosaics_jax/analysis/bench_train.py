@@ -6,14 +6,16 @@ fp32 matmul timed in the same process.
 from __future__ import annotations
 
 import dataclasses
+import resource
 import statistics
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mosaics_jax.analysis import flops
+from mosaics_jax.analysis import flops, timing
 from mosaics_jax.model import families
 from mosaics_jax.train import optim, step
 
@@ -33,6 +35,12 @@ class TrainRow:
   matmul_gflops: float  # fp32 matmul_size^3, timed in the same process.
   matmul_size: int
   mfu: float  # model_gflops / matmul_gflops.
+  peak_mb: float  # XLA's planned peak memory of the compiled step (`timing.planned_peak_bytes`).
+  max_rss_mb: float  # The process's peak resident memory so far, compilation included.
+  # The official nanoMosaics step (`--official`), timed interleaved with ours: its name and
+  # tokens/s, None when not compared.
+  baseline: str | None = None
+  baseline_tokens_per_second: float | None = None
 
 
 def synthetic_batch(experiment, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -50,16 +58,17 @@ def synthetic_batch(experiment, rng: np.random.Generator) -> dict[str, np.ndarra
 
 
 def compiled_train_step(experiment, num_batches: int):
-  """(jitted step, state after one warm-up step, `num_batches` distinct synthetic batches)."""
+  """(compiled step, state after one warm-up step, `num_batches` distinct synthetic batches)."""
   model = families.build_model(experiment.model)
   tx = optim.make_optimizer(experiment.train)
   step_fn = step.make_train_step(experiment, model, tx)
   state = step.init_state(experiment, model, tx)
   rng = np.random.default_rng(0)
   batches = [jax.device_put(synthetic_batch(experiment, rng)) for _ in range(num_batches)]
-  # Compile and warm up; the step donates its state, so always go on from the returned one.
-  state = run_steps(step_fn, state, batches[-1:])
-  return step_fn, state, batches
+  compiled = step_fn.lower(state, batches[-1]).compile()
+  # Warm up; the step donates its state, so always go on from the returned one.
+  state = run_steps(compiled, state, batches[-1:])
+  return compiled, state, batches
 
 
 def run_steps(step_fn, state, batches):
@@ -71,7 +80,11 @@ def run_steps(step_fn, state, batches):
 
 
 def train_throughput(
-    experiment, steps: int = 5, repeats: int = 3, matmul_size: int = 2048
+    experiment,
+    steps: int = 5,
+    repeats: int = 3,
+    matmul_size: int = 2048,
+    baseline: tuple[str, Callable[[], None]] | None = None,
 ) -> TrainRow:
   """Tokens/s of the jitted training step on synthetic batches, against an fp32 matmul.
 
@@ -79,8 +92,14 @@ def train_throughput(
   by one step; each repeat times `steps` consecutive steps on distinct random batches, then the
   matmul, so both see the same load on a shared machine. Medians over repeats. Model FLOPs follow
   the paper convention: 3 x the forward FLOPs of `flops.count(model, context=seq_len)`.
+  `baseline` = (name, one training step of another implementation of the same model and batch,
+  e.g. `port.official.train_step`): warmed up by one step, then timed for `steps` steps in each
+  repeat, between ours and the matmul.
   """
   step_fn, state, batches = compiled_train_step(experiment, steps + 1)
+  baseline_times = []
+  if baseline is not None:
+    baseline[1]()
   a = jnp.ones((matmul_size, matmul_size), jnp.float32)
   matmul = jax.jit(jnp.matmul).lower(a, a).compile()
   jax.block_until_ready(matmul(a, a))
@@ -90,11 +109,17 @@ def train_throughput(
     start = time.perf_counter()
     state = run_steps(step_fn, state, batches[:steps])
     step_times.append((time.perf_counter() - start) / steps)
+    if baseline is not None:
+      start = time.perf_counter()
+      for _ in range(steps):
+        baseline[1]()
+      baseline_times.append((time.perf_counter() - start) / steps)
     for _ in range(3):
       start = time.perf_counter()
       jax.block_until_ready(matmul(a, a))
       matmul_times.append(time.perf_counter() - start)
   step_seconds = statistics.median(step_times)
+  baseline_seconds = statistics.median(baseline_times) if baseline_times else None
 
   seq_len = experiment.data.seq_len
   tokens_per_second = experiment.train.batch_size * seq_len / step_seconds
@@ -113,22 +138,41 @@ def train_throughput(
       matmul_gflops=matmul_rate / 1e9,
       matmul_size=matmul_size,
       mfu=model_rate / matmul_rate,
+      peak_mb=timing.planned_peak_bytes(step_fn) / 2**20,
+      # ru_maxrss is in KiB on Linux.
+      max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      baseline=None if baseline is None else baseline[0],
+      baseline_tokens_per_second=(
+          None if baseline_seconds is None else tokens_per_second * step_seconds / baseline_seconds
+      ),
   )
 
 
 def format_train(row: TrainRow) -> str:
   lines = [
       f"training step of {row.experiment}: batch {row.batch_size} x {row.seq_len} tokens,"
-      f" {row.dtype}, synthetic data",
+      f" {row.dtype}, synthetic data; peak memory: XLA's planned peak of the compiled step",
       "model FLOPs/token = 3 x forward FLOPs (mosaics-info convention at context"
       f" {row.seq_len}; backward = 2 x forward); MFU = model GFLOP/s / fp32 matmul"
       f" ({row.matmul_size}^3) GFLOP/s in this process",
       "",
       "| experiment | step (s) | tokens/s | train FLOPs/token | model GFLOP/s | matmul GFLOP/s |"
-      " MFU |",
-      "|---|---:|---:|---:|---:|---:|---:|",
+      " MFU | peak memory (MB) |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|",
       f"| {row.experiment} | {row.step_seconds:.3f} | {row.tokens_per_second:.0f} |"
       f" {row.train_flops_per_token / 1e6:.2f}M | {row.model_gflops:.1f} |"
-      f" {row.matmul_gflops:.1f} | {row.mfu:.1%} |",
+      f" {row.matmul_gflops:.1f} | {row.mfu:.1%} | {row.peak_mb:.0f} |",
   ]
-  return "\n".join(lines)
+  notes = [f"process peak RSS: {row.max_rss_mb:.0f} MB (compilation included)"]
+  if row.baseline is not None:
+    ratio = row.baseline_tokens_per_second / row.tokens_per_second
+    lines.append(
+        f"| {row.baseline} | {row.step_seconds / ratio:.3f} | {row.baseline_tokens_per_second:.0f}"
+        f" | {row.train_flops_per_token / 1e6:.2f}M | {row.model_gflops * ratio:.1f} |"
+        f" {row.matmul_gflops:.1f} | {row.mfu * ratio:.1%} | - |"
+    )
+    notes.append(
+        f"ours / {row.baseline}: {1 / ratio:.2f}x the tokens/s (medians of repeats timed"
+        " interleaved: ours, theirs, the matmul); the process's RSS includes theirs"
+    )
+  return "\n".join([*lines, "", *notes])

@@ -24,10 +24,13 @@ dimension that its mesh axes do not divide is an error naming the parameter, as 
       [b, t, ffn] tensors);
     * with remat (`model.remat`), every layer keeps only its [b, t, width] input, plus one
       layer's tensors above while its backward recomputes them;
-    * retrieval temporaries: the largest call's 4 float32 [b, h, t, B] score-sized buffers of
-      one block offset (scores, probabilities, their cotangents), B the XLA path's block size
-      (`kernels_pallas.xla.default_block_size`): O(t * B), linear in t. The Pallas kernels keep
-      these tiles in on-chip memory, so on TPU and GPU this term is an upper bound. A family may
+    * retrieval temporaries: the largest call's 4 float32 score-sized buffers of one chunk
+      (scores, probabilities, their cotangents): [b, m, h, B, B], B the XLA path's block size
+      (`kernels_pallas.xla.default_block_size`) and m the block pairs it computes at once
+      (`kernels_pallas.xla.chunk_slots`: as many as fit 2^19 scores, at least one), or the whole
+      [b, h, t, t] when t is one block; not the XLA path's O(t * d) copies of its inputs and
+      gradients. The Pallas kernels keep these tiles in on-chip memory, so on TPU and GPU this
+      term is an upper bound. A family may
       add buffers of its own (`Family.layer_temporaries`: v1's persistent memory adds 4 float32
       [h, 256, pmem_count * pmem_size] chunk buffers);
     * the final norm's input and output, and the logits: the classifier's [b, t, vocab] output
@@ -63,7 +66,7 @@ _F32 = 4
 _RESIDUAL = ("batch", "length", "embed")
 _LOGITS = ("batch", "length", "vocab")
 _ROW_STATS = ("batch", "length", "heads")
-_OFFSET_SCORES = ("batch", None, "heads", None, None)  # [b, blocks, h, B, B] of one offset.
+_CHUNK_SCORES = ("batch", None, "heads", None, None)  # [b, slots, h, B, B] of one chunk.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,12 +204,14 @@ def _retrieval_tensors(
   """(what one retrieval call keeps for its backward, its temporaries) on the XLA path."""
   block = xla.default_block_size(t, band.hi)
   blocks = -(-t // block)
-  offset = (b, blocks, h, block, block)
   if blocks == 1:  # Differentiated by autodiff, which keeps the probabilities.
-    saved = family_lib.Activation(_OFFSET_SCORES, offset, _F32)
-  else:  # The recomputing backward keeps each row's max and sum.
-    saved = family_lib.Activation(_ROW_STATS, (b, t, h), _F32, 2)
-  return saved, family_lib.Activation(_OFFSET_SCORES, offset, _F32, RETRIEVAL_TEMPORARIES)
+    scores = (b, 1, h, block, block)
+    saved = family_lib.Activation(_CHUNK_SCORES, scores, _F32)
+    return saved, family_lib.Activation(_CHUNK_SCORES, scores, _F32, RETRIEVAL_TEMPORARIES)
+  # The recomputing backward keeps each row's max and sum.
+  saved = family_lib.Activation(_ROW_STATS, (b, t, h), _F32, 2)
+  scores = (b, xla.chunk_slots(blocks, b * h, block), h, block, block)
+  return saved, family_lib.Activation(_CHUNK_SCORES, scores, _F32, RETRIEVAL_TEMPORARIES)
 
 
 def _layer_tensors(

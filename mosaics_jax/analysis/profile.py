@@ -33,11 +33,11 @@ def train_profile(experiment, trace_dir: str, steps: int = 2) -> list[ProfileRow
   merged (h_3/mlp and h_5/mlp count as h_*/mlp).
   """
   model_name = type(families.build_model(experiment.model)).__name__
-  step_fn, state, batches = bench_train.compiled_train_step(experiment, steps)
+  compiled, state, batches = bench_train.compiled_train_step(experiment, steps)
   with jax.profiler.trace(trace_dir):
-    state = bench_train.run_steps(step_fn, state, batches)
-  program = step_fn.lower(state, batches[0]).compile().as_text()
-  op_names = dict(re.findall(r'%?([\w.\-]+) = [^\n]*?op_name="([^"]*)"', program))
+    state = bench_train.run_steps(compiled, state, batches)
+  program = compiled.as_text()
+  op_names = hlo_op_names(program)
   trace = max(pathlib.Path(trace_dir).rglob("*.xplane.pb"), key=lambda f: f.stat().st_mtime)
   totals: dict[tuple[str, str, str], float] = {}
   for plane in jax.profiler.ProfileData.from_file(str(trace)).planes:
@@ -50,6 +50,36 @@ def train_profile(experiment, trace_dir: str, steps: int = 2) -> list[ProfileRow
         totals[key] = totals.get(key, 0.0) + event.duration_ns * 1e-9 / steps
   rows = [ProfileRow(*key, seconds) for key, seconds in totals.items()]
   return sorted(rows, key=lambda r: -r.seconds_per_step)
+
+
+def hlo_op_names(program: str) -> dict[str, str]:
+  """The source op_name of every instruction of a compiled HLO module's text.
+
+  Fusions that XLA forms late carry none (on CPU, the library fusions around dots and reductions,
+  whose fused ops have none either): such a fusion takes the op_name of its first operand that has
+  one, its producer in the same module and pass, with the op "dot_general" when it fuses a dot,
+  "fusion" otherwise.
+  """
+  names = dict(re.findall(r'%?([\w.\-]+) = [^\n]*?op_name="([^"]*)"', program))
+  bodies = dict(re.findall(r"^%?([\w.\-]+) \([^\n]*\{\n(.*?)\n\}", program, re.S | re.M))
+  fusions = re.findall(
+      r"%?([\w.\-]+) = [^\n]*? fusion\(([^)]*)\)[^\n]*?calls=%?([\w.\-]+)", program
+  )
+  unnamed = [f for f in fusions if f[0] not in names]
+  # A fusion's operands may be unnamed fusions too: repeat until nothing more is found.
+  while unnamed:
+    left = []
+    for instruction, operands, computation in unnamed:
+      known = [names[o] for o in re.findall(r"%([\w.\-]+)", operands) if o in names]
+      if not known:
+        left.append((instruction, operands, computation))
+        continue
+      op = "dot_general" if re.search(r"\bdot\(", bodies.get(computation, "")) else "fusion"
+      names[instruction] = f"{known[0].rsplit('/', 1)[0]}/{op}"
+    if len(left) == len(unnamed):
+      break
+    unnamed = left
+  return names
 
 
 def _op_group(op_name: str, model_name: str) -> tuple[str, str, str]:

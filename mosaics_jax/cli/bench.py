@@ -4,6 +4,7 @@ mosaics-bench kernels [--seq-lens 4096 ... 65536] [--impls ...] [--bands short l
     [--heads 16] [--head-dims 64 128] [--dtype bfloat16] [--max-dense-gb GB]
     [--compile-for TOPOLOGY] [--select-blocks K ... [--select-block-size 64]]
 mosaics-bench train EXPERIMENT [--set key=value ...] [--steps 5] [--repeats 3] [--profile DIR]
+    [--official PATH]
 mosaics-bench decode EXPERIMENT [--set key=value ...] [--batch 1] [--prompt-len 256]
     [--new-tokens 2048] [--bucket 256]
 """
@@ -18,8 +19,16 @@ import jax.numpy as jnp
 
 import kernels_pallas
 from mosaics_jax import config as config_lib
-from mosaics_jax.analysis import aot, bench_decode, bench_kernels, bench_train, profile, timing
+from mosaics_jax.analysis import (
+    aot,
+    bench_decode,
+    bench_kernels,
+    bench_train,
+    profile,
+    timing,
+)
 from mosaics_jax.cli import common
+from mosaics_jax.port import official
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,6 +94,13 @@ def _parser() -> argparse.ArgumentParser:
       "--profile",
       metavar="DIR",
       help="also trace two steps into DIR and print where the time goes, by model component",
+  )
+  train.add_argument(
+      "--official",
+      metavar="PATH",
+      help="also time the official nanoMosaics step (PyTorch, pip install -e '.[torch]') at the"
+      " mm1 experiment's sizes, interleaved with ours; PATH: a checkout of"
+      " github.com/facebookresearch/MemoryMosaics",
   )
   decode = sub.add_parser(
       "decode",
@@ -200,8 +216,19 @@ def main(argv: list[str] | None = None) -> int:
       experiment = common.experiment(args.experiment, args.set)
     except config_lib.ConfigError as e:
       return common.fail("mosaics-bench", e)
+    baseline = None
+    if args.official:
+      try:
+        step, device = official.train_step(experiment, args.official)
+      except official.OfficialError as e:
+        return common.fail("mosaics-bench", e)
+      baseline = (f"official nanoMosaics (torch {official.torch_version()}, {device})", step)
     row = bench_train.train_throughput(
-        experiment, steps=args.steps, repeats=args.repeats, matmul_size=args.matmul_size
+        experiment,
+        steps=args.steps,
+        repeats=args.repeats,
+        matmul_size=args.matmul_size,
+        baseline=baseline,
     )
     print(bench_train.format_train(row))
     if args.profile:
