@@ -12,8 +12,9 @@ by an online softmax (running max, running sum and accumulator, all float32):
   blocks per iteration, every one of them live. One diagonal per iteration would compute all n
   query blocks at each, about twice the useful work.
 
-An iteration's slots are computed a chunk of at most CHUNK_SCORES scores at a time (`_Chunk`), one
-batched matmul per chunk, so that the [b, m, h, B, B] temporaries stay in cache whatever T is.
+On CPU an iteration's slots are computed a chunk of at most CHUNK_SCORES scores at a time
+(`_Chunk`), one batched matmul per chunk, so that the [b, m, h, B, B] temporaries stay in cache
+whatever T is; on GPU and TPU, whose temporaries live in HBM anyway, an iteration is one chunk.
 
 The backward pass (jax.custom_vjp) recomputes each chunk's probabilities from the saved per-row
 max and sum instead of storing them, so neither pass keeps more than one chunk's scores alive:
@@ -62,7 +63,7 @@ class _Band:
   lo: int | None
   hi: int | None
   block: int
-  chunk_scores: int = CHUNK_SCORES
+  chunk_scores: int | None = CHUNK_SCORES  # None: a whole iteration at once.
 
 
 def default_block_size(seq_len: int, hi: int | None) -> int:
@@ -83,9 +84,11 @@ def default_block_size(seq_len: int, hi: int | None) -> int:
   return block
 
 
-def chunk_slots(slots: int, batch_heads: int, block: int, chunk_scores: int = CHUNK_SCORES) -> int:
+def chunk_slots(slots: int, batch_heads: int, block: int, chunk_scores: int | None) -> int:
   """Block pairs computed at once: as many of an iteration's `slots` as fit `chunk_scores` float32
-  scores of batch_heads x B x B each, at least one."""
+  scores of batch_heads x B x B each, at least one (all of them when chunk_scores is None)."""
+  if chunk_scores is None:
+    return slots
   return max(1, min(slots, chunk_scores // (batch_heads * block**2)))
 
 
@@ -469,7 +472,7 @@ def _retrieve_padded(
     static_lo: int | None,
     hi: int | None,
     block_size: int,
-    chunk_scores: int,
+    chunk_scores: int | None,
 ) -> Float[Array, "b t h e"]:
   """Pads T to a multiple of the block size, runs the blocked (or single-block) op and crops."""
   batch, seq_len, heads, _ = q.shape
@@ -498,7 +501,7 @@ def retrieve_xla(
     hi: int | None = None,
     segment_ids: Int[Array, "b t"] | None = None,
     block_size: int | None = None,
-    chunk_scores: int = CHUNK_SCORES,
+    chunk_scores: int | None = None,
     backend: str | None = None,
 ) -> Float[Array, "b t h e"]:
   """y[b, t, h] = sum_{s in S(t)} softmax_s(q[b, t, h] . k[b, s, h]) v[b, s, h], in O(T * B) memory.
@@ -506,9 +509,11 @@ def retrieve_xla(
   Inputs are assumed validated by `kernels_pallas.retrieve`. A Python int `lo` is compiled in (and
   lets the loop skip the offsets below it); a traced `lo` is one compilation for every value.
   `block_size` defaults to `default_block_size(T, hi)`; `chunk_scores` bounds the scores computed
-  at once (a cache size, `CHUNK_SCORES`). Reverse-mode differentiable in q, k, v.
+  at once, by default `CHUNK_SCORES` (a cache size) when `backend` (default: JAX's) is the CPU and
+  no bound elsewhere. Reverse-mode differentiable in q, k, v.
   """
-  del backend  # Plain XLA: the same program on every backend.
+  if chunk_scores is None and (backend or jax.default_backend()) == "cpu":
+    chunk_scores = CHUNK_SCORES
   static_lo = lo if isinstance(lo, int) else None
   if block_size is None:
     block_size = default_block_size(q.shape[1], hi)

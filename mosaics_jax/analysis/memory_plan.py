@@ -24,13 +24,12 @@ dimension that its mesh axes do not divide is an error naming the parameter, as 
       [b, t, ffn] tensors);
     * with remat (`model.remat`), every layer keeps only its [b, t, width] input, plus one
       layer's tensors above while its backward recomputes them;
-    * retrieval temporaries: the largest call's 4 float32 score-sized buffers of one chunk
-      (scores, probabilities, their cotangents): [b, m, h, B, B], B the XLA path's block size
-      (`kernels_pallas.xla.default_block_size`) and m the block pairs it computes at once
-      (`kernels_pallas.xla.chunk_slots`: as many as fit 2^19 scores, at least one), or the whole
-      [b, h, t, t] when t is one block; not the XLA path's O(t * d) copies of its inputs and
-      gradients. The Pallas kernels keep these tiles in on-chip memory, so on TPU and GPU this
-      term is an upper bound. A family may
+    * retrieval temporaries: the largest call's 4 float32 score-sized buffers of one iteration
+      of the XLA path's loop (scores, probabilities, their cotangents): [b, n, h, B, B], n = t / B
+      blocks, B its block size (`kernels_pallas.xla.default_block_size`): O(t * B), linear in t
+      (on GPU and TPU an iteration is one chunk, `kernels_pallas.xla.chunk_slots`); not the XLA
+      path's O(t * d) copies of its inputs and gradients. The Pallas kernels keep these tiles in
+      on-chip memory, so on TPU and GPU this term is an upper bound. A family may
       add buffers of its own (`Family.layer_temporaries`: v1's persistent memory adds 4 float32
       [h, 256, pmem_count * pmem_size] chunk buffers);
     * the final norm's input and output, and the logits: the classifier's [b, t, vocab] output
@@ -210,7 +209,8 @@ def _retrieval_tensors(
     return saved, family_lib.Activation(_CHUNK_SCORES, scores, _F32, RETRIEVAL_TEMPORARIES)
   # The recomputing backward keeps each row's max and sum.
   saved = family_lib.Activation(_ROW_STATS, (b, t, h), _F32, 2)
-  scores = (b, xla.chunk_slots(blocks, b * h, block), h, block, block)
+  # GPUs and TPUs, which the plans are for, compute a whole iteration of the loop at once.
+  scores = (b, xla.chunk_slots(blocks, b * h, block, None), h, block, block)
   return saved, family_lib.Activation(_CHUNK_SCORES, scores, _F32, RETRIEVAL_TEMPORARIES)
 
 

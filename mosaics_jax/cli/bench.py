@@ -7,11 +7,15 @@ mosaics-bench train EXPERIMENT [--set key=value ...] [--steps 5] [--repeats 3] [
     [--official PATH]
 mosaics-bench decode EXPERIMENT [--set key=value ...] [--batch 1] [--prompt-len 256]
     [--new-tokens 2048] [--bucket 256]
+mosaics-bench accelerator --out DIR [--dry-run]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import pathlib
 import sys
 
 import jax
@@ -20,6 +24,7 @@ import jax.numpy as jnp
 import kernels_pallas
 from mosaics_jax import config as config_lib
 from mosaics_jax.analysis import (
+    accelerator,
     aot,
     bench_decode,
     bench_kernels,
@@ -34,6 +39,7 @@ from mosaics_jax.port import official
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="mosaics-bench", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True)
+  json_flag = dict(metavar="PATH", help="also write the table's rows to PATH as JSON")
   kernels = sub.add_parser(
       "kernels",
       help="every retrieval implementation side by side: time, useful TFLOP/s and peak memory",
@@ -66,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
   kernels.add_argument("--select-recent", type=int, default=1, metavar="R")
   kernels.add_argument("--select-summary", choices=["mean", "bound"], default="mean")
   kernels.add_argument("--repeats", type=int, default=3)
+  kernels.add_argument("--json", **json_flag)
   kernels.add_argument(
       "--max-dense-gb",
       type=float,
@@ -89,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
   common.add_set_flag(train)
   train.add_argument("--steps", type=int, default=5, help="training steps per timed repeat")
   train.add_argument("--repeats", type=int, default=3)
+  train.add_argument("--json", **json_flag)
   train.add_argument("--matmul-size", type=int, default=2048, help="n of the fp32 n^3 yardstick")
   train.add_argument(
       "--profile",
@@ -114,10 +122,34 @@ def _parser() -> argparse.ArgumentParser:
   decode.add_argument("--new-tokens", type=int, default=2048)
   decode.add_argument("--bucket", type=int, default=256, help="new tokens per timed dispatch")
   decode.add_argument("--repeats", type=int, default=3)
+  decode.add_argument("--json", **json_flag)
   decode.add_argument(
       "--no-rerun", action="store_true", help="skip the full re-run baseline (long streams)"
   )
+  accelerator_check = sub.add_parser(
+      "accelerator",
+      help="the prepared check of a GPU or TPU in about 8 minutes: device-only tests, every"
+      " implementation against the reference, the kernels sweep, a train and a decode benchmark;"
+      " markdown and JSON tables into --out (docs/accelerators.md)",
+  )
+  accelerator_check.add_argument("--out", required=True, metavar="DIR")
+  accelerator_check.add_argument(
+      "--dry-run", action="store_true", help="every step at tiny sizes, on any backend (CPU too)"
+  )
   return parser
+
+
+def _accelerator(args: argparse.Namespace) -> int:
+  """Runs the check, prints its summary; exit 1 when a step failed or overran its budget."""
+  backend = jax.default_backend()
+  if backend == "cpu" and not args.dry_run:
+    return common.fail(
+        "mosaics-bench", "accelerator: JAX sees no GPU or TPU here; --dry-run checks the steps"
+    )
+  out = pathlib.Path(args.out)
+  summary = accelerator.check(out, backend, dry_run=args.dry_run)
+  print((out / "summary.md").read_text(), end="")
+  return 0 if all(step["status"] == "ok" for step in summary["steps"]) else 1
 
 
 def _kernels(args: argparse.Namespace) -> int:
@@ -181,16 +213,32 @@ def _kernels(args: argparse.Namespace) -> int:
       target=target,
       selections=selections,
   )
+  measured = []
   for row in rows:
     print(bench_kernels.format_kernel_row(row), flush=True)
+    measured.append(row)
+    _write_json(args.json, measured)  # Row by row: a run stopped early keeps what it measured.
   print(bench_kernels.kernels_footer(backend, max_dense_bytes))
   return 0
+
+
+def _write_json(path: str | None, rows) -> None:
+  """The rows (dataclasses) as a JSON list at `path`, when given, replacing it atomically."""
+  if path is None:
+    return
+  partial = pathlib.Path(f"{path}.partial")
+  partial.write_text(
+      json.dumps([dataclasses.asdict(r) for r in rows], indent=1, default=float) + "\n"
+  )
+  partial.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   if args.command == "kernels":
     return _kernels(args)
+  elif args.command == "accelerator":
+    return _accelerator(args)
   elif args.command == "decode":
     sizes = (args.batch, args.prompt_len, args.new_tokens, args.bucket, args.repeats)
     if min(sizes) < 1:
@@ -209,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         rerun=not args.no_rerun,
     )
     print(bench_decode.format_report(report))
+    _write_json(args.json, [report])
   elif args.command == "train":
     if min(args.steps, args.repeats, args.matmul_size) < 1:
       return common.fail("mosaics-bench", "--steps, --repeats and --matmul-size must be >= 1")
@@ -231,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline=baseline,
     )
     print(bench_train.format_train(row))
+    _write_json(args.json, [row])
     if args.profile:
       rows = profile.train_profile(experiment, args.profile)
       print()
