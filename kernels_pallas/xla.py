@@ -135,11 +135,15 @@ class _Chunk:
     q_starts, k_starts = (start + near, start + first), (start, start + near)
     return cls(slot, q_starts, k_starts, is_near, q_blocks, k_blocks, live)
 
+  def _near_mask(self, ndim: int) -> Bool[Array, "1 m *_"]:
+    """`is_near` shaped to broadcast against a [b, m, ...] array of `ndim` axes."""
+    return self.is_near.reshape((1, -1) + (1,) * (ndim - 2))
+
   def _parts(self, z: Array, fill: float) -> list[Array]:
     """z ([b, m, ...]) once per part, `fill` in the slots of the other part."""
     if self.is_near is None:
       return [z]
-    is_near = self.is_near.reshape((1, -1) + (1,) * (z.ndim - 2))
+    is_near = self._near_mask(z.ndim)
     return [jnp.where(is_near, z, fill), jnp.where(is_near, fill, z)]
 
   def _read(self, extended: Array, starts) -> Array:
@@ -147,7 +151,7 @@ class _Chunk:
     windows = [jax.lax.dynamic_slice_in_dim(extended, s, size, axis=1) for s in starts]
     if self.is_near is None:
       return windows[0]
-    return jnp.where(self.is_near.reshape((1, -1) + (1,) * (extended.ndim - 2)), *windows)
+    return jnp.where(self._near_mask(extended.ndim), *windows)
 
   def queries(self, extended: Array) -> Array:
     """The slots' query-side blocks of x ([b, m, ...]), from `_Schedule.extend(x)`."""

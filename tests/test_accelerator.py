@@ -115,3 +115,14 @@ def test_peak_memory_is_judged_linear_in_t():
       f"peak memory linear in T ({long}, 32768 vs 4096)": "not met",
   }
   assert accelerator.judge_memory("pallas_gpu", rows[:1])[0]["verdict"] == "not measured"
+
+
+def test_an_unreadable_junit_report_gives_no_rows(tmp_path):
+  (tmp_path / "cut.xml").write_text("<testsuites><testsuite><testcase name=")
+  assert accelerator.pytest_rows(tmp_path / "cut.xml") == []
+  assert accelerator.pytest_rows(tmp_path / "missing.xml") == []
+
+
+def test_no_steps_still_writes_a_summary(tmp_path):
+  summary = accelerator.check(tmp_path, "gpu", steps=[])
+  assert summary["steps"] == [] and (tmp_path / "summary.md").exists()

@@ -137,11 +137,14 @@ def run_step(
 
 
 def pytest_rows(path: pathlib.Path) -> list[dict[str, str]]:
-  """(test, outcome) of every test case in a JUnit XML report that pytest wrote."""
-  if not path.exists():
-    return []
+  """(test, outcome) of every test case in a JUnit XML report that pytest wrote; none when the
+  report is missing or unreadable."""
+  try:
+    root = ElementTree.parse(path).getroot()
+  except (FileNotFoundError, ElementTree.ParseError):
+    return []  # Not written, or cut short when its step was stopped: the step's status says so.
   rows = []
-  for case in ElementTree.parse(path).getroot().iter("testcase"):
+  for case in root.iter("testcase"):
     outcome = "passed"
     for tag in ("failure", "error", "skipped"):
       if case.find(tag) is not None:
@@ -232,6 +235,7 @@ def check(
   steps = plan(out, backend, dry_run) if steps is None else steps
   deadline = clock() + total_budget_s
   results = []
+  summary = _summary(out, backend, dry_run, results)
   for step in steps:
     remaining = deadline - clock()
     if remaining <= 0:
