@@ -206,10 +206,11 @@ def finish(
 def probabilities(
     scores: Float[Array, "i j"],
     mask: Bool[Array, "i j"],
-    row_max: Float[Array, "i 1"],
-    row_sum: Float[Array, "i 1"],
+    row_max: Float[Array, " i #j"],
+    row_sum: Float[Array, " i #j"],
 ) -> Float[Array, "i j"]:
-  """The forward's softmax weights of one tile, recomputed from the saved row max and row sum."""
+  """The forward's softmax weights of one tile, recomputed from the saved row max and row sum
+  (columns [i, 1], or broadcast to the tile)."""
   return jnp.where(mask, jnp.exp(scores - row_max), 0.0) / row_sum
 
 

@@ -20,19 +20,30 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from kernels_pallas import bands, pallas_gpu, pallas_tpu, reference, select, shift, xla
+from kernels_pallas import (
+    bands,
+    pallas_gpu,
+    pallas_mosaic_gpu,
+    pallas_tpu,
+    reference,
+    select,
+    shift,
+    xla,
+)
 
 RetrieveFn = Callable[..., Float[Array, "b t h e"]]
 
 # Every implementation takes (q, k, v, *, lo, hi, segment_ids, block_size, backend) as validated
 # below. The Pallas kernels compile for their own backend and run in Pallas's interpreter for any
-# other (that is how the CPU test suite runs them); "shift" is library attention (cuDNN, splash,
-# XLA).
+# other (that is how the CPU test suite runs them); "pallas_mosaic_gpu", the GPU kernels on Mosaic
+# GPU (bfloat16 and float16 only), is chosen by name only until it has run on a GPU; "shift" is
+# library attention (cuDNN, splash, XLA).
 IMPLEMENTATIONS: dict[str, RetrieveFn] = {
     "reference": reference.retrieve_reference,
     "xla": xla.retrieve_xla,
     "pallas_tpu": pallas_tpu.retrieve_pallas_tpu,
     "pallas_gpu": pallas_gpu.retrieve_pallas_gpu,
+    "pallas_mosaic_gpu": pallas_mosaic_gpu.retrieve_pallas_mosaic_gpu,
     "shift": shift.retrieve_shift,
 }
 # Names that stand for an implementation of IMPLEMENTATIONS, chosen by the default backend.
@@ -183,8 +194,8 @@ def retrieve_selected(
     selection: K, B, R and the block summary.
     impl: "reference" (dense); "pallas_gpu", "pallas_tpu" or "pallas" (the platform's) the
       Pallas kernels, interpreted off their platform, with their constraints on B; any other
-      name of `retrieve`, "auto" included, the XLA path: the kernels have not run on an
-      accelerator yet (design.md, "Block selection").
+      name of `retrieve`, "auto" and "pallas_mosaic_gpu" included, the XLA path: the kernels
+      have not run on an accelerator yet (design.md, "Block selection").
     query_chunk: queries scored and read at once (default B): the temporaries are
       O(chunk (K + R) B).
     backend: as `retrieve`'s (the GPU kernels compile for "gpu" and are interpreted elsewhere).

@@ -16,7 +16,9 @@ from typing import Any, ClassVar, Literal
 
 Dtype = Literal["float32", "bfloat16"]
 # The names `kernels_pallas.retrieve` takes: its ALIASES and IMPLEMENTATIONS (a test keeps them so).
-RetrieveImpl = Literal["auto", "pallas", "reference", "xla", "pallas_tpu", "pallas_gpu", "shift"]
+RetrieveImpl = Literal[
+    "auto", "pallas", "reference", "xla", "pallas_tpu", "pallas_gpu", "pallas_mosaic_gpu", "shift"
+]
 # (logical axis name, mesh axes): a parameter or activation dimension with that logical name is
 # sharded over those mesh axes (`mosaics_jax.sharding`).
 AxisRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]

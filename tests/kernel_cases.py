@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src import mesh as mesh_lib
 
 from kernels_pallas.reference import retrieve_reference
 
@@ -30,6 +31,7 @@ B, H = 2, 2
 TOLERANCES = {
     jnp.dtype(jnp.float32): (1e-5, 2e-4),
     jnp.dtype(jnp.bfloat16): (2e-2, 5e-2),
+    jnp.dtype(jnp.float16): (5e-3, 1e-2),
 }
 
 
@@ -165,6 +167,17 @@ def assert_matches(actual, expected, dtype=jnp.float32):
   assert_gradients_match(actual, expected, dtype)
 
 
+def lowered_for_h100(fn, args) -> str:
+  """The text of `fn` jitted and lowered on `args` for a CUDA H100, on any host (no GPU needed).
+
+  jax >= 0.12 reads the target GPU from the abstract mesh when the host has none.
+  """
+  h100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="cuda")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)
+  with jax.sharding.use_abstract_mesh(mesh):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def positions_in_documents(segment_ids, batch, seq_len):
   """[b, t] position of every token in its document (in its row when segment_ids is None)."""
   t = np.broadcast_to(np.arange(seq_len), (batch, seq_len))
@@ -189,59 +202,64 @@ def assert_empty_rows_are_zero(actual, lo, segment_ids):
     assert np.isfinite(np.asarray(g)).all()
 
 
-def assert_traced_lo_compiles_once(op, case, los, dims, batch=B, seed=4):
+def assert_traced_lo_compiles_once(op, case, los, dims, batch=B, seed=4, dtype=jnp.float32):
   """Every lo in `los` through one jitted function: op matches the reference at each (on case's
-  seq_len, hi and documents, its lo replaced) and is traced once."""
+  seq_len, hi and documents, its lo replaced, inputs in `dtype`) and is traced once."""
   traces = []
 
   def counted(*args, **kwargs):
     traces.append(kwargs["lo"])
     return op(*args, **kwargs)
 
-  args = inputs(seed, case.seq_len, dims, batch=batch)
+  args = inputs(seed, case.seq_len, dims, batch=batch, dtype=dtype)
   segment_ids = None if case.segment_ids is None else case.segment_ids[:batch]
   for lo in los:
-    assert_matches(*compare(counted, args, lo, case.hi, segment_ids))
+    assert_matches(*compare(counted, args, lo, case.hi, segment_ids), dtype)
   assert len(traces) == 1
 
 
-def assert_gradients_stable_with_huge_key_norms(op, scale, dims, seq_len=256):
-  """v1 with keys that are their own queries, of norm `scale` (q . k up to scale ** 2): op's
-  gradients in k and v are finite and within 1e-3 of the reference's."""
+def assert_gradients_stable_with_huge_key_norms(
+    op, scale, dims, seq_len=256, dtype=jnp.float32, tol=1e-3
+):
+  """v1 with keys that are their own queries, of norm `scale` (q . k up to scale ** 2), in
+  `dtype`: op's gradients in k and v are finite and within `tol` of the reference's."""
   q, _, v, cotangent = inputs(6, seq_len, dims)
-  k = q / jnp.linalg.norm(q, axis=-1, keepdims=True) * scale
+  k = (q / jnp.linalg.norm(q, axis=-1, keepdims=True) * scale).astype(dtype)
+  v, cotangent = v.astype(dtype), cotangent.astype(dtype)
 
   def grads(op):
     loss = lambda k, v: jnp.sum(op(k, k, v, lo=1, hi=None) * cotangent)
     return jax.jit(jax.grad(loss, argnums=(0, 1)))(k, v)
 
   for actual, expected in zip(grads(op), grads(retrieve_reference)):
-    assert_close(actual, expected, 1e-3)
+    assert_close(actual, expected, tol)
 
 
 class ReferenceTests:
   """The tests every implementation passes against the reference on `CASES`.
 
   A test file subclasses it as a class named Test*, setting `op`, the retrieve function under
-  test (as a staticmethod), `dims`, the head dims (d, e), and `static_lo`, whether lo is passed
-  as a Python int rather than traced.
+  test (as a staticmethod), `dims`, the head dims (d, e), `static_lo`, whether lo is passed
+  as a Python int rather than traced, and `dtype`, that of the inputs of the band cases (with
+  its tolerances).
   """
 
   op: Callable[..., jax.Array]
   dims: tuple[int, int]
   static_lo: bool = False
+  dtype: jnp.dtype = jnp.float32
 
-  def case_results(self, name, dtype=jnp.float32):
-    """`results` of `op` on CASES[name]."""
-    return results(self.op, name, self.dims, dtype, self.static_lo)
+  def case_results(self, name, dtype=None):
+    """`results` of `op` on CASES[name] (inputs in `dtype`, default the class's)."""
+    return results(self.op, name, self.dims, dtype or self.dtype, self.static_lo)
 
   @pytest.mark.parametrize("name", CASES)
   def test_forward_matches_reference(self, name):
-    assert_forward_matches(*self.case_results(name))
+    assert_forward_matches(*self.case_results(name), self.dtype)
 
   @pytest.mark.parametrize("name", CASES)
   def test_gradients_match_reference(self, name):
-    assert_gradients_match(*self.case_results(name))
+    assert_gradients_match(*self.case_results(name), self.dtype)
 
   @pytest.mark.parametrize("name", CASES)
   def test_empty_rows_are_exactly_zero_with_finite_gradients(self, name):

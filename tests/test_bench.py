@@ -227,6 +227,11 @@ def test_kernels_rejects_impls_foreign_to_the_backend(capsys):
   assert "pallas_tpu" not in bench_kernels.available_impls("cpu")
   assert "pallas_tpu" in bench_kernels.available_impls("tpu")
   assert bench_kernels.impl_unavailable_reason("pallas_tpu", "gpu") == "runs on tpu only"
+  assert "pallas_mosaic_gpu" in bench_kernels.available_impls("gpu", "bfloat16")
+  assert "pallas_mosaic_gpu" not in bench_kernels.available_impls("gpu", "float32")
+  assert "pallas_gpu" in bench_kernels.available_impls("gpu", "float32")
+  reason = bench_kernels.impl_unavailable_reason("pallas_mosaic_gpu", "gpu", "float32")
+  assert reason == "takes bfloat16 and float16 inputs only"
   if jax.default_backend() == "cpu":
     assert bench.main([*KERNELS_ARGS, "--impls", "pallas_tpu"]) == 2
     assert "interpret mode on CPU is not a benchmark" in capsys.readouterr().err

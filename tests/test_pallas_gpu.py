@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax._src import mesh as mesh_lib
 
 from kernels_pallas import BlockSelection, pallas_gpu, retrieve_selected, select_blocks
 
@@ -158,13 +157,7 @@ def test_lowers_to_triton(dtype):
       jax.ShapeDtypeStruct((), jnp.int32),
       segment_ids,
   ]
-  # jax >= 0.12 reads the target GPU from the abstract mesh when the host has none.
-  h100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="cuda")
-  with jax.sharding.use_abstract_mesh(
-      jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)
-  ):
-    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
-  assert lowered.as_text().count("xla.gpu.triton") == 3
+  assert kc.lowered_for_h100(fn, args).count("xla.gpu.triton") == 3
 
 
 def test_selected_kernels_lower_to_triton():
@@ -194,12 +187,7 @@ def test_selected_kernels_lower_to_triton():
       jax.ShapeDtypeStruct((), jnp.int32),
       jax.ShapeDtypeStruct((B, seq_len), jnp.int32),
   ]
-  h100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="cuda")
-  with jax.sharding.use_abstract_mesh(
-      jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)
-  ):
-    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
-  assert lowered.as_text().count("xla.gpu.triton") == 3
+  assert kc.lowered_for_h100(fn, args).count("xla.gpu.triton") == 3
 
 
 @pytest.mark.gpu

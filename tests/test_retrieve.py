@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import kernels_pallas
-from kernels_pallas import IMPLEMENTATIONS, retrieve, visible_counts, xla
+from kernels_pallas import IMPLEMENTATIONS, pallas_mosaic_gpu, retrieve, visible_counts, xla
 from kernels_pallas.retrieve import resolve_impl
 from kernels_pallas.xla import retrieve_xla
 
@@ -29,6 +29,9 @@ DIMS = (D, E)
 # The Pallas GPU kernel needs a power of two >= 16; the library attention tiles time itself.
 BLOCKS = {"reference": None, "xla": 8, "pallas_tpu": 8, "pallas_gpu": 16, "shift": None}
 IMPLS = tuple(BLOCKS)
+# The Mosaic GPU kernels take 16-bit inputs only (tests/test_pallas_mosaic_gpu.py), in blocks of
+# 64 or more: T = 37 is one block, padded.
+SIXTEEN_BIT_BLOCKS = {"pallas_mosaic_gpu": 64}
 FAST_IMPLS = IMPLS[1:]  # Every implementation but the reference.
 BLOCK = BLOCKS["xla"]
 
@@ -320,12 +323,14 @@ def test_gradients_with_huge_key_norms(impl, scale, block_size):
   kc.assert_gradients_stable_with_huge_key_norms(op, scale, DIMS, seq_len=T)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", [*IMPLS, *SIXTEEN_BIT_BLOCKS])
 def test_bfloat16_inputs(impl):
+  if impl == "pallas_mosaic_gpu" and not pallas_mosaic_gpu.can_run():
+    pytest.skip("needs a GPU or the Mosaic GPU interpreter (jax>=0.12)")
   case = CASES["v1_packed"]
   args = _inputs(8, dtype=jnp.bfloat16)
   q, k, v, _ = args
-  actual = _run(impl, case, args)
+  actual = _run(impl, case, args, {**BLOCKS, **SIXTEEN_BIT_BLOCKS}[impl])
   assert actual[0].dtype == jnp.bfloat16
   kc.assert_close(actual[0], _oracle(q, k, v, case.lo, case.hi, case.segment_ids), 3e-2)
   widened = tuple(x.astype(jnp.float32) for x in args)
@@ -359,7 +364,7 @@ def test_auto_on_cpu_is_xla():
 
 
 def test_implementations_table():
-  assert set(IMPLEMENTATIONS) == set(IMPLS)
+  assert set(IMPLEMENTATIONS) == {*IMPLS, *SIXTEEN_BIT_BLOCKS}
   assert kernels_pallas.retrieve is retrieve
 
 

@@ -87,6 +87,10 @@ DRY_RUN = Sizes(
     correctness=("-k", "forward_matches_oracle and v1"),
 )
 # Seconds per step: the whole check stops within TOTAL_BUDGET_S, 8 minutes.
+# The tests of the GPU kernels (Triton, then Mosaic GPU), run against the reference on a GPU.
+GPU_KERNEL_TESTS = ("tests/test_pallas_gpu.py", "tests/test_pallas_mosaic_gpu.py")
+# The kernels whose targets the summary judges, per backend.
+KERNELS = {"gpu": ("pallas_gpu", "pallas_mosaic_gpu"), "tpu": ("pallas_tpu",)}
 BUDGETS = {"device_tests": 60, "correctness": 90, "kernels": 50, "train": 60, "decode": 40}
 TOTAL_BUDGET_S = 480.0
 
@@ -97,10 +101,10 @@ def plan(out: pathlib.Path, backend: str, dry_run: bool = False) -> list[Step]:
   bench = (sys.executable, "-m", "mosaics_jax.cli.bench")
   pytest = (sys.executable, "-m", "pytest", "-p", "no:xdist", "-q", "-p", "no:cacheprovider")
   marker = "gpu or tpu" if dry_run else {"gpu": "gpu", "tpu": "tpu"}.get(backend, "gpu or tpu")
-  kernel_tests = ["tests/test_pallas_gpu.py"] if backend == "gpu" else []
+  kernel_tests = list(GPU_KERNEL_TESTS) if backend == "gpu" else []
   tests = {
       "device_tests": (
-          *("-m", marker, "tests/test_pallas_gpu.py", "tests/test_pallas_tpu.py"),
+          *("-m", marker, *GPU_KERNEL_TESTS, "tests/test_pallas_tpu.py"),
           "tests/test_aot.py",
       ),
       "correctness": ("tests/test_retrieve.py", *kernel_tests, *sizes.correctness),
@@ -261,30 +265,32 @@ def _kernel_rows(out: pathlib.Path) -> list[dict]:
 
 
 def _summary(out: pathlib.Path, backend: str, dry_run: bool, results: list[StepResult]) -> dict:
-  kernel_impl = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend, "pallas_gpu")
+  kernels = KERNELS.get(backend, ("pallas_gpu",))
   rows = _kernel_rows(out)
-  verdicts = [v for t in targets() for v in judge(t, kernel_impl, rows)]
-  verdicts += judge_memory(kernel_impl, rows)
+  verdicts = []
+  for kernel in kernels:
+    found = [v for t in targets() for v in judge(t, kernel, rows)] + judge_memory(kernel, rows)
+    verdicts += [{"kernel": kernel, **v} for v in found]
   summary = {
       "backend": backend,
       "dry_run": dry_run,
-      "kernel": kernel_impl,
+      "kernels": list(kernels),
       "steps": [dataclasses.asdict(r) for r in results],
       "targets": verdicts,
   }
   (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
   lines = [
       f"accelerator check on {backend}{' (dry run: tiny sizes)' if dry_run else ''},"
-      f" kernel {kernel_impl}",
+      f" kernels {', '.join(kernels)}",
       "",
       "| step | status | seconds |",
       "|---|---|---:|",
       *(f"| {r.name} | {r.status} | {r.seconds:.1f} |" for r in results),
       "",
-      f"| target ({kernel_impl} time / baseline time) | head dim | ratio | verdict |",
-      "|---|---:|---:|---|",
+      "| kernel | target (kernel time / baseline time) | head dim | ratio | verdict |",
+      "|---|---|---:|---:|---|",
       *(
-          f"| {v['target']} | {v['head_dim'] or '-'} |"
+          f"| {v['kernel']} | {v['target']} | {v['head_dim'] or '-'} |"
           f" {'-' if v['ratio'] is None else format(v['ratio'], '.3f')} | {v['verdict']} |"
           for v in verdicts
       ),

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kernels_pallas
-from kernels_pallas import shift
+from kernels_pallas import pallas_mosaic_gpu, shift
 from mosaics_jax.analysis import timing as timing_lib
 
 KERNEL_BANDS = {
@@ -26,7 +26,9 @@ KERNEL_BANDS = {
 }
 # Implementations that exist for one backend only. Off it they would not run, or (Pallas kernels on
 # CPU) run in interpret mode, which is a correctness tool and not a benchmark.
-_BACKEND_ONLY = {"pallas_tpu": ("tpu",), "pallas_gpu": ("gpu",)}
+_BACKEND_ONLY = {"pallas_tpu": ("tpu",), "pallas_gpu": ("gpu",), "pallas_mosaic_gpu": ("gpu",)}
+# Implementations that take some input dtypes only.
+_DTYPES_ONLY = {"pallas_mosaic_gpu": pallas_mosaic_gpu.DTYPES}
 # Score-sized float32 buffers alive at the peak of a dense forward+backward: the compiled peak of
 # "reference" is 4.5 and that of "shift" over XLA attention 5.6 of them at T = 512 on CPU.
 DENSE_SCORE_COPIES = 6
@@ -34,8 +36,12 @@ DENSE_SCORE_COPIES = 6
 DEFAULT_MAX_DENSE_GB = 16.0
 
 
-def impl_unavailable_reason(impl: str, backend: str) -> str | None:
-  """Why `impl` is not benchmarked on `backend` ("cpu", "gpu" or "tpu"), or None if it is."""
+def impl_unavailable_reason(impl: str, backend: str, dtype: Any = None) -> str | None:
+  """Why `impl` is not benchmarked on `backend` ("cpu", "gpu" or "tpu") with inputs of `dtype`
+  (None: any), or None if it is."""
+  dtypes = _DTYPES_ONLY.get(impl)
+  if dtype is not None and dtypes is not None and jnp.dtype(dtype) not in dtypes:
+    return f"takes {' and '.join(d.name for d in dtypes)} inputs only"
   backends = _BACKEND_ONLY.get(impl)
   if backends is None or backend in backends:
     return None
@@ -44,10 +50,10 @@ def impl_unavailable_reason(impl: str, backend: str) -> str | None:
   return f"runs on {' and '.join(backends)} only"
 
 
-def available_impls(backend: str) -> list[str]:
-  """The names in `kernels_pallas.IMPLEMENTATIONS` benchmarked on `backend`."""
+def available_impls(backend: str, dtype: Any = None) -> list[str]:
+  """The names in `kernels_pallas.IMPLEMENTATIONS` benchmarked on `backend` with `dtype`."""
   names = sorted(kernels_pallas.IMPLEMENTATIONS)
-  return [name for name in names if impl_unavailable_reason(name, backend) is None]
+  return [name for name in names if impl_unavailable_reason(name, backend, dtype) is None]
 
 
 def dense_bytes(
@@ -217,7 +223,7 @@ def format_kernel_row(r: KernelRow) -> str:
   return "| " + " | ".join(cells) + " |"
 
 
-def kernels_footer(backend: str, max_dense_bytes: float) -> str:
+def kernels_footer(backend: str, max_dense_bytes: float, dtype: Any = None) -> str:
   lines = [
       "",
       "Useful FLOPs count the pairs inside the band only: 4 d per pair and head forward (q . k and"
@@ -229,7 +235,7 @@ def kernels_footer(backend: str, max_dense_bytes: float) -> str:
   unavailable = {
       impl: reason
       for impl in sorted(kernels_pallas.IMPLEMENTATIONS)
-      if (reason := impl_unavailable_reason(impl, backend))
+      if (reason := impl_unavailable_reason(impl, backend, dtype))
   }
   if unavailable:
     listed = "; ".join(f"{impl} ({reason})" for impl, reason in unavailable.items())

@@ -176,9 +176,9 @@ def _kernels(args: argparse.Namespace) -> int:
     except aot.AotError as e:
       return common.fail("mosaics-bench", e)
   backend = jax.default_backend() if target is None else target.platform
-  impls = args.impls or bench_kernels.available_impls(backend)
+  impls = args.impls or bench_kernels.available_impls(backend, args.dtype)
   for impl in impls:
-    if reason := bench_kernels.impl_unavailable_reason(impl, backend):
+    if reason := bench_kernels.impl_unavailable_reason(impl, backend, args.dtype):
       return common.fail("mosaics-bench", f"{impl} is not benchmarked on {backend}: {reason}")
   device_bytes = (
       bench_kernels.device_memory_bytes() if target is None else aot.hbm_per_device([target])
@@ -218,7 +218,7 @@ def _kernels(args: argparse.Namespace) -> int:
     print(bench_kernels.format_kernel_row(row), flush=True)
     measured.append(row)
     _write_json(args.json, measured)  # Row by row: a run stopped early keeps what it measured.
-  print(bench_kernels.kernels_footer(backend, max_dense_bytes))
+  print(bench_kernels.kernels_footer(backend, max_dense_bytes, args.dtype))
   return 0
 
 
