@@ -29,8 +29,9 @@ v1's scores do not survive, so float32 is refused (`pallas_gpu` and `xla` take i
 
 Off GPU the kernels run in Pallas's Mosaic GPU interpreter (`plgpu.InterpretGPUParams`, public
 from jax 0.12), which simulates shared memory, TMA, barriers and the MMAs on the CPU; the CPU
-tests run them there and lower them for an H100 (no GPU needed). A block selection is not
-supported here (`retrieve_selected` takes `pallas_gpu`).
+tests run them there and lower them for an H100 (no GPU needed). A block selection is read by the
+same kernels (`retrieve_pallas_mosaic_gpu_selected`), as in `pallas_gpu`: they visit lists of
+blocks instead of ranges and mask the rows that did not select a block.
 
 Axis legend: b = batch, t = query time, s = key time, h = heads, d = head dim of q and k,
 e = head dim of v, n = blocks, i = query rows of a block, j = key columns of a block.
@@ -49,7 +50,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
-from kernels_pallas import bands, blocks
+from kernels_pallas import bands, blocks, select
 
 # Rows of one warpgroup MMA: B is a multiple of it. One warpgroup per program keeps the register
 # budget of the backward's four [B, B] float32 tiles (s, p, dp, ds) at B = 64.
@@ -78,6 +79,8 @@ class _Config:
     num_blocks: blocks of the padded sequence.
     segmented: whether document ids are passed.
     interpret: whether to run Pallas's Mosaic GPU interpreter instead of compiling.
+    selected: whether the kernels visit listed blocks of a block selection (`blocks.Visits`)
+      instead of ranges, and mask the rows that did not select a block.
   """
 
   block: int
@@ -85,6 +88,7 @@ class _Config:
   num_blocks: int
   segmented: bool
   interpret: bool
+  selected: bool = False
 
 
 def can_run(backend: str | None = None) -> bool:
@@ -192,41 +196,129 @@ def _pipelined_loop(count: Int[Array, ""], fetch: Any, slots: list[Any], compute
   return jax.lax.fori_loop(0, count, body, init)
 
 
-def _tile_mask(
-    config: _Config,
-    lo: Int[Array, ""],
-    query_block: Int[Array, ""],
-    key_block: Int[Array, ""],
-    q_segments: Int[Array, " i"] | None,
-    k_segments: Int[Array, " j"] | None,
-) -> Bool[Array, "i j"]:
-  """The band and document mask of a tile (`blocks.tile_mask` on whole [B, B] index tiles)."""
-  shape = (config.block, config.block)
-  t = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=_LAYOUT) + query_block * config.block
-  s = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=_LAYOUT) + key_block * config.block
-  if q_segments is None:
-    return blocks.tile_mask(t, s, lo, config.hi)
-  return blocks.tile_mask(
-      t,
-      s,
-      lo,
-      config.hi,
-      _per_row(q_segments, config.block),
-      jax.lax.broadcast_in_dim(k_segments, shape, [1]),
-  )
-
-
 def _block_rows(index: Int[Array, ""], block: int) -> pl.Slice:
   """Positions [index * B, (index + 1) * B)."""
   return pl.ds(index * block, block)
 
 
+class _Visits:
+  """The blocks of the other side a program visits: the live range first + [0, count) of
+  `blocks.schedule` ([b, n] tables), or with a block selection the listed blocks ([b, h, n] counts
+  and [b, h, n, w] lists of `blocks.selected_visits`)."""
+
+  def __init__(self, config: _Config, count_ref: Any, table_ref: Any, n, b, h):
+    if config.selected:
+      self.count = count_ref[b, h, n]
+      self._block_at = lambda step: table_ref[b, h, n, step]
+    else:
+      self.count, first = count_ref[b, n], table_ref[b, n]
+      self._block_at = lambda step: first + step
+
+  def block(self, step: bands.IntLike) -> Int[Array, ""]:
+    """The block visited at `step` < count."""
+    return self._block_at(step)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Extras:
+  """The int32 per-position inputs beside the tiles, in shared memory: the document ids [b, t]
+  (segmented), and with a block selection the queries' selected blocks, transposed to [b, h, k, t]
+  (-1 for none). Each kernel copies those of its own block once and those of every visited block
+  into slots; `query_major` says whether its own block is a query block (forward, dq) or a key
+  block (dkv). A shared-memory buffer is read in one register layout (`_ROWS` for queries,
+  `_COLUMNS` for keys), so own and visited document ids have buffers apart."""
+
+  config: _Config
+  query_major: bool
+  segment_ref: Any
+  chosen_ref: Any
+
+  @property
+  def _width(self) -> int:
+    return self.chosen_ref.shape[2]
+
+  def scratch(self) -> dict[str, Any]:
+    """The shared memory to allocate (keyword arguments of `pl.run_scoped`)."""
+    block, found = self.config.block, {}
+    if self.config.segmented:
+      found.update(
+          own_seg=plgpu.SMEM((block,), jnp.int32), other_seg=plgpu.SMEM((SLOTS, block), jnp.int32)
+      )
+    if self.config.selected:
+      shape = (self._width, block) if self.query_major else (SLOTS, self._width, block)
+      found.update(chosen=plgpu.SMEM(shape, jnp.int32))
+    return found
+
+  def own_pairs(self, smem: dict, b, h, rows: pl.Slice) -> list[tuple[Any, Any]]:
+    """(global, shared) copies of the own block's extras."""
+    pairs = []
+    if self.config.segmented:
+      pairs.append((self.segment_ref.at[b, rows], smem["own_seg"]))
+    if self.config.selected and self.query_major:
+      pairs.append((self.chosen_ref.at[b, h, :, rows], smem["chosen"]))
+    return pairs
+
+  def other_pairs(self, smem: dict, b, h, rows: pl.Slice) -> list[tuple[Any, Any]]:
+    """(global, shared with a slot axis) copies of a visited block's extras."""
+    pairs = []
+    if self.config.segmented:
+      pairs.append((self.segment_ref.at[b, rows], smem["other_seg"]))
+    if self.config.selected and not self.query_major:
+      pairs.append((self.chosen_ref.at[b, h, :, rows], smem["chosen"]))
+    return pairs
+
+  def count(self, own: bool) -> int:
+    """How many copies `own_pairs` (or `other_pairs`) makes."""
+    chosen = self.config.selected and self.query_major == own
+    return int(self.config.segmented) + int(chosen)
+
+  def mask(
+      self, smem: dict, lo: Int[Array, ""], own: Int[Array, ""], other: Int[Array, ""], slot
+  ) -> Bool[Array, "i j"]:
+    """The mask of the tile of the own block and the other block visited in `slot`: the band
+    (`blocks.tile_mask` on whole [B, B] index tiles), the documents, and with a block selection
+    the rows that selected the key block."""
+    config, shape = self.config, (self.config.block, self.config.block)
+    query_block, key_block = (own, other) if self.query_major else (other, own)
+    t = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=_LAYOUT) + query_block * config.block
+    s = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=_LAYOUT) + key_block * config.block
+    segments = ()
+    if config.segmented:
+      own_seg, other_seg = smem["own_seg"], smem["other_seg"].at[slot]
+      q_seg, k_seg = (own_seg, other_seg) if self.query_major else (other_seg, own_seg)
+      segments = (
+          _per_row(plgpu.load(q_seg, layout=_ROWS), config.block),
+          jax.lax.broadcast_in_dim(plgpu.load(k_seg, layout=_COLUMNS), shape, [1]),
+      )
+    mask = blocks.tile_mask(t, s, lo, config.hi, *segments)
+    if not config.selected:
+      return mask
+    chosen = smem["chosen"] if self.query_major else smem["chosen"].at[slot]
+    # A sum of matches, as `pallas_gpu._rows_that_chose` (one per selected block of each row).
+    hits = sum(
+        (plgpu.load(chosen.at[i], layout=_ROWS) == key_block).astype(jnp.int32)
+        for i in range(self._width)
+    )
+    return mask & (_per_row(hits, config.block) > 0)
+
+
+def _split_refs(config: _Config, refs: tuple[Any, ...]) -> tuple[Any, Any, tuple[Any, ...]]:
+  """(the document ids' ref or None, the selected blocks' ref or None, the output refs) from a
+  kernel's trailing refs."""
+  segment_ref = chosen_ref = None
+  if config.segmented:
+    segment_ref, refs = refs[0], refs[1:]
+  if config.selected:
+    chosen_ref, refs = refs[0], refs[1:]
+  return segment_ref, chosen_ref, refs
+
+
 # ----------------------------------------------------------------------------------- the kernels
 #
-# Every kernel takes lo, the live-block ranges (count, first) of its side [b, n], its inputs
-# ([b, t, h, width] arrays and [b, h, t] per-row statistics), the document ids [b, t] when
-# segmented, then its outputs. Program (n, b, h) owns block n of batch row b and head h. Shared
-# memory is allocated with `pl.run_scoped`; the other side's tiles have a leading slot axis.
+# Every kernel takes lo, the blocks its side visits (`_Visits`), its inputs ([b, t, h, width]
+# arrays and [b, h, t] per-row statistics), the extras (`_Extras`), then its outputs. Program
+# (n, b, h) owns block n of batch row b and head h. Shared memory is allocated with
+# `pl.run_scoped`; the other side's tiles have a leading slot axis.
 
 
 def _program() -> tuple[Int[Array, ""], Int[Array, ""], Int[Array, ""]]:
@@ -234,51 +326,50 @@ def _program() -> tuple[Int[Array, ""], Int[Array, ""], Int[Array, ""]]:
   return jax.lax.axis_index("n"), jax.lax.axis_index("b"), jax.lax.axis_index("h")
 
 
-def _forward_kernel(lo_ref, count_ref, first_ref, q_ref, k_ref, v_ref, *refs, config: _Config):
-  """Folds the live key blocks of one query block into y and its per-row (max, sum)."""
-  segment_ref, (y_ref, max_ref, sum_ref) = (refs[0], refs[1:]) if config.segmented else (None, refs)
+def _barriers(count: int) -> Any:
+  """One barrier for each of `count` copies of the own block, each awaited once."""
+  return plgpu.Barrier(num_arrivals=1, num_barriers=count)
+
+
+def _slot_barriers(count: int) -> list[Any]:
+  """One array of SLOTS barriers for each of `count` copies of a visited block."""
+  return [plgpu.Barrier(num_arrivals=1, num_barriers=SLOTS) for _ in range(count)]
+
+
+def _forward_kernel(lo_ref, count_ref, table_ref, q_ref, k_ref, v_ref, *refs, config: _Config):
+  """Folds the visited key blocks of one query block into y and its per-row (max, sum)."""
+  segment_ref, chosen_ref, (y_ref, max_ref, sum_ref) = _split_refs(config, refs)
   n, b, h = _program()
   block, lo = config.block, lo_ref[0]
   dim, value_dim = q_ref.shape[-1], v_ref.shape[-1]
   dtype = q_ref.dtype
   own = _block_rows(n, block)
-  count, first = count_ref[b, n], first_ref[b, n]
-  slot_shape = lambda width, dt=dtype: plgpu.SMEM((SLOTS, block, width), dt)
+  visits = _Visits(config, count_ref, table_ref, n, b, h)
+  extras = _Extras(config, True, segment_ref, chosen_ref)
   scratch = dict(
       q=plgpu.SMEM((block, dim), dtype),
-      k=slot_shape(dim),
-      v=slot_shape(value_dim),
+      k=plgpu.SMEM((SLOTS, block, dim), dtype),
+      v=plgpu.SMEM((SLOTS, block, value_dim), dtype),
       p=plgpu.SMEM((block, block), dtype),
       y=plgpu.SMEM((block, value_dim), dtype),
       row_max=plgpu.SMEM((block,), jnp.float32),
       row_sum=plgpu.SMEM((block,), jnp.float32),
-      own_barriers=plgpu.Barrier(num_arrivals=1, num_barriers=2),
-      slot_barriers=[plgpu.Barrier(num_arrivals=1, num_barriers=SLOTS)] * (2 + config.segmented),
+      own_barriers=_barriers(1 + extras.count(own=True)),
+      slot_barriers=_slot_barriers(2 + extras.count(own=False)),
+      **extras.scratch(),
   )
-  if config.segmented:
-    scratch.update(
-        q_seg=plgpu.SMEM((block,), jnp.int32), k_seg=plgpu.SMEM((SLOTS, block), jnp.int32)
-    )
 
-  def scoped(q, k, v, p, y, row_max, row_sum, own_barriers, slot_barriers, q_seg=None, k_seg=None):
-    own_pairs = [(q_ref.at[b, own, h], q)]
-    if config.segmented:
-      own_pairs.append((segment_ref.at[b, own], q_seg))
-    _fetch_now(own_pairs, own_barriers)
-    q_segments = plgpu.load(q_seg, layout=_ROWS) if config.segmented else None
+  def scoped(q, k, v, p, y, row_max, row_sum, own_barriers, slot_barriers, **smem):
+    _fetch_now([(q_ref.at[b, own, h], q), *extras.own_pairs(smem, b, h, own)], own_barriers)
 
     def fetch(step):
-      keys = _block_rows(first + step, block)
+      keys = _block_rows(visits.block(step), block)
       pairs = [(k_ref.at[b, keys, h], k), (v_ref.at[b, keys, h], v)]
-      if config.segmented:
-        pairs.append((segment_ref.at[b, keys], k_seg))
-      return pairs
+      return pairs + extras.other_pairs(smem, b, h, keys)
 
     def fold(step, slot, carry):
       running_max, running_sum, acc = carry
-      key_block = first + step
-      k_segments = plgpu.load(k_seg.at[slot], layout=_COLUMNS) if config.segmented else None
-      mask = _tile_mask(config, lo, n, key_block, q_segments, k_segments)
+      mask = extras.mask(smem, lo, n, visits.block(step), slot)
       scores = _product(q, k.at[slot].transpose((1, 0)), (block, block))
       # `blocks.online_softmax_update`, on per-row vectors and with p . v as a warpgroup MMA.
       scores = jnp.where(mask, scores, -jnp.inf)
@@ -298,7 +389,7 @@ def _forward_kernel(lo_ref, count_ref, first_ref, q_ref, k_ref, v_ref, *refs, co
         plgpu.layout_cast(jnp.zeros((block, value_dim), jnp.float32), _LAYOUT),
     )
     # A query block with no live key block runs no step and writes the empty rows' zeros.
-    running_max, running_sum, acc = _pipelined_loop(count, fetch, slot_barriers, fold, init)
+    running_max, running_sum, acc = _pipelined_loop(visits.count, fetch, slot_barriers, fold, init)
     # `blocks.finish`: empty rows output 0 and save max 0 and sum 1.
     nonempty = running_sum > 0
     safe_sum = jnp.where(nonempty, running_sum, 1.0)
@@ -322,16 +413,17 @@ def _probabilities(
 
 
 def _dq_kernel(
-    lo_ref, count_ref, first_ref, q_ref, k_ref, v_ref, dy_ref, max_ref, sum_ref, *refs, config
+    lo_ref, count_ref, table_ref, q_ref, k_ref, v_ref, dy_ref, max_ref, sum_ref, *refs, config
 ):
   """D = sum_s p dp, then dq = sum_s p (dp - D) k, for the rows of one query block."""
-  segment_ref, (dq_ref, correction_ref) = (refs[0], refs[1:]) if config.segmented else (None, refs)
+  segment_ref, chosen_ref, (dq_ref, correction_ref) = _split_refs(config, refs)
   n, b, h = _program()
   block, lo = config.block, lo_ref[0]
   dim, value_dim = q_ref.shape[-1], v_ref.shape[-1]
   dtype = q_ref.dtype
   own = _block_rows(n, block)
-  count, first = count_ref[b, n], first_ref[b, n]
+  visits = _Visits(config, count_ref, table_ref, n, b, h)
+  extras = _Extras(config, True, segment_ref, chosen_ref)
   scratch = dict(
       q=plgpu.SMEM((block, dim), dtype),
       dy=plgpu.SMEM((block, value_dim), dtype),
@@ -341,52 +433,30 @@ def _dq_kernel(
       v=plgpu.SMEM((SLOTS, block, value_dim), dtype),
       ds=plgpu.SMEM((block, block), dtype),
       correction=plgpu.SMEM((block,), jnp.float32),
-      own_barriers=plgpu.Barrier(num_arrivals=1, num_barriers=4 + config.segmented),
-      slot_barriers=[plgpu.Barrier(num_arrivals=1, num_barriers=SLOTS)] * (2 + config.segmented),
+      own_barriers=_barriers(4 + extras.count(own=True)),
+      slot_barriers=_slot_barriers(2 + extras.count(own=False)),
+      **extras.scratch(),
   )
-  if config.segmented:
-    scratch.update(
-        q_seg=plgpu.SMEM((block,), jnp.int32), k_seg=plgpu.SMEM((SLOTS, block), jnp.int32)
-    )
 
-  def scoped(
-      q,
-      dy,
-      row_max,
-      row_sum,
-      k,
-      v,
-      ds,
-      correction,
-      own_barriers,
-      slot_barriers,
-      q_seg=None,
-      k_seg=None,
-  ):
+  def scoped(q, dy, row_max, row_sum, k, v, ds, correction, own_barriers, slot_barriers, **smem):
     own_pairs = [
         (q_ref.at[b, own, h], q),
         (dy_ref.at[b, own, h], dy),
         (max_ref.at[b, h, own], row_max),
         (sum_ref.at[b, h, own], row_sum),
     ]
-    if config.segmented:
-      own_pairs.append((segment_ref.at[b, own], q_seg))
-    _fetch_now(own_pairs, own_barriers)
-    q_segments = plgpu.load(q_seg, layout=_ROWS) if config.segmented else None
+    _fetch_now(own_pairs + extras.own_pairs(smem, b, h, own), own_barriers)
     saved_max = plgpu.load(row_max, layout=_ROWS)
     saved_sum = plgpu.load(row_sum, layout=_ROWS)
 
     def fetch(step):
-      keys = _block_rows(first + step, block)
+      keys = _block_rows(visits.block(step), block)
       pairs = [(k_ref.at[b, keys, h], k), (v_ref.at[b, keys, h], v)]
-      if config.segmented:
-        pairs.append((segment_ref.at[b, keys], k_seg))
-      return pairs
+      return pairs + extras.other_pairs(smem, b, h, keys)
 
     def tile(step, slot):
       """The step's p and dp = dy . v^T (float32)."""
-      k_segments = plgpu.load(k_seg.at[slot], layout=_COLUMNS) if config.segmented else None
-      mask = _tile_mask(config, lo, n, first + step, q_segments, k_segments)
+      mask = extras.mask(smem, lo, n, visits.block(step), slot)
       scores = _product(q, k.at[slot].transpose((1, 0)), (block, block))
       p = _probabilities(scores, mask, saved_max, saved_sum)
       return p, _product(dy, v.at[slot].transpose((1, 0)), (block, block))
@@ -396,7 +466,7 @@ def _dq_kernel(
       return total + (p * dp).sum(axis=1)
 
     zeros = plgpu.layout_cast(jnp.zeros((block,), jnp.float32), _ROWS)
-    total = _pipelined_loop(count, fetch, slot_barriers, add_correction, zeros)
+    total = _pipelined_loop(visits.count, fetch, slot_barriers, add_correction, zeros)
 
     def add_dq(step, slot, dq):
       p, dp = tile(step, slot)
@@ -405,7 +475,7 @@ def _dq_kernel(
       return dq + _product(ds, k.at[slot], (block, dim))
 
     zeros = plgpu.layout_cast(jnp.zeros((block, dim), jnp.float32), _LAYOUT)
-    dq = _pipelined_loop(count, fetch, slot_barriers, add_dq, zeros)
+    dq = _pipelined_loop(visits.count, fetch, slot_barriers, add_dq, zeros)
     # q's tile is read for the last time above: dq reuses its shared memory.
     _store(dq, q, dq_ref.at[b, own, h])
     _store(total, correction, correction_ref.at[b, h, own])
@@ -417,7 +487,7 @@ def _dq_kernel(
 def _dkv_kernel(
     lo_ref,
     count_ref,
-    first_ref,
+    table_ref,
     q_ref,
     k_ref,
     v_ref,
@@ -429,55 +499,35 @@ def _dkv_kernel(
     config,
 ):
   """dk = sum_t p (dp - D) q and dv = sum_t p dy for the columns of one key block."""
-  segment_ref, (dk_ref, dv_ref) = (refs[0], refs[1:]) if config.segmented else (None, refs)
+  segment_ref, chosen_ref, (dk_ref, dv_ref) = _split_refs(config, refs)
   n, b, h = _program()
   block, lo = config.block, lo_ref[0]
   dim, value_dim = q_ref.shape[-1], v_ref.shape[-1]
   dtype = q_ref.dtype
   own = _block_rows(n, block)
-  count, first = count_ref[b, n], first_ref[b, n]
-  stats = lambda: plgpu.SMEM((SLOTS, block), jnp.float32)
+  visits = _Visits(config, count_ref, table_ref, n, b, h)
+  extras = _Extras(config, False, segment_ref, chosen_ref)
   scratch = dict(
       k=plgpu.SMEM((block, dim), dtype),
       v=plgpu.SMEM((block, value_dim), dtype),
       q=plgpu.SMEM((SLOTS, block, dim), dtype),
       dy=plgpu.SMEM((SLOTS, block, value_dim), dtype),
-      row_max=stats(),
-      row_sum=stats(),
-      correction=stats(),
+      row_max=plgpu.SMEM((SLOTS, block), jnp.float32),
+      row_sum=plgpu.SMEM((SLOTS, block), jnp.float32),
+      correction=plgpu.SMEM((SLOTS, block), jnp.float32),
       p=plgpu.SMEM((block, block), dtype),
       ds=plgpu.SMEM((block, block), dtype),
-      own_barriers=plgpu.Barrier(num_arrivals=1, num_barriers=2 + config.segmented),
-      slot_barriers=[plgpu.Barrier(num_arrivals=1, num_barriers=SLOTS)] * (5 + config.segmented),
+      own_barriers=_barriers(2 + extras.count(own=True)),
+      slot_barriers=_slot_barriers(5 + extras.count(own=False)),
+      **extras.scratch(),
   )
-  if config.segmented:
-    scratch.update(
-        k_seg=plgpu.SMEM((block,), jnp.int32), q_seg=plgpu.SMEM((SLOTS, block), jnp.int32)
-    )
 
-  def scoped(
-      k,
-      v,
-      q,
-      dy,
-      row_max,
-      row_sum,
-      correction,
-      p,
-      ds,
-      own_barriers,
-      slot_barriers,
-      k_seg=None,
-      q_seg=None,
-  ):
+  def scoped(k, v, q, dy, row_max, row_sum, correction, p, ds, own_barriers, slot_barriers, **smem):
     own_pairs = [(k_ref.at[b, own, h], k), (v_ref.at[b, own, h], v)]
-    if config.segmented:
-      own_pairs.append((segment_ref.at[b, own], k_seg))
-    _fetch_now(own_pairs, own_barriers)
-    k_segments = plgpu.load(k_seg, layout=_COLUMNS) if config.segmented else None
+    _fetch_now(own_pairs + extras.own_pairs(smem, b, h, own), own_barriers)
 
     def fetch(step):
-      rows = _block_rows(first + step, block)
+      rows = _block_rows(visits.block(step), block)
       pairs = [
           (q_ref.at[b, rows, h], q),
           (dy_ref.at[b, rows, h], dy),
@@ -485,14 +535,11 @@ def _dkv_kernel(
           (sum_ref.at[b, h, rows], row_sum),
           (correction_ref.at[b, h, rows], correction),
       ]
-      if config.segmented:
-        pairs.append((segment_ref.at[b, rows], q_seg))
-      return pairs
+      return pairs + extras.other_pairs(smem, b, h, rows)
 
     def fold(step, slot, carry):
       dk, dv = carry
-      q_segments = plgpu.load(q_seg.at[slot], layout=_ROWS) if config.segmented else None
-      mask = _tile_mask(config, lo, first + step, n, q_segments, k_segments)
+      mask = extras.mask(smem, lo, n, visits.block(step), slot)
       # The scores as the forward forms them: q . k^T, one row per query.
       scores = _product(q.at[slot], k.transpose((1, 0)), (block, block))
       saved_max = plgpu.load(row_max.at[slot], layout=_ROWS)
@@ -511,7 +558,7 @@ def _dkv_kernel(
         plgpu.layout_cast(jnp.zeros((block, dim), jnp.float32), _LAYOUT),
         plgpu.layout_cast(jnp.zeros((block, value_dim), jnp.float32), _LAYOUT),
     )
-    dk, dv = _pipelined_loop(count, fetch, slot_barriers, fold, init)
+    dk, dv = _pipelined_loop(visits.count, fetch, slot_barriers, fold, init)
     # The own tiles are read for the last time above: dk and dv reuse their shared memory.
     _store(dk, k, dk_ref.at[b, own, h])
     _store(dv, v, dv_ref.at[b, own, h])
@@ -527,13 +574,15 @@ def _call(
     config: _Config,
     kernel: Any,
     *,
-    table: tuple[Int[Array, "b n"], Int[Array, "b n"]],
+    table: tuple[Array, Array],
     lo: Int[Array, 1],
     inputs: list[Array],
     segments: Int[Array, "b t"] | None,
+    chosen: Int[Array, "b h k t"] | None,
     out_shape: list[jax.ShapeDtypeStruct],
 ) -> tuple[Array, ...]:
-  """One kernel over the grid (n, b, h) (see "the kernels")."""
+  """One kernel over the grid (n, b, h) (see "the kernels"): `table` is (count, first) of the
+  live ranges or (count, list) of a block selection (`blocks.visits`)."""
   batch, _, heads, _ = inputs[0].shape
   call = plgpu.kernel(
       functools.partial(kernel, config=config),
@@ -542,8 +591,15 @@ def _call(
       grid_names=("n", "b", "h"),
       interpret=interpreter_params() if config.interpret else None,
   )
-  extra = [] if segments is None else [segments]
-  return tuple(call(lo, *table, *inputs, *extra))
+  extras = [x for x in (segments, chosen) if x is not None]
+  return tuple(call(lo, *table, *inputs, *extras))
+
+
+def _chosen(schedule: blocks.Schedule | blocks.Visits) -> Int[Array, "b h k t"] | None:
+  """The queries' selected blocks, time last (one row of a block is one TMA copy), or None."""
+  if isinstance(schedule, blocks.Visits):
+    return schedule.chosen.transpose(0, 2, 3, 1)
+  return None
 
 
 def _forward(config, q, k, v, segments, schedule, lo):
@@ -553,10 +609,11 @@ def _forward(config, q, k, v, segments, schedule, lo):
   return _call(
       config,
       _forward_kernel,
-      table=(schedule.kv_count, schedule.kv_first),
+      table=blocks.visits(schedule, "kv"),
       lo=lo,
       inputs=[q, k, v],
       segments=segments,
+      chosen=_chosen(schedule),
       out_shape=[jax.ShapeDtypeStruct(v.shape, v.dtype), stats, stats],
   )
 
@@ -568,7 +625,7 @@ def _retrieve(
     k: Float[Array, "b s h d"],
     v: Float[Array, "b s h e"],
     segments: Int[Array, "b t"] | None,
-    schedule: blocks.Schedule,
+    schedule: blocks.Schedule | blocks.Visits,
     lo: Int[Array, 1],
 ) -> Float[Array, "b t h e"]:
   """Blocked retrieval on padded arrays, with a recomputing backward pass."""
@@ -587,10 +644,11 @@ def _retrieve_bwd(config, residuals, dy):
   dq, correction = _call(
       config,
       _dq_kernel,
-      table=(schedule.kv_count, schedule.kv_first),
+      table=blocks.visits(schedule, "kv"),
       lo=lo,
       inputs=[q, k, v, dy, row_max, row_sum],
       segments=segments,
+      chosen=_chosen(schedule),
       out_shape=[
           jax.ShapeDtypeStruct(q.shape, q.dtype),
           jax.ShapeDtypeStruct((batch, heads, seq_len), jnp.float32),
@@ -599,10 +657,11 @@ def _retrieve_bwd(config, residuals, dy):
   dk, dv = _call(
       config,
       _dkv_kernel,
-      table=(schedule.q_count, schedule.q_first),
+      table=blocks.visits(schedule, "q"),
       lo=lo,
       inputs=[q, k, v, dy, row_max, row_sum, correction],
       segments=segments,
+      chosen=_chosen(schedule),
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
   )
   # Integer inputs take float0 cotangents.
@@ -625,12 +684,14 @@ def _retrieve_padded(
     v: Float[Array, "b s h e"],
     segment_ids: Int[Array, "b t"] | None,
     lo: Int[Array, ""],
+    selected: select.Selected | None,
     *,
     hi: int | None,
     block: int,
     interpret: bool,
 ) -> Float[Array, "b t h e"]:
-  """Pads T to whole blocks and the head dims to multiples of 64, schedules, runs and crops."""
+  """Pads T to whole blocks and the head dims to multiples of 64, schedules (or lists the
+  `selected` blocks), runs and crops."""
   batch, seq_len, _, dim = q.shape
   value_dim = v.shape[-1]
   num_blocks = -(-seq_len // block)
@@ -639,9 +700,12 @@ def _retrieve_padded(
   def pad(x, width):
     return jnp.pad(x, [(0, 0), (0, num_blocks * block - seq_len), (0, 0), (0, width - x.shape[-1])])
 
-  schedule = blocks.schedule(
-      segment_ids, batch=batch, seq_len=seq_len, block_q=block, block_k=block, lo=lo, hi=hi
-  )
+  if selected is None:
+    schedule = blocks.schedule(
+        segment_ids, batch=batch, seq_len=seq_len, block_q=block, block_k=block, lo=lo, hi=hi
+    )
+  else:
+    schedule = blocks.selected_visits(selected, num_blocks, block)
   segments = None
   if segment_ids is not None:
     segments = jnp.pad(segment_ids.astype(jnp.int32), [(0, 0), (0, num_blocks * block - seq_len)])
@@ -651,6 +715,7 @@ def _retrieve_padded(
       num_blocks=num_blocks,
       segmented=segment_ids is not None,
       interpret=interpret,
+      selected=selected is not None,
   )
   y = _retrieve(
       config,
@@ -704,6 +769,41 @@ def retrieve_pallas_mosaic_gpu(
       v,
       segment_ids,
       jnp.asarray(lo, jnp.int32),
+      None,
+      hi=hi,
+      block=block_size,
+      interpret=interpret,
+  )
+
+
+def retrieve_pallas_mosaic_gpu_selected(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b s h d"],
+    v: Float[Array, "b s h e"],
+    *,
+    lo: bands.IntLike,
+    hi: int | None,
+    segment_ids: Int[Array, "b t"] | None,
+    selected: select.Selected,
+    block_size: int,
+    backend: str | None = None,
+    interpret: bool | None = None,
+) -> Float[Array, "b t h e"]:
+  """`select.retrieve_selected_xla` as Mosaic GPU kernels: each query block visits the key blocks
+  its queries selected (B = `block_size`, the selection's block, a multiple of 64), each row
+  reading its own. Arguments as `retrieve_pallas_mosaic_gpu`'s; reverse-mode differentiable in
+  q, k, v.
+  """
+  if interpret is None:
+    interpret = (backend or jax.default_backend()) != "gpu"
+  check_inputs(q, v, block_size)
+  return _retrieve_padded(
+      q,
+      k,
+      v,
+      segment_ids,
+      jnp.asarray(lo, jnp.int32),
+      selected,
       hi=hi,
       block=block_size,
       interpret=interpret,

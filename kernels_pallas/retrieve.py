@@ -192,10 +192,10 @@ def retrieve_selected(
   Args:
     q, k, v, lo, hi, segment_ids: as `retrieve`.
     selection: K, B, R and the block summary.
-    impl: "reference" (dense); "pallas_gpu", "pallas_tpu" or "pallas" (the platform's) the
-      Pallas kernels, interpreted off their platform, with their constraints on B; any other
-      name of `retrieve`, "auto" and "pallas_mosaic_gpu" included, the XLA path: the kernels
-      have not run on an accelerator yet (design.md, "Block selection").
+    impl: "reference" (dense); "pallas_gpu", "pallas_mosaic_gpu", "pallas_tpu" or "pallas"
+      (the platform's) the Pallas kernels, interpreted off their platform, with their
+      constraints on B and dtype; any other name of `retrieve`, "auto" included, the XLA path:
+      the kernels have not run on an accelerator yet (design.md, "Block selection").
     query_chunk: queries scored and read at once (default B): the temporaries are
       O(chunk (K + R) B).
     backend: as `retrieve`'s (the GPU kernels compile for "gpu" and are interpreted elsewhere).
@@ -227,6 +227,7 @@ def retrieve_selected(
     return select.retrieve_selected_reference(q, k, v, block_size=size, **band)
   kernels = {
       "pallas_gpu": pallas_gpu.retrieve_pallas_gpu_selected,
+      "pallas_mosaic_gpu": pallas_mosaic_gpu.retrieve_pallas_mosaic_gpu_selected,
       "pallas_tpu": pallas_tpu.retrieve_pallas_tpu_selected,
   }
   if name in kernels:

@@ -4,9 +4,9 @@ reference.
 Off GPU the kernels run in Pallas's Mosaic GPU interpreter, which jax >= 0.12 exports (on older JAX
 these tests skip, but the error saying so is tested): it simulates shared memory, TMA copies,
 barriers and warpgroup MMAs on the CPU, one host callback per operation. The band cases of
-`kernel_cases` run there in bfloat16, the kernels' dtype. Two tests lower the kernels for an H100,
-which needs no GPU; on a GPU every test compiles them. The cases, inputs and checks are shared
-with the other implementations (`kernel_cases`).
+`kernel_cases` run there in bfloat16, the kernels' dtype, and so do block selections. Three tests
+lower the kernels for an H100, which needs no GPU; on a GPU every test compiles them. The cases,
+inputs and checks are shared with the other implementations (`kernel_cases`).
 
 Axis legend: b = batch, t = query time, s = key time, h = heads, d = head dim of q and k,
 e = head dim of v.
@@ -21,7 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas import pallas_mosaic_gpu, retrieve
+from kernels_pallas import (
+    BlockSelection,
+    pallas_mosaic_gpu,
+    retrieve,
+    retrieve_selected,
+    select_blocks,
+)
 
 import kernel_cases as kc
 
@@ -90,6 +96,27 @@ def test_gradients_with_huge_key_norms():
   kc.assert_gradients_stable_with_huge_key_norms(kernel, 6e4, DIMS, dtype=DTYPE, tol=5e-2)
 
 
+def _selected_op(impl, selection, **kwargs):
+  return functools.partial(retrieve_selected, selection=selection, impl=impl, **kwargs)
+
+
+@runs
+@pytest.mark.parametrize("name", ["v1_packed", "long_term_100"])
+def test_block_selection_matches_the_dense_oracle(name):
+  """The same kernels visit the blocks some query selected (K = 2 of 16 and the newest) and mask
+  the rows that did not select them: forward and gradients equal the dense oracle's on the same
+  selection (bfloat16 inputs: both select on them)."""
+  case = kc.CASES[name]
+  args = kc.inputs(9, case.seq_len, DIMS, dtype=DTYPE)
+  selection = BlockSelection(blocks=2, block_size=64)
+  actual = kc.run(_selected_op("pallas_mosaic_gpu", selection), args, **case.band)
+  expected = kc.run(_selected_op("reference", selection), args, **case.band)
+  kc.assert_matches(actual, expected, DTYPE)
+  # The selection reads fewer pairs than the band: the output differs from the full band's.
+  full = kc.run(retrieve, args, **case.band, impl="reference")
+  assert not np.allclose(np.asarray(actual[0], np.float32), np.asarray(full[0], np.float32), 1e-2)
+
+
 def test_refuses_float32_with_the_alternatives():
   q, k, v, _ = kc.inputs(10, 100, DIMS, batch=1)
   with pytest.raises(TypeError, match="bfloat16 or float16.*TF32.*'pallas_gpu' or 'xla'"):
@@ -140,6 +167,46 @@ def test_lowers_to_mosaic_gpu(dtype):
       jax.ShapeDtypeStruct((B, seq_len), jnp.int32),
   ]
   assert kc.lowered_for_h100(fn, args).count("stablehlo.custom_call @mosaic_gpu_v2(") == 3
+
+
+@runs
+def test_selected_kernels_lower_to_mosaic_gpu():
+  """With a block selection the three kernels lower too."""
+  seq_len, dims = 300, (64, 64)
+  selection = BlockSelection(blocks=2, block_size=64)
+
+  def fn(q, k, v, cotangent, lo, segment_ids):
+    selected = select_blocks(q, k, lo=lo, hi=None, segment_ids=segment_ids, selection=selection)
+    kernel = functools.partial(
+        pallas_mosaic_gpu.retrieve_pallas_mosaic_gpu_selected,
+        lo=lo,
+        hi=None,
+        segment_ids=segment_ids,
+        selected=selected,
+        block_size=64,
+        interpret=False,
+    )
+    y, vjp = jax.vjp(kernel, q, k, v)
+    return y, vjp(cotangent)
+
+  args = [jax.ShapeDtypeStruct((B, seq_len, H, dim), DTYPE) for dim in (*dims[:1] * 2, dims[1])]
+  args += [
+      jax.ShapeDtypeStruct((B, seq_len, H, dims[1]), DTYPE),
+      jax.ShapeDtypeStruct((), jnp.int32),
+      jax.ShapeDtypeStruct((B, seq_len), jnp.int32),
+  ]
+  assert kc.lowered_for_h100(fn, args).count("stablehlo.custom_call @mosaic_gpu_v2(") == 3
+
+
+@pytest.mark.gpu
+def test_selected_compiled_on_gpu_matches_the_xla_path():
+  """The block-selection kernels compiled with Mosaic GPU against the XLA path."""
+  case = kc.CASES["long_term_100_packed"]
+  args = kc.inputs(12, case.seq_len, DIMS, dtype=DTYPE)
+  selection = BlockSelection(blocks=3, block_size=64)
+  actual = kc.run(_selected_op("pallas_mosaic_gpu", selection), args, **case.band)
+  expected = kc.run(_selected_op("xla", selection), args, **case.band)
+  kc.assert_matches(actual, expected, DTYPE)
 
 
 @pytest.mark.gpu
