@@ -250,6 +250,57 @@ def selected_visits(selected: select.Selected, num_blocks: int, block: int) -> V
   return Visits(kv_count, kv_list, q_count, q_list, chosen)
 
 
+class Padded(NamedTuple):
+  """The inputs of a blocked kernel: T zero-padded to whole blocks, the head dims to the kernel's
+  widths, and the blocks to visit (`padded_inputs`)."""
+
+  q: Float[Array, "b t h d"]
+  k: Float[Array, "b t h d"]
+  v: Float[Array, "b t h e"]
+  segments: Int[Array, "b t"] | None  # int32 document ids, or None.
+  schedule: Schedule | Visits
+  num_blocks: int
+
+
+def padded_inputs(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b t h d"],
+    v: Float[Array, "b t h e"],
+    segment_ids: Int[Array, "b t"] | None,
+    lo: bands.IntLike,
+    selected: select.Selected | None,
+    *,
+    hi: int | None,
+    block: int,
+    widths: tuple[int, int],
+) -> Padded:
+  """q, k and v zero-padded to whole blocks of B = `block` and to head dims `widths` (of q and k,
+  and of v), the document ids padded, and the live-block `schedule` (or, with a block selection,
+  the `selected_visits`) of query and key blocks of B.
+
+  Padded positions and head columns are zeros, so every score and product they enter is finite;
+  the kernels' outputs are cropped back to [:T, :e].
+  """
+  batch, seq_len = q.shape[:2]
+  num_blocks = -(-seq_len // block)
+  extra = num_blocks * block - seq_len
+
+  def pad(x, width):
+    return jnp.pad(x, [(0, 0), (0, extra), (0, 0), (0, width - x.shape[-1])])
+
+  if selected is None:
+    found = schedule(
+        segment_ids, batch=batch, seq_len=seq_len, block_q=block, block_k=block, lo=lo, hi=hi
+    )
+  else:
+    found = selected_visits(selected, num_blocks, block)
+  segments = None
+  if segment_ids is not None:
+    segments = jnp.pad(segment_ids.astype(jnp.int32), [(0, 0), (0, extra)])
+  dim, value_dim = widths
+  return Padded(pad(q, dim), pad(k, dim), pad(v, value_dim), segments, found, num_blocks)
+
+
 def visits(schedule: Schedule | Visits, side: str) -> tuple[Array, Array]:
   """(count, first or list) of the blocks the kernels of `side` visit: "kv" for the query-major
   kernels (forward, D, dq), which reduce over key blocks; "q" for the key-major dkv kernel."""

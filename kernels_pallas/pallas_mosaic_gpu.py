@@ -692,40 +692,20 @@ def _retrieve_padded(
 ) -> Float[Array, "b t h e"]:
   """Pads T to whole blocks and the head dims to multiples of 64, schedules (or lists the
   `selected` blocks), runs and crops."""
-  batch, seq_len, _, dim = q.shape
-  value_dim = v.shape[-1]
-  num_blocks = -(-seq_len // block)
-
-  # Padded positions and head columns are zeros, so every score and product they enter is finite.
-  def pad(x, width):
-    return jnp.pad(x, [(0, 0), (0, num_blocks * block - seq_len), (0, 0), (0, width - x.shape[-1])])
-
-  if selected is None:
-    schedule = blocks.schedule(
-        segment_ids, batch=batch, seq_len=seq_len, block_q=block, block_k=block, lo=lo, hi=hi
-    )
-  else:
-    schedule = blocks.selected_visits(selected, num_blocks, block)
-  segments = None
-  if segment_ids is not None:
-    segments = jnp.pad(segment_ids.astype(jnp.int32), [(0, 0), (0, num_blocks * block - seq_len)])
+  seq_len, dim, value_dim = q.shape[1], q.shape[-1], v.shape[-1]
+  widths = (_padded_dim(dim), _padded_dim(value_dim))
+  padded = blocks.padded_inputs(
+      q, k, v, segment_ids, lo, selected, hi=hi, block=block, widths=widths
+  )
   config = _Config(
       block=block,
       hi=hi,
-      num_blocks=num_blocks,
+      num_blocks=padded.num_blocks,
       segmented=segment_ids is not None,
       interpret=interpret,
       selected=selected is not None,
   )
-  y = _retrieve(
-      config,
-      pad(q, _padded_dim(dim)),
-      pad(k, _padded_dim(dim)),
-      pad(v, _padded_dim(value_dim)),
-      segments,
-      schedule,
-      lo[None],
-  )
+  y = _retrieve(config, padded.q, padded.k, padded.v, padded.segments, padded.schedule, lo[None])
   return y[:, :seq_len, :, :value_dim]
 
 
