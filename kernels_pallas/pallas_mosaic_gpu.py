@@ -158,45 +158,19 @@ def _finish_stores() -> None:
   plgpu.wait_smem_to_gmem(0)
 
 
-def _fetch_now(pairs: list[tuple[Any, Any]], barriers: Any) -> None:
+def _fetch_now(pairs: list[tuple[Any, Any]]) -> None:
   """Copies every (global, shared) pair by TMA and waits for all of them (one barrier each)."""
-  for index, (src, dst) in enumerate(pairs):
-    plgpu.copy_gmem_to_smem(src, dst, barriers.at[index])
-  for index in range(len(pairs)):
-    plgpu.barrier_wait(barriers.at[index])
+
+  def copy(barriers):
+    for index, (src, dst) in enumerate(pairs):
+      plgpu.copy_gmem_to_smem(src, dst, barriers.at[index])
+    for index in range(len(pairs)):
+      plgpu.barrier_wait(barriers.at[index])
+
+  pl.run_scoped(copy, plgpu.Barrier(num_arrivals=1, num_barriers=len(pairs)))
 
 
-def _pipelined_loop(count: Int[Array, ""], fetch: Any, slots: list[Any], compute: Any, init: Any):
-  """compute(step, slot, carry) for step in [0, count), the tiles of every step in its slot.
-
-  `fetch(step)` lists the (global, shared with a leading slot axis) pairs of a step; `slots`
-  holds one barrier array of SLOTS barriers per pair. The tiles of step + 1 are copied in while
-  step is computed; a slot is refilled only after its step's products have been read.
-  """
-
-  def issue(step, slot):
-    for (src, dst), barrier in zip(fetch(step), slots, strict=True):
-      plgpu.copy_gmem_to_smem(src, dst.at[slot], barrier.at[slot])
-
-  @pl.when(count > 0)
-  def _():
-    issue(0, 0)
-
-  def body(step, carry):
-    slot = jax.lax.rem(step, SLOTS)
-
-    @pl.when(step + 1 < count)
-    def _():
-      issue(step + 1, 1 - slot)
-
-    for barrier in slots:
-      plgpu.barrier_wait(barrier.at[slot])
-    return compute(step, slot, carry)
-
-  return jax.lax.fori_loop(0, count, body, init)
-
-
-def _block_rows(index: Int[Array, ""], block: int) -> pl.Slice:
+def _block_rows(index: bands.IntLike, block: int) -> pl.Slice:
   """Positions [index * B, (index + 1) * B)."""
   return pl.ds(index * block, block)
 
@@ -217,6 +191,41 @@ class _Visits:
   def block(self, step: bands.IntLike) -> Int[Array, ""]:
     """The block visited at `step` < count."""
     return self._block_at(step)
+
+
+def _pipelined_loop(visits: _Visits, fetch: Any, compute: Any, init: Any) -> Any:
+  """compute(block, slot, carry) over the visited blocks, the tiles of each in its slot.
+
+  `fetch(block)` lists the (global, shared with a leading slot axis) pairs of a visited block,
+  each copied with a barrier of its own per slot. The tiles of step + 1 are copied in while step
+  is computed; a slot is refilled only after its step's products have been read.
+  """
+
+  def run(barriers):
+    def issue(step, slot):
+      for (src, dst), barrier in zip(fetch(visits.block(step)), barriers, strict=True):
+        plgpu.copy_gmem_to_smem(src, dst.at[slot], barrier.at[slot])
+
+    @pl.when(visits.count > 0)
+    def _():
+      issue(0, 0)
+
+    def body(step, carry):
+      slot = jax.lax.rem(step, SLOTS)
+
+      @pl.when(step + 1 < visits.count)
+      def _():
+        issue(step + 1, 1 - slot)
+
+      for barrier in barriers:
+        plgpu.barrier_wait(barrier.at[slot])
+      return compute(visits.block(step), slot, carry)
+
+    return jax.lax.fori_loop(0, visits.count, body, init)
+
+  # fetch(0) only builds the views of block 0, to count the pairs: it copies nothing.
+  slots = [plgpu.Barrier(num_arrivals=1, num_barriers=SLOTS) for _ in fetch(0)]
+  return pl.run_scoped(run, slots)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,38 +276,52 @@ class _Extras:
       pairs.append((self.chosen_ref.at[b, h, :, rows], smem["chosen"]))
     return pairs
 
-  def count(self, own: bool) -> int:
-    """How many copies `own_pairs` (or `other_pairs`) makes."""
-    chosen = self.config.selected and self.query_major == own
-    return int(self.config.segmented) + int(chosen)
+  def _segments(self, ref: Any, queries: bool) -> Int[Array, " i"]:
+    """Document ids in the register layout of the queries' side (rows) or the keys' (columns)."""
+    return plgpu.load(ref, layout=_ROWS if queries else _COLUMNS)
+
+  def _chosen(self, ref: Any) -> list[Int[Array, " i"]]:
+    """The queries' selected blocks, one per-row vector per selected block."""
+    return [plgpu.load(ref.at[i], layout=_ROWS) for i in range(self._width)]
+
+  def load_own(self, smem: dict) -> dict[str, Any]:
+    """The own block's extras in registers, read once before the loop over visited blocks."""
+    found = {}
+    if self.config.segmented:
+      found["seg"] = self._segments(smem["own_seg"], self.query_major)
+    if self.config.selected and self.query_major:
+      found["chosen"] = self._chosen(smem["chosen"])
+    return found
 
   def mask(
-      self, smem: dict, lo: Int[Array, ""], own: Int[Array, ""], other: Int[Array, ""], slot
+      self,
+      smem: dict,
+      own_extras: dict[str, Any],
+      lo: Int[Array, ""],
+      own: Int[Array, ""],
+      other: Int[Array, ""],
+      slot: Int[Array, ""],
   ) -> Bool[Array, "i j"]:
-    """The mask of the tile of the own block and the other block visited in `slot`: the band
-    (`blocks.tile_mask` on whole [B, B] index tiles), the documents, and with a block selection
-    the rows that selected the key block."""
+    """The mask of the tile of the own block (its extras `load_own`) and the other block
+    visited in `slot`: the band (`blocks.tile_mask` on whole [B, B] index tiles), the documents,
+    and with a block selection the rows that selected the key block."""
     config, shape = self.config, (self.config.block, self.config.block)
     query_block, key_block = (own, other) if self.query_major else (other, own)
     t = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=_LAYOUT) + query_block * config.block
     s = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=_LAYOUT) + key_block * config.block
     segments = ()
     if config.segmented:
-      own_seg, other_seg = smem["own_seg"], smem["other_seg"].at[slot]
-      q_seg, k_seg = (own_seg, other_seg) if self.query_major else (other_seg, own_seg)
-      segments = (
-          _per_row(plgpu.load(q_seg, layout=_ROWS), config.block),
-          jax.lax.broadcast_in_dim(plgpu.load(k_seg, layout=_COLUMNS), shape, [1]),
+      other_seg = self._segments(smem["other_seg"].at[slot], not self.query_major)
+      q_seg, k_seg = (
+          (own_extras["seg"], other_seg) if self.query_major else (other_seg, own_extras["seg"])
       )
+      segments = (_per_row(q_seg, config.block), jax.lax.broadcast_in_dim(k_seg, shape, [1]))
     mask = blocks.tile_mask(t, s, lo, config.hi, *segments)
     if not config.selected:
       return mask
-    chosen = smem["chosen"] if self.query_major else smem["chosen"].at[slot]
+    chosen = own_extras["chosen"] if self.query_major else self._chosen(smem["chosen"].at[slot])
     # A sum of matches, as `pallas_gpu._rows_that_chose` (one per selected block of each row).
-    hits = sum(
-        (plgpu.load(chosen.at[i], layout=_ROWS) == key_block).astype(jnp.int32)
-        for i in range(self._width)
-    )
+    hits = sum((row == key_block).astype(jnp.int32) for row in chosen)
     return mask & (_per_row(hits, config.block) > 0)
 
 
@@ -317,35 +340,56 @@ def _split_refs(config: _Config, refs: tuple[Any, ...]) -> tuple[Any, Any, tuple
 #
 # Every kernel takes lo, the blocks its side visits (`_Visits`), its inputs ([b, t, h, width]
 # arrays and [b, h, t] per-row statistics), the extras (`_Extras`), then its outputs. Program
-# (n, b, h) owns block n of batch row b and head h. Shared memory is allocated with
-# `pl.run_scoped`; the other side's tiles have a leading slot axis.
+# (n, b, h) owns block n of batch row b and head h (`_Program`). Shared memory and barriers are
+# allocated with `pl.run_scoped`; the other side's tiles have a leading slot axis.
 
 
-def _program() -> tuple[Int[Array, ""], Int[Array, ""], Int[Array, ""]]:
-  """(n, b, h) of this program."""
-  return jax.lax.axis_index("n"), jax.lax.axis_index("b"), jax.lax.axis_index("h")
+@dataclasses.dataclass(frozen=True)
+class _Program:
+  """What every kernel starts from: program (n, b, h), lo, its own positions, the blocks it
+  visits, its extras, and its output refs."""
 
+  n: Int[Array, ""]
+  b: Int[Array, ""]
+  h: Int[Array, ""]
+  lo: Int[Array, ""]
+  own: pl.Slice
+  visits: _Visits
+  extras: _Extras
+  outputs: tuple[Any, ...]
 
-def _barriers(count: int) -> Any:
-  """One barrier for each of `count` copies of the own block, each awaited once."""
-  return plgpu.Barrier(num_arrivals=1, num_barriers=count)
+  @classmethod
+  def start(cls, config: _Config, lo_ref, count_ref, table_ref, refs, *, query_major: bool):
+    """`refs` are the kernel's trailing refs: the extras' inputs, then its outputs."""
+    segment_ref, chosen_ref, outputs = _split_refs(config, refs)
+    n, b, h = (jax.lax.axis_index(axis) for axis in ("n", "b", "h"))
+    return cls(
+        n=n,
+        b=b,
+        h=h,
+        lo=lo_ref[0],
+        own=_block_rows(n, config.block),
+        visits=_Visits(config, count_ref, table_ref, n, b, h),
+        extras=_Extras(config, query_major, segment_ref, chosen_ref),
+        outputs=outputs,
+    )
 
+  def fetch_own(self, pairs: list[tuple[Any, Any]], smem: dict) -> dict[str, Any]:
+    """Copies the own block's tiles (`pairs`) and extras in; returns the extras `load_own`."""
+    _fetch_now(pairs + self.extras.own_pairs(smem, self.b, self.h, self.own))
+    return self.extras.load_own(smem)
 
-def _slot_barriers(count: int) -> list[Any]:
-  """One array of SLOTS barriers for each of `count` copies of a visited block."""
-  return [plgpu.Barrier(num_arrivals=1, num_barriers=SLOTS) for _ in range(count)]
+  def mask(self, smem, own_extras, other, slot) -> Bool[Array, "i j"]:
+    """`_Extras.mask` of the tile of the own block and `other`."""
+    return self.extras.mask(smem, own_extras, self.lo, self.n, other, slot)
 
 
 def _forward_kernel(lo_ref, count_ref, table_ref, q_ref, k_ref, v_ref, *refs, config: _Config):
   """Folds the visited key blocks of one query block into y and its per-row (max, sum)."""
-  segment_ref, chosen_ref, (y_ref, max_ref, sum_ref) = _split_refs(config, refs)
-  n, b, h = _program()
-  block, lo = config.block, lo_ref[0]
-  dim, value_dim = q_ref.shape[-1], v_ref.shape[-1]
-  dtype = q_ref.dtype
-  own = _block_rows(n, block)
-  visits = _Visits(config, count_ref, table_ref, n, b, h)
-  extras = _Extras(config, True, segment_ref, chosen_ref)
+  prog = _Program.start(config, lo_ref, count_ref, table_ref, refs, query_major=True)
+  y_ref, max_ref, sum_ref = prog.outputs
+  b, h, own, block = prog.b, prog.h, prog.own, config.block
+  dim, value_dim, dtype = q_ref.shape[-1], v_ref.shape[-1], q_ref.dtype
   scratch = dict(
       q=plgpu.SMEM((block, dim), dtype),
       k=plgpu.SMEM((SLOTS, block, dim), dtype),
@@ -354,22 +398,20 @@ def _forward_kernel(lo_ref, count_ref, table_ref, q_ref, k_ref, v_ref, *refs, co
       y=plgpu.SMEM((block, value_dim), dtype),
       row_max=plgpu.SMEM((block,), jnp.float32),
       row_sum=plgpu.SMEM((block,), jnp.float32),
-      own_barriers=_barriers(1 + extras.count(own=True)),
-      slot_barriers=_slot_barriers(2 + extras.count(own=False)),
-      **extras.scratch(),
+      **prog.extras.scratch(),
   )
 
-  def scoped(q, k, v, p, y, row_max, row_sum, own_barriers, slot_barriers, **smem):
-    _fetch_now([(q_ref.at[b, own, h], q), *extras.own_pairs(smem, b, h, own)], own_barriers)
+  def scoped(q, k, v, p, y, row_max, row_sum, **smem):
+    own_extras = prog.fetch_own([(q_ref.at[b, own, h], q)], smem)
 
-    def fetch(step):
-      keys = _block_rows(visits.block(step), block)
+    def fetch(key_block):
+      keys = _block_rows(key_block, block)
       pairs = [(k_ref.at[b, keys, h], k), (v_ref.at[b, keys, h], v)]
-      return pairs + extras.other_pairs(smem, b, h, keys)
+      return pairs + prog.extras.other_pairs(smem, b, h, keys)
 
-    def fold(step, slot, carry):
+    def fold(key_block, slot, carry):
       running_max, running_sum, acc = carry
-      mask = extras.mask(smem, lo, n, visits.block(step), slot)
+      mask = prog.mask(smem, own_extras, key_block, slot)
       scores = _product(q, k.at[slot].transpose((1, 0)), (block, block))
       # `blocks.online_softmax_update`, on per-row vectors and with p . v as a warpgroup MMA.
       scores = jnp.where(mask, scores, -jnp.inf)
@@ -389,7 +431,7 @@ def _forward_kernel(lo_ref, count_ref, table_ref, q_ref, k_ref, v_ref, *refs, co
         plgpu.layout_cast(jnp.zeros((block, value_dim), jnp.float32), _LAYOUT),
     )
     # A query block with no live key block runs no step and writes the empty rows' zeros.
-    running_max, running_sum, acc = _pipelined_loop(visits.count, fetch, slot_barriers, fold, init)
+    running_max, running_sum, acc = _pipelined_loop(prog.visits, fetch, fold, init)
     # `blocks.finish`: empty rows output 0 and save max 0 and sum 1.
     nonempty = running_sum > 0
     safe_sum = jnp.where(nonempty, running_sum, 1.0)
@@ -416,14 +458,10 @@ def _dq_kernel(
     lo_ref, count_ref, table_ref, q_ref, k_ref, v_ref, dy_ref, max_ref, sum_ref, *refs, config
 ):
   """D = sum_s p dp, then dq = sum_s p (dp - D) k, for the rows of one query block."""
-  segment_ref, chosen_ref, (dq_ref, correction_ref) = _split_refs(config, refs)
-  n, b, h = _program()
-  block, lo = config.block, lo_ref[0]
-  dim, value_dim = q_ref.shape[-1], v_ref.shape[-1]
-  dtype = q_ref.dtype
-  own = _block_rows(n, block)
-  visits = _Visits(config, count_ref, table_ref, n, b, h)
-  extras = _Extras(config, True, segment_ref, chosen_ref)
+  prog = _Program.start(config, lo_ref, count_ref, table_ref, refs, query_major=True)
+  dq_ref, correction_ref = prog.outputs
+  b, h, own, block = prog.b, prog.h, prog.own, config.block
+  dim, value_dim, dtype = q_ref.shape[-1], v_ref.shape[-1], q_ref.dtype
   scratch = dict(
       q=plgpu.SMEM((block, dim), dtype),
       dy=plgpu.SMEM((block, value_dim), dtype),
@@ -433,49 +471,47 @@ def _dq_kernel(
       v=plgpu.SMEM((SLOTS, block, value_dim), dtype),
       ds=plgpu.SMEM((block, block), dtype),
       correction=plgpu.SMEM((block,), jnp.float32),
-      own_barriers=_barriers(4 + extras.count(own=True)),
-      slot_barriers=_slot_barriers(2 + extras.count(own=False)),
-      **extras.scratch(),
+      **prog.extras.scratch(),
   )
 
-  def scoped(q, dy, row_max, row_sum, k, v, ds, correction, own_barriers, slot_barriers, **smem):
-    own_pairs = [
+  def scoped(q, dy, row_max, row_sum, k, v, ds, correction, **smem):
+    own_tiles = [
         (q_ref.at[b, own, h], q),
         (dy_ref.at[b, own, h], dy),
         (max_ref.at[b, h, own], row_max),
         (sum_ref.at[b, h, own], row_sum),
     ]
-    _fetch_now(own_pairs + extras.own_pairs(smem, b, h, own), own_barriers)
+    own_extras = prog.fetch_own(own_tiles, smem)
     saved_max = plgpu.load(row_max, layout=_ROWS)
     saved_sum = plgpu.load(row_sum, layout=_ROWS)
 
-    def fetch(step):
-      keys = _block_rows(visits.block(step), block)
+    def fetch(key_block):
+      keys = _block_rows(key_block, block)
       pairs = [(k_ref.at[b, keys, h], k), (v_ref.at[b, keys, h], v)]
-      return pairs + extras.other_pairs(smem, b, h, keys)
+      return pairs + prog.extras.other_pairs(smem, b, h, keys)
 
-    def tile(step, slot):
-      """The step's p and dp = dy . v^T (float32)."""
-      mask = extras.mask(smem, lo, n, visits.block(step), slot)
+    def tile(key_block, slot):
+      """The tile's p and dp = dy . v^T (float32)."""
+      mask = prog.mask(smem, own_extras, key_block, slot)
       scores = _product(q, k.at[slot].transpose((1, 0)), (block, block))
       p = _probabilities(scores, mask, saved_max, saved_sum)
       return p, _product(dy, v.at[slot].transpose((1, 0)), (block, block))
 
-    def add_correction(step, slot, total):
-      p, dp = tile(step, slot)
+    def add_correction(key_block, slot, total):
+      p, dp = tile(key_block, slot)
       return total + (p * dp).sum(axis=1)
 
     zeros = plgpu.layout_cast(jnp.zeros((block,), jnp.float32), _ROWS)
-    total = _pipelined_loop(visits.count, fetch, slot_barriers, add_correction, zeros)
+    total = _pipelined_loop(prog.visits, fetch, add_correction, zeros)
 
-    def add_dq(step, slot, dq):
-      p, dp = tile(step, slot)
+    def add_dq(key_block, slot, dq):
+      p, dp = tile(key_block, slot)
       ds[...] = (p * (dp - _per_row(total, block))).astype(dtype)
       plgpu.commit_smem()
       return dq + _product(ds, k.at[slot], (block, dim))
 
     zeros = plgpu.layout_cast(jnp.zeros((block, dim), jnp.float32), _LAYOUT)
-    dq = _pipelined_loop(visits.count, fetch, slot_barriers, add_dq, zeros)
+    dq = _pipelined_loop(prog.visits, fetch, add_dq, zeros)
     # q's tile is read for the last time above: dq reuses its shared memory.
     _store(dq, q, dq_ref.at[b, own, h])
     _store(total, correction, correction_ref.at[b, h, own])
@@ -499,14 +535,10 @@ def _dkv_kernel(
     config,
 ):
   """dk = sum_t p (dp - D) q and dv = sum_t p dy for the columns of one key block."""
-  segment_ref, chosen_ref, (dk_ref, dv_ref) = _split_refs(config, refs)
-  n, b, h = _program()
-  block, lo = config.block, lo_ref[0]
-  dim, value_dim = q_ref.shape[-1], v_ref.shape[-1]
-  dtype = q_ref.dtype
-  own = _block_rows(n, block)
-  visits = _Visits(config, count_ref, table_ref, n, b, h)
-  extras = _Extras(config, False, segment_ref, chosen_ref)
+  prog = _Program.start(config, lo_ref, count_ref, table_ref, refs, query_major=False)
+  dk_ref, dv_ref = prog.outputs
+  b, h, own, block = prog.b, prog.h, prog.own, config.block
+  dim, value_dim, dtype = q_ref.shape[-1], v_ref.shape[-1], q_ref.dtype
   scratch = dict(
       k=plgpu.SMEM((block, dim), dtype),
       v=plgpu.SMEM((block, value_dim), dtype),
@@ -517,17 +549,14 @@ def _dkv_kernel(
       correction=plgpu.SMEM((SLOTS, block), jnp.float32),
       p=plgpu.SMEM((block, block), dtype),
       ds=plgpu.SMEM((block, block), dtype),
-      own_barriers=_barriers(2 + extras.count(own=True)),
-      slot_barriers=_slot_barriers(5 + extras.count(own=False)),
-      **extras.scratch(),
+      **prog.extras.scratch(),
   )
 
-  def scoped(k, v, q, dy, row_max, row_sum, correction, p, ds, own_barriers, slot_barriers, **smem):
-    own_pairs = [(k_ref.at[b, own, h], k), (v_ref.at[b, own, h], v)]
-    _fetch_now(own_pairs + extras.own_pairs(smem, b, h, own), own_barriers)
+  def scoped(k, v, q, dy, row_max, row_sum, correction, p, ds, **smem):
+    own_extras = prog.fetch_own([(k_ref.at[b, own, h], k), (v_ref.at[b, own, h], v)], smem)
 
-    def fetch(step):
-      rows = _block_rows(visits.block(step), block)
+    def fetch(query_block):
+      rows = _block_rows(query_block, block)
       pairs = [
           (q_ref.at[b, rows, h], q),
           (dy_ref.at[b, rows, h], dy),
@@ -535,11 +564,11 @@ def _dkv_kernel(
           (sum_ref.at[b, h, rows], row_sum),
           (correction_ref.at[b, h, rows], correction),
       ]
-      return pairs + extras.other_pairs(smem, b, h, rows)
+      return pairs + prog.extras.other_pairs(smem, b, h, rows)
 
-    def fold(step, slot, carry):
+    def fold(query_block, slot, carry):
       dk, dv = carry
-      mask = extras.mask(smem, lo, n, visits.block(step), slot)
+      mask = prog.mask(smem, own_extras, query_block, slot)
       # The scores as the forward forms them: q . k^T, one row per query.
       scores = _product(q.at[slot], k.transpose((1, 0)), (block, block))
       saved_max = plgpu.load(row_max.at[slot], layout=_ROWS)
@@ -558,7 +587,7 @@ def _dkv_kernel(
         plgpu.layout_cast(jnp.zeros((block, dim), jnp.float32), _LAYOUT),
         plgpu.layout_cast(jnp.zeros((block, value_dim), jnp.float32), _LAYOUT),
     )
-    dk, dv = _pipelined_loop(visits.count, fetch, slot_barriers, fold, init)
+    dk, dv = _pipelined_loop(prog.visits, fetch, fold, init)
     # The own tiles are read for the last time above: dk and dv reuse their shared memory.
     _store(dk, k, dk_ref.at[b, own, h])
     _store(dv, v, dv_ref.at[b, own, h])

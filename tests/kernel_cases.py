@@ -167,6 +167,20 @@ def assert_matches(actual, expected, dtype=jnp.float32):
   assert_gradients_match(actual, expected, dtype)
 
 
+def abstract_args(seq_len, dims, dtype, batch=B, heads=H):
+  """Shapes of (q, k, v, cotangent, lo, segment_ids) for lowering without data; dims = (d, e)."""
+  dim, value_dim = dims
+  arrays = [
+      jax.ShapeDtypeStruct((batch, seq_len, heads, n), dtype)
+      for n in (dim, dim, value_dim, value_dim)
+  ]
+  return [
+      *arrays,
+      jax.ShapeDtypeStruct((), jnp.int32),
+      jax.ShapeDtypeStruct((batch, seq_len), jnp.int32),
+  ]
+
+
 def lowered_for_h100(fn, args) -> str:
   """The text of `fn` jitted and lowered on `args` for a CUDA H100, on any host (no GPU needed).
 

@@ -144,19 +144,13 @@ def test_lowers_to_triton(dtype):
   power-of-two size; compiling the Triton IR to PTX happens only on a GPU.
   """
   seq_len, dims = 200, (24, 32)
-  segment_ids = jax.ShapeDtypeStruct((B, seq_len), jnp.int32)
   kernel = functools.partial(pallas_gpu.retrieve_pallas_gpu, interpret=False)
 
   def fn(q, k, v, cotangent, lo, segment_ids):
     y, vjp = jax.vjp(lambda *x: kernel(*x, lo=lo, hi=40, segment_ids=segment_ids), q, k, v)
     return y, vjp(cotangent)
 
-  args = [jax.ShapeDtypeStruct((B, seq_len, H, dim), dtype) for dim in (dims[0], dims[0], dims[1])]
-  args += [
-      jax.ShapeDtypeStruct((B, seq_len, H, dims[1]), dtype),
-      jax.ShapeDtypeStruct((), jnp.int32),
-      segment_ids,
-  ]
+  args = kc.abstract_args(seq_len, dims, dtype)
   assert kc.lowered_for_h100(fn, args).count("xla.gpu.triton") == 3
 
 
@@ -179,14 +173,7 @@ def test_selected_kernels_lower_to_triton():
     y, vjp = jax.vjp(kernel, q, k, v)
     return y, vjp(cotangent)
 
-  args = [
-      jax.ShapeDtypeStruct((B, seq_len, H, dim), jnp.bfloat16) for dim in (*dims[:1] * 2, dims[1])
-  ]
-  args += [
-      jax.ShapeDtypeStruct((B, seq_len, H, dims[1]), jnp.bfloat16),
-      jax.ShapeDtypeStruct((), jnp.int32),
-      jax.ShapeDtypeStruct((B, seq_len), jnp.int32),
-  ]
+  args = kc.abstract_args(seq_len, dims, jnp.bfloat16)
   assert kc.lowered_for_h100(fn, args).count("xla.gpu.triton") == 3
 
 

@@ -160,12 +160,7 @@ def test_lowers_to_mosaic_gpu(dtype):
     y, vjp = jax.vjp(lambda *x: kernel(*x, lo=lo, hi=40, segment_ids=segment_ids), q, k, v)
     return y, vjp(cotangent)
 
-  args = [jax.ShapeDtypeStruct((B, seq_len, H, dim), dtype) for dim in (*dims[:1] * 2, dims[1])]
-  args += [
-      jax.ShapeDtypeStruct((B, seq_len, H, dims[1]), dtype),
-      jax.ShapeDtypeStruct((), jnp.int32),
-      jax.ShapeDtypeStruct((B, seq_len), jnp.int32),
-  ]
+  args = kc.abstract_args(seq_len, dims, dtype)
   assert kc.lowered_for_h100(fn, args).count("stablehlo.custom_call @mosaic_gpu_v2(") == 3
 
 
@@ -189,12 +184,7 @@ def test_selected_kernels_lower_to_mosaic_gpu():
     y, vjp = jax.vjp(kernel, q, k, v)
     return y, vjp(cotangent)
 
-  args = [jax.ShapeDtypeStruct((B, seq_len, H, dim), DTYPE) for dim in (*dims[:1] * 2, dims[1])]
-  args += [
-      jax.ShapeDtypeStruct((B, seq_len, H, dims[1]), DTYPE),
-      jax.ShapeDtypeStruct((), jnp.int32),
-      jax.ShapeDtypeStruct((B, seq_len), jnp.int32),
-  ]
+  args = kc.abstract_args(seq_len, dims, DTYPE)
   assert kc.lowered_for_h100(fn, args).count("stablehlo.custom_call @mosaic_gpu_v2(") == 3
 
 

@@ -50,6 +50,11 @@ def impl_unavailable_reason(impl: str, backend: str, dtype: Any = None) -> str |
   return f"runs on {' and '.join(backends)} only"
 
 
+def native_kernels(backend: str) -> tuple[str, ...]:
+  """The implementations that exist for `backend` only: its Pallas kernels."""
+  return tuple(impl for impl, backends in _BACKEND_ONLY.items() if backend in backends)
+
+
 def available_impls(backend: str, dtype: Any = None) -> list[str]:
   """The names in `kernels_pallas.IMPLEMENTATIONS` benchmarked on `backend` with `dtype`."""
   names = sorted(kernels_pallas.IMPLEMENTATIONS)
