@@ -8,6 +8,11 @@ with a scalar decay per head: v1's leaky average uses a constant `lambda` per he
 per-(time, head) `lambda_t` with a gated input `g_t * k~_t`. Where a document starts the state is
 reset (h_t = x_t), so packed documents never see each other.
 
+v2's gated input can exceed float32 (g_t = exp(w . x_t) overflows past w . x_t ~ 88), so
+`gated_linear_scan` runs the same scan on the state divided by a running scale exp(m_t), m_t >= 0
+the log-size of its largest term (`log_scale_scan`): every coefficient is then at most 1, for any
+finite input, and where no term exceeds 1 the scale is 1 and the scan is the plain one, bit for bit.
+
 Two implementations, selected by `impl`:
 
 - "associative": `jax.lax.associative_scan` over time on (a, x) pairs, O(T log T) elementwise work.
@@ -27,6 +32,36 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 SCAN_IMPLEMENTATIONS = ("associative", "chunked")
+
+
+def _max_plus(
+    earlier: tuple[Float[Array, "*s h"], Float[Array, "*s h"]],
+    later: tuple[Float[Array, "*s h"], Float[Array, "*s h"]],
+) -> tuple[Float[Array, "*s h"], Float[Array, "*s h"]]:
+  """Composes two steps m -> max(m + log_a, log_x), the earlier one applied first."""
+  log_a1, log_x1 = earlier
+  log_a2, log_x2 = later
+  return log_a1 + log_a2, jnp.maximum(log_x1 + log_a2, log_x2)
+
+
+def log_scale_scan(
+    log_a: Float[Array, "b t h"],
+    log_x: Float[Array, "b t h"],
+    *,
+    reset: Bool[Array, "b t"] | None = None,
+    initial: Float[Array, "b h"] | None = None,
+) -> Float[Array, "b t h"]:
+  """m_t = max(m_{t-1} + log_a_t, log_x_t), m_{-1} = `initial` (default -inf), m_t = log_x_t at a
+  reset: the log of the largest coefficient exp(log_x_s + log_a_{s+1} + ... + log_a_t) of the terms
+  of h_t = a_t h_{t-1} + exp(log_x_t) x_t. A max-plus associative scan, float32."""
+  log_a = log_a.astype(jnp.float32)
+  log_x = log_x.astype(jnp.float32)
+  if reset is not None:
+    log_a = jnp.where(reset[..., None], -jnp.inf, log_a)
+  if initial is not None:
+    log_x = log_x.at[:, 0].max(initial.astype(jnp.float32) + log_a[:, 0])
+  _, m = jax.lax.associative_scan(_max_plus, (log_a, log_x), axis=1)
+  return m
 
 
 def _combine(
@@ -143,8 +178,77 @@ def linear_scan(
     # A zero decay is a reset; `where` also gives a_t no gradient there: h_t does not depend on it.
     a = jnp.where(reset[..., None], 0.0, a)
   if initial is not None:
+    initial = initial.astype(jnp.float32)
+    if reset is not None:
+      # Dropped outright, not multiplied by 0: an overflowed state is inf (0 * inf = NaN).
+      initial = jnp.where(reset[:, 0, None, None], 0.0, initial)
     # h_0 = a_0 h_{-1} + x_0: the initial state enters as part of the first input.
-    x = x.at[:, 0].add(a[:, 0, :, None] * initial.astype(jnp.float32))
+    x = x.at[:, 0].add(a[:, 0, :, None] * initial)
   if impl == "associative":
     return _associative_scan(a, x)
   return _chunked_scan(a, x, chunk_size)
+
+
+# Validates its own inputs and, through `linear_scan`, the rest (tested).
+@typing.no_type_check
+def gated_linear_scan(
+    log_a: Float[Array, "b t h"],
+    log_g: Float[Array, "b t h"],
+    x: Float[Array, "b t h d"],
+    *,
+    reset: Bool[Array, "b t"] | None = None,
+    initial: Float[Array, "b h d"] | None = None,
+    initial_log_scale: Float[Array, "b h"] | None = None,
+    impl: str = "associative",
+    chunk_size: int = 16,
+) -> tuple[Float[Array, "b t h d"], Float[Array, "b t h"]]:
+  """h_t = exp(log_a_t) h_{t-1} + exp(log_g_t) x_t, as (hhat, m) with h_t = exp(m_t) hhat_t.
+
+  m_t = max(0, `log_scale_scan`(log_a, log_g)_t) bounds every coefficient of hhat_t by 1: hhat is
+  finite for any finite inputs with log_a <= 0 (a decay), however large h is. Where m has been 0
+  since the document's start (no coefficient of h above 1), hhat is `linear_scan`(exp(log_a),
+  exp(log_g) x) bit for bit. m carries no gradient: any m gives the same h and gradients of h.
+
+  Args:
+    log_a: the log decay, <= 0.
+    log_g: the log gate of each input.
+    x: the input of each step.
+    reset: as `linear_scan`'s.
+    initial: the state before the first step, as hhat (default 0).
+    initial_log_scale: its m (default 0: `initial` is the state itself).
+    impl, chunk_size: as `linear_scan`'s.
+
+  Returns:
+    (hhat, m), float32.
+  """
+  for name, z in (("log_a", log_a), ("log_g", log_g)):
+    if z.shape != x.shape[:3]:
+      raise ValueError(f"{name} must be [b, t, h] = {x.shape[:3]}, got shape {z.shape}")
+  if initial is None and initial_log_scale is not None:
+    raise ValueError("initial_log_scale is the scale of an initial state: give initial too")
+  log_a = log_a.astype(jnp.float32)
+  log_g = log_g.astype(jnp.float32)
+  m_initial = None
+  if initial is not None:
+    m_initial = jnp.zeros(initial.shape[:2], jnp.float32)
+    if initial_log_scale is not None:
+      m_initial = jax.lax.stop_gradient(initial_log_scale.astype(jnp.float32))
+  m = log_scale_scan(
+      jax.lax.stop_gradient(log_a), jax.lax.stop_gradient(log_g), reset=reset, initial=m_initial
+  )
+  # The floor leaves states whose terms are all <= 1 unscaled; with log_a <= 0 it keeps every
+  # coefficient <= 1.
+  m = jnp.maximum(m, 0.0)
+  # m_{-1} only multiplies the initial state (0 without one).
+  before = jnp.zeros_like(m[:, :1]) if m_initial is None else m_initial[:, None]
+  m_prev = jnp.concatenate([before, m[:, :-1]], axis=1)
+  # hhat_t = a_t exp(m_{t-1} - m_t) hhat_{t-1} + g_t exp(-m_t) x_t.
+  scaled = linear_scan(
+      jnp.exp(log_a + m_prev - m),
+      jnp.exp(log_g - m)[..., None] * x.astype(jnp.float32),
+      reset=reset,
+      initial=initial,
+      impl=impl,
+      chunk_size=chunk_size,
+  )
+  return scaled, m

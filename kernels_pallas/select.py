@@ -22,6 +22,10 @@ A block's summary uses all its keys, also those of another document sharing it; 
 still masked by document, so no pair of another document is ever read. With K at least the
 number of candidates, every block of the band is read and the op equals `retrieve`.
 
+Summaries and scores are sums in a fixed order (`_pairwise_sum`): a decode cache that summarises
+its stored keys block by block and scores one query at a time gets the bits the forward pass gets,
+so near-tied blocks rank alike in both (XLA's reductions and dots round differently by shape).
+
 `select_blocks` gives the selected blocks (a reference and the fast path share it);
 `retrieve_selected_reference` reads them densely (the oracle); `retrieve_selected_xla` gathers the
 selected blocks of each chunk of queries, so cost and memory grow as T (K + R) B, not T^2, with a
@@ -96,14 +100,29 @@ class Summaries(NamedTuple):
   high: Float[Array, "b n h d"] | None = None
 
 
+def _pairwise_sum(x: Array, axis: int) -> Array:
+  """The sum along `axis` as a fixed tree of float adds (zero-padded to a power of two): the same
+  bits for the same values whatever the other dimensions are, which XLA's reductions and dots do
+  not promise."""
+  size = x.shape[axis]
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, (1 << (size - 1).bit_length()) - size)
+  x = jnp.pad(x, pad)
+  while x.shape[axis] > 1:
+    half = x.shape[axis] // 2
+    x = jax.lax.slice_in_dim(x, 0, half, axis=axis) + jax.lax.slice_in_dim(x, half, None, axis=axis)
+  return jnp.squeeze(x, axis)
+
+
 def block_summaries(k: Float[Array, "b s h d"], block_size: int, summary: Summary) -> Summaries:
-  """The summaries of the blocks of k (the last one padded: only complete blocks are scored)."""
+  """The summaries of the blocks of k (the last one padded with zeros: only complete blocks are
+  scored)."""
   batch, seq_len, heads, dim = k.shape
   num_blocks = -(-seq_len // block_size)
   pad = [(0, 0), (0, num_blocks * block_size - seq_len), (0, 0), (0, 0)]
   blocks = jnp.pad(k.astype(jnp.float32), pad).reshape(batch, num_blocks, block_size, heads, dim)
   if summary == "mean":
-    return Summaries(total=blocks.sum(axis=2))
+    return Summaries(total=_pairwise_sum(blocks, axis=2))
   return Summaries(low=blocks.min(axis=2), high=blocks.max(axis=2))
 
 
@@ -117,35 +136,36 @@ def empty_summaries(
   return Summaries(low=jnp.full(shape, jnp.inf, jnp.float32), high=jnp.full(shape, -jnp.inf))
 
 
-def add_to_summaries(
+def summarise_blocks(
     summaries: Summaries,
-    keys: Float[Array, "b c h d"],
-    blocks: Int[Array, "b c"],
+    k: Float[Array, "b s h d"],
+    blocks: Int[Array, "b n"],
+    block_size: int,
 ) -> Summaries:
-  """The summaries after each key joined its block (`blocks` out of range: dropped), as
-  `block_summaries` of all of them at once would give them, up to rounding of the sums."""
-  rows = jnp.arange(blocks.shape[0])[:, None]
-  keys = keys.astype(jnp.float32)
-  if summaries.total is not None:
-    return Summaries(total=summaries.total.at[rows, blocks].add(keys, mode="drop"))
-  return Summaries(
-      low=summaries.low.at[rows, blocks].min(keys, mode="drop"),
-      high=summaries.high.at[rows, blocks].max(keys, mode="drop"),
-  )
+  """`summaries` with the listed blocks of k (a decode cache's stored keys, s a multiple of
+  block_size) summarised anew, bit for bit as `block_summaries` summarises them; a block index out
+  of range is left out."""
+  batch, slots, heads, dim = k.shape
+  rows = jnp.arange(batch)[:, None]
+  k = k.reshape(batch, slots // block_size, block_size, heads, dim)
+  picked = k.at[rows, blocks].get(mode="clip").reshape(batch, -1, heads, dim)
+  summary = "mean" if summaries.total is not None else "bound"
+  fresh = block_summaries(picked, block_size, summary)
+  put = lambda old, new: None if old is None else old.at[rows, blocks].set(new, mode="drop")
+  return Summaries(*(put(old, new) for old, new in zip(summaries, fresh)))
 
 
 def block_scores(
     q: Float[Array, "b c h d"], summaries: Summaries, block_size: int
 ) -> Float[Array, "b c h n"]:
-  """score(t, j) of every query against every block (module docstring), float32."""
-  q = q.astype(jnp.float32)
-  highest = jax.lax.Precision.HIGHEST
+  """score(t, j) of every query against every block (module docstring), float32, in the same bits
+  for a query scored alone or among others."""
+  q = q.astype(jnp.float32)[:, :, None]  # b c 1 h d against b 1 n h d.
   if summaries.total is not None:
-    return jnp.einsum("bchd,bnhd->bchn", q, summaries.total / block_size, precision=highest)
-  low, high = summaries.low, summaries.high
-  q = q[:, :, None]  # b c 1 h d against b 1 n h d.
-  bound = jnp.maximum(q * low[:, None], q * high[:, None]).sum(axis=-1)
-  return bound.transpose(0, 1, 3, 2)
+    terms = q * (summaries.total / block_size)[:, None]
+  else:
+    terms = jnp.maximum(q * summaries.low[:, None], q * summaries.high[:, None])
+  return _pairwise_sum(terms, axis=-1).transpose(0, 1, 3, 2)
 
 
 class Selected(NamedTuple):

@@ -79,8 +79,8 @@ def default_block_size(seq_len: int, hi: int | None) -> int:
   block = min(MAX_BLOCK_SIZE, padded)
   if hi is not None:
     # Each query reads about hi - lo + 2B keys: a block no longer than the band keeps that within
-    # a few times the band.
-    block = min(block, max(MIN_BLOCK_SIZE, 1 << (hi.bit_length() - 1)))
+    # a few times the band (hi = 0, a query reading itself, takes the smallest block).
+    block = min(block, max(MIN_BLOCK_SIZE, 1 << max(hi.bit_length() - 1, 0)))
   return block
 
 

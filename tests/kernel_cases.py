@@ -84,6 +84,17 @@ CASES = {
 }
 
 
+# Degenerate bands, on short sequences: one delay (hi = lo, 0 included), lo past the end (every row
+# empty; unbounded, it is test_retrieve.py's long_term_past_end), a single position.
+DEGENERATE_CASES = {
+    "self_only": Case(37, 0, 0),
+    "one_delay_packed": Case(37, 3, 3, packed=True),
+    "past_the_end_bounded": Case(37, 40, 45),
+    "one_position": Case(1, 0, 0),
+    "one_position_empty": Case(1, 1, None),
+}
+
+
 def inputs(seed, seq_len, dims, batch=B, heads=H, dtype=jnp.float32):
   """(q, k, v, cotangent of the output), standard normal in `dtype`; dims = (d, e)."""
   rng = np.random.default_rng(seed)
@@ -136,11 +147,11 @@ def compare(op, args, lo, hi=None, segment_ids=None, static_lo=False, **kwargs):
 
 @functools.cache
 def results(op, name, dims, dtype=jnp.float32, static_lo=False):
-  """`compare` on CASES[name] with inputs of seed 0 in `dtype`.
+  """`compare` on CASES[name] (or DEGENERATE_CASES[name]) with inputs of seed 0 in `dtype`.
 
   Cached: every test of one case shares a single run of `op` and of the reference.
   """
-  case = CASES[name]
+  case = CASES[name] if name in CASES else DEGENERATE_CASES[name]
   args = inputs(0, case.seq_len, dims, dtype=dtype)
   return compare(op, args, **case.band, static_lo=static_lo)
 
@@ -250,7 +261,7 @@ def assert_gradients_stable_with_huge_key_norms(
 
 
 class ReferenceTests:
-  """The tests every implementation passes against the reference on `CASES`.
+  """The tests every implementation passes against the reference on `CASES` and `DEGENERATE_CASES`.
 
   A test file subclasses it as a class named Test*, setting `op`, the retrieve function under
   test (as a staticmethod), `dims`, the head dims (d, e), `static_lo`, whether lo is passed
@@ -264,7 +275,7 @@ class ReferenceTests:
   dtype: jnp.dtype = jnp.float32
 
   def case_results(self, name, dtype=None):
-    """`results` of `op` on CASES[name] (inputs in `dtype`, default the class's)."""
+    """`results` of `op` on the case `name` (inputs in `dtype`, default the class's)."""
     return results(self.op, name, self.dims, dtype or self.dtype, self.static_lo)
 
   @pytest.mark.parametrize("name", CASES)
@@ -280,6 +291,24 @@ class ReferenceTests:
     """The first lo positions of every document read nothing (in v1_packed, the 1-token one)."""
     case = CASES[name]
     assert_empty_rows_are_zero(self.case_results(name)[0], case.lo, case.segment_ids)
+
+  # hi = lo = 0 (which once raised) and T = 1 in the default suite; test_retrieve.py checks what
+  # "auto" picks on every degenerate band there.
+  @pytest.mark.parametrize(
+      "name",
+      [
+          n if n in ("self_only", "one_position") else pytest.param(n, marks=pytest.mark.slow)
+          for n in DEGENERATE_CASES
+      ],
+  )
+  def test_degenerate_band_matches_reference(self, name):
+    """hi = lo, lo past the end, T = 1: forward and gradients, and rows that read nothing give
+    exactly 0."""
+    case = DEGENERATE_CASES[name]
+    actual = self.case_results(name)
+    assert_matches(*actual, self.dtype)
+    if case.lo > 0:
+      assert_empty_rows_are_zero(actual[0], case.lo, case.segment_ids)
 
   def test_bfloat16_inputs(self):
     assert_matches(*self.case_results("v1_packed", jnp.bfloat16), jnp.bfloat16)

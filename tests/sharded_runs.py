@@ -11,6 +11,9 @@ fsdp=8 and saves it in WORKDIR/checkpoints, restores it onto fsdp=8, onto (data=
 onto one device, checks each against the saved values (exactly) and its target's shardings, and
 writes the saved params to WORKDIR/saved_params.npz. `generate` generates greedily with every
 family on one device and on (data=4, tensor=2) and writes both runs' tokens to OUT (JSON).
+`grad_accum` takes the first step of mm1 on a batch of uneven loss masks on (data=2, fsdp=2,
+tensor=2) with 1, 2 and 4 micro-batches, and writes each run's loss and gradient, with the
+token-weighted mean loss of the batch and its gradient computed directly, to OUT (npz).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import sys
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from mosaics_jax import checkpoints, config as config_lib, overrides, registry, sharding
 from mosaics_jax.analysis import bench_train
@@ -151,6 +156,81 @@ def steps(out: pathlib.Path, name: str, impl: str = "auto") -> None:
   np.savez(out, losses_one=report["one"]["losses"], losses_mesh=report["mesh"]["losses"], **flat)
 
 
+# Loss-mask lengths of the 16 rows of `uneven_batch`: micro-batches of 4 rows count 0, 128, 6 and
+# 61 targets, micro-batches of 8 rows 128 and 67.
+MASK_LENGTHS = (0, 0, 0, 0, 32, 32, 32, 32, 3, 1, 0, 2, 17, 9, 30, 5)
+
+
+def accum_experiment(grad_accum: int, **sets) -> config_lib.Experiment:
+  """A one-layer mm1 (no per-step arguments, no dropout) of `uneven_batch`'s batch size."""
+  return tiny(
+      "mm1-tiny",
+      **{"model.num_layers": 1, "train.batch_size": len(MASK_LENGTHS)},
+      **{"train.grad_accum": grad_accum, **sets},
+  )
+
+
+def uneven_batch(experiment) -> dict[str, np.ndarray]:
+  """A batch of random tokens whose rows' loss masks cover the first MASK_LENGTHS targets."""
+  batch = bench_train.synthetic_batch(experiment, np.random.default_rng(0))
+  positions = np.arange(experiment.data.seq_len)
+  batch["loss_mask"] = (positions < np.array(MASK_LENGTHS)[:, None]).astype(np.float32)
+  batch["segment_ids"][:, 20:] = 1
+  return batch
+
+
+def gradient_keeper() -> optax.GradientTransformation:
+  """An optimizer that leaves the parameters as they are and keeps the gradient as its state."""
+  return optax.GradientTransformation(
+      init=lambda params: jax.tree.map(jnp.zeros_like, params),
+      update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads),
+  )
+
+
+def step_gradient(experiment, batch, on_mesh: bool) -> tuple[float, dict, dict]:
+  """(loss, gradient, initial params) of the first train step on `batch`, on one device or on
+  `experiment.mesh`: the loss the step reports and the gradient its optimizer receives."""
+  model = families.build_model(experiment.model)
+  tx = gradient_keeper()
+  placement = step_lib.make_placement(experiment, model, tx) if on_mesh else None
+  state = step_lib.init_state(experiment, model, tx, placement)
+  params = jax.tree.map(np.asarray, state["params"])  # Before the step donates them.
+  state, stats = step_lib.make_train_step(experiment, model, tx, placement)(state, batch)
+  return float(stats["loss"]), jax.tree.map(np.asarray, state["opt_state"]), params
+
+
+def token_weighted_reference(experiment, params, batch) -> tuple[float, dict]:
+  """The mean cross-entropy over the batch's masked targets, and its gradient, in one pass."""
+  model = families.build_model(experiment.model)
+
+  def loss(params):
+    logits = model.apply({"params": params}, batch["tokens"], batch["segment_ids"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    return jnp.sum(ce * batch["loss_mask"]) / max(batch["loss_mask"].sum(), 1.0)
+
+  value, grads = jax.jit(jax.value_and_grad(loss))(params)
+  return float(value), jax.tree.map(np.asarray, grads)
+
+
+def grad_accum(out: pathlib.Path) -> None:
+  """Loss and gradient of the first step on a mesh with 1, 2 and 4 micro-batches, and directly."""
+  mesh = config_lib.MeshConfig(data=2, fsdp=2, tensor=2)
+  report = {}
+  for accum in (1, 2, 4):
+    exp = accum_experiment(accum, mesh=mesh)
+    loss, grads, params = step_gradient(exp, uneven_batch(exp), on_mesh=True)
+    report[f"loss:{accum}"] = loss
+    report.update(_flat(f"grad:{accum}", grads))
+  loss, grads = token_weighted_reference(exp, params, uneven_batch(exp))
+  report["loss:reference"] = loss
+  report.update(_flat("grad:reference", grads))
+  np.savez(out, **report)
+
+
+def _flat(prefix: str, tree) -> dict[str, np.ndarray]:
+  return {f"{prefix}:{_path(p)}": x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def generate(out: pathlib.Path) -> None:
   """Greedy generation on one device and on (data=4, tensor=2), ragged prompts."""
   mesh_config = config_lib.MeshConfig(data=4, fsdp=1, tensor=2)
@@ -168,6 +248,10 @@ def generate(out: pathlib.Path) -> None:
 
 if __name__ == "__main__":
   assert jax.device_count() == 8, f"needs 8 devices, has {jax.device_count()}"
-  {"specs": specs, "restore": restore, "steps": steps, "generate": generate}[sys.argv[1]](
-      pathlib.Path(sys.argv[2]).absolute(), *sys.argv[3:]
-  )
+  {
+      "specs": specs,
+      "restore": restore,
+      "steps": steps,
+      "generate": generate,
+      "grad_accum": grad_accum,
+  }[sys.argv[1]](pathlib.Path(sys.argv[2]).absolute(), *sys.argv[3:])

@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import kernels_pallas
 from mosaics_jax import config as config_lib, load, tokenizers
 from mosaics_jax.cli import generate as generate_cli
 from mosaics_jax.inference import generate as generate_lib, sampling as sampling_lib
-from mosaics_jax.model import cache as cache_lib, families
+from mosaics_jax.model import cache as cache_lib, families, family as family_lib
 from mosaics_jax.port import pretrained
 
 TINY = dict(vocab_size=50, num_layers=2, width=32, num_heads=4)
@@ -110,11 +111,10 @@ def _decode(model, params, tokens, segment_ids, chunk: int, dtype="float32", pro
   return out
 
 
-# The default suite decodes one v1 (two persistent memories), one v2 (both memories), one v2 whose
-# long-term memory reads selected blocks and Llama token by token; the slow suite adds v1 with one
-# persistent memory, v2 without long-term memory, v2 selecting with mean summaries and chunks of 3
-# tokens.
-FAST = ("mm1-pmem2", "mm2", "mm2-select", "llama")
+# The default suite decodes one v1 (two persistent memories), one v2 (both memories), v2 whose
+# long-term memory reads selected blocks (by bound and by mean) and Llama token by token; the slow
+# suite adds v1 with one persistent memory, v2 without long-term memory and chunks of 3 tokens.
+FAST = ("mm1-pmem2", "mm2", "mm2-select", "mm2-select-mean", "llama")
 
 
 @pytest.mark.parametrize(
@@ -151,6 +151,152 @@ def test_long_streams_read_their_pairs_block_by_block(name):
   full = _forward(model, params, tokens, segment_ids)
   decoded = _decode(model, params, tokens, segment_ids, chunk=40, prompts=(140, 100))
   np.testing.assert_allclose(decoded, full, atol=1e-5 * np.abs(full).max(), rtol=0)
+
+
+def test_decoding_with_gates_past_float32_gives_the_full_forward():
+  """v2's input gates scaled to hundreds and thousands (exp overflows float32 past 88): the cache
+  carries the gated recurrence as a state and its log-scale, so decoding stays finite and equal to
+  the full forward, which rescales the same way."""
+  model, params = _random_params(CONFIGS["mm2"])
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: 3000 * x if "w_g" in jax.tree_util.keystr(path) else x, params
+  )
+  tokens, segment_ids = _stream()
+  full = _forward(model, params, tokens, segment_ids)
+  decoded = _decode(model, params, tokens, segment_ids, 1)
+  assert np.isfinite(full).all() and np.isfinite(decoded).all()
+  np.testing.assert_allclose(decoded, full, atol=1e-5 * np.abs(full).max(), rtol=0)
+
+
+@functools.cache  # One compiled function per model, shared by the tests of a worker.
+def _apply(model):
+  """The model's apply with a cache, compiled."""
+  return jax.jit(lambda p, t, c, n: model.apply({"params": p}, t, cache=c, lengths=n))
+
+
+def test_a_cache_fed_past_its_max_len_raises():
+  """A cache for 8 tokens fed one token at a time: the first 8 are the full forward's, the 9th
+  raises, naming the length it would reach and max_len (it used to wrap around silently)."""
+  model, params = _random_params(CONFIGS["llama"])
+  tokens = np.asarray(jax.random.randint(jax.random.key(9), (1, 12), 0, 50), np.int32)
+  full = _forward(model, params, tokens, None)
+  apply, one = _apply(model), np.ones((1,), np.int32)
+  cache = model.init_cache(1, 8)
+  for t in range(8):
+    logits, cache = apply(params, tokens[:, t : t + 1], cache, one)
+    np.testing.assert_allclose(logits[0, 0], full[0, t], atol=1e-5 * np.abs(full).max())
+  with pytest.raises(ValueError, match=r"row 0 would hold 9 tokens, past the cache's max_len 8"):
+    model.apply({"params": params}, tokens[:, 8:9], cache=cache)
+
+
+# Every family's decoder (v1 has its own), and block selection (blocks of 4: 8 slots are 2 blocks).
+@pytest.mark.parametrize("name", ["mm1-pmem2", "mm2", "mm2-select", "llama"])
+def test_every_family_refuses_a_chunk_past_max_len(name):
+  model, params = _random_params(CONFIGS[name])
+  tokens = jnp.ones((2, 9), jnp.int32)
+  error = r"row 1 would hold 9 tokens, past the cache's max_len 8: it holds 0 and the chunk adds 9"
+  with pytest.raises(ValueError, match=error):
+    model.apply(
+        {"params": params}, tokens, cache=model.init_cache(2, 8), lengths=jnp.asarray([8, 9])
+    )
+
+
+def test_under_jit_a_row_past_max_len_is_flagged_nan_and_checked():
+  """Under jit the lengths are not known: a row that goes past max_len is flagged (for good), its
+  logits are NaN, and `cache.check` raises; the other row goes on as the full forward."""
+  model, params = _random_params(CONFIGS["llama"])
+  tokens = np.asarray(jax.random.randint(jax.random.key(10), (2, 9), 0, 50), np.int32)
+  full = _forward(model, params, tokens, None)
+  apply = _apply(model)
+  cache = model.init_cache(2, 8)
+  _, cache = apply(params, tokens[:, :6], cache, np.asarray([6, 3], np.int32))
+  cache_lib.check(cache)  # Both rows fit.
+  right = np.stack([tokens[0, 6:9], tokens[1, 3:6]])
+  logits, cache = apply(params, right, cache, np.asarray([3, 3], np.int32))
+  assert np.asarray(cache.stream.overflow).tolist() == [True, False]
+  assert np.isnan(logits[0]).all()
+  np.testing.assert_allclose(logits[1], full[1, 3:6], atol=1e-5 * np.abs(full).max())
+  error = r"row 0 went past the cache's max_len 8: it holds 9 tokens"
+  with pytest.raises(ValueError, match=error):
+    cache_lib.check(cache)
+  logits, cache = apply(params, tokens[:, 6:8], cache, np.asarray([0, 2], np.int32))
+  assert np.asarray(cache.stream.overflow).tolist() == [True, False]
+  assert np.isnan(logits[0]).all() and not np.isnan(logits[1]).any()
+  with pytest.raises(ValueError, match=error):  # Outside jit too.
+    model.apply({"params": params}, tokens[:, :1], cache=cache, lengths=jnp.zeros((2,), jnp.int32))
+
+
+def test_a_cache_of_rings_alone_has_no_length_limit():
+  """v2 without long-term memory keeps a ring of its window's 5 pairs: a cache for 8 tokens takes
+  14, the full forward's logits; one for 3 tokens (a ring cut to 3) stops at 3."""
+  model, params = _random_params(CONFIGS["mm2-no-ltm"])
+  tokens, _ = _stream()
+  full = _forward(model, params, tokens, None)
+  apply, one = _apply(model), np.ones((2,), np.int32)
+  cache = model.init_cache(2, 8)
+  assert cache.max_len is None
+  for t in range(14):
+    logits, cache = apply(params, tokens[:, t : t + 1], cache, one)
+    np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5 * np.abs(full).max())
+  cache_lib.check(cache)
+  with pytest.raises(ValueError, match="would hold 4 tokens, past the cache's max_len 3"):
+    model.apply({"params": params}, tokens[:, :4], cache=model.init_cache(2, 3))
+
+
+@pytest.mark.parametrize("dtype", ["int32", "bool"])
+def test_a_cache_dtype_must_be_floating(dtype):
+  """An integer cache would truncate keys and values (the logits were off by 3.5)."""
+  model = families.build_model(CONFIGS["llama"])
+  with pytest.raises(ValueError, match=f"floating dtype, got {dtype}"):
+    model.init_cache(1, 8, dtype)
+
+
+def test_decoding_selects_the_forward_blocks_when_block_means_nearly_tie():
+  """Blocks of 64 keys whose means differ by a few float32 ulps: block 0 holds 1 and 63 keys of
+  2^-24, whose sum rounds by the order of the adds; block 1 holds one key of 1 + 2^-20. Queries of
+  block 2 choose one of the two by mean: token by token through the cache they choose the block
+  the forward chooses, as their outputs show (block 0's values are +1, block 1's -1)."""
+  size, length, prompt = 64, 136, 128
+  selection = kernels_pallas.BlockSelection(blocks=1, block_size=size, recent=1)
+  band = family_lib.Band(lo=1, hi=None, selection=selection)
+  k = np.zeros((1, length, 1, 4), np.float32)
+  k[0, 0, 0, 0] = 1.0
+  k[0, 1:size, 0, 0] = 2.0**-24
+  k[0, size, 0, 0] = 1.0 + 2.0**-20
+  v = np.zeros((1, length, 1, 1), np.float32)
+  v[0, :size], v[0, size : 2 * size] = 1.0, -1.0
+  q = np.zeros_like(k)
+  q[..., 0] = 1.0
+  retrieve = functools.partial(kernels_pallas.retrieve_selected, selection=selection)
+  forward = np.asarray(retrieve(q, k, v, lo=1, hi=None, segment_ids=None))
+  # From t = 129 on, blocks 0 and 1 compete (block 2 is the recent one): block 0 wins.
+  assert forward[0, prompt + 1 :, 0, 0].min() > 0.5
+  slots = cache_lib.capacity(band, length)
+  cache = cache_lib.empty_memory(
+      1, slots, 1, 4, 1, jnp.float32, pending=False, key_state=False, selection=selection
+  )
+
+  @functools.partial(jax.jit, static_argnames="fresh")
+  def step(cache, q, k, v, positions, fresh):
+    zeros = jnp.zeros_like(positions)
+    chunk = cache_lib.Chunk(
+        positions=positions,
+        doc_positions=positions,
+        segment_ids=zeros,
+        starts=positions == 0,
+        lengths=jnp.full((1,), positions.shape[1], jnp.int32),
+        doc_starts=zeros,
+        fresh=fresh,
+    )
+    return cache_lib.step(q, k, v, cache, chunk, band, retrieve)
+
+  decoded = []
+  for start, stop in [(0, prompt), *((t, t + 1) for t in range(prompt, length))]:
+    part = lambda x, start=start, stop=stop: x[:, start:stop]
+    positions = np.arange(start, stop, dtype=np.int32)[None]
+    y, cache = step(cache, part(q), part(k), part(v), positions, fresh=start == 0)
+    decoded.append(np.asarray(y))
+  np.testing.assert_allclose(np.concatenate(decoded, axis=1), forward, atol=1e-6, rtol=0)
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""Models: causality, document isolation, the v2 memory equations against a numpy reference, the
-long-term switch-off, remat, bfloat16, dropout and input errors."""
+"""Models: causality, document isolation, the v2 memory equations against a numpy reference, v2's
+gated keys with gates past float32, the long-term switch-off, remat, bfloat16, dropout and input
+errors."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import kernels_pallas
 from mosaics_jax import build_model, config as config_lib, overrides
-from mosaics_jax.model import memories
+from mosaics_jax.model import features, memories
 
 TINY = dict(vocab_size=50, num_layers=2, width=32, num_heads=4)
 CONFIGS = {
@@ -204,6 +206,93 @@ def test_v2_memory_matches_the_equations(lo, hi):
   )
   out = mem.apply({"params": params}, x, None, lo)
   np.testing.assert_allclose(out[0], _np_v2_memory(params, x, lo, hi, cfg), atol=2e-5, rtol=1e-4)
+
+
+def _gated_keys_closed_form(x, kernels, heads, eps):
+  """Eq. 8's keys in float64 from the closed form of the recurrence in log space, finite however
+  large the gates: kbar_t = sum_{s <= t} exp(L_ts) k~_s, L_ts = w_g . x_s - sum_{s < r <= t}
+  |w_lambda . x_r|, and Norm(kbar_t) = u_t / (||u_t|| + eps exp(-M_t)), u_t = exp(-M_t) kbar_t,
+  M_t = max_s L_ts."""
+  x = np.asarray(x, np.float64)
+  batch, t, _ = x.shape
+  k_raw = (x @ np.asarray(kernels["W_phi"], np.float64)).reshape(batch, t, heads, -1)
+  gate = x @ np.asarray(kernels["w_g"], np.float64)
+  log_decay = -np.abs(x @ np.asarray(kernels["w_lambda"], np.float64))
+  keys = np.zeros_like(k_raw)
+  for i in range(t):
+    sizes = np.stack([gate[:, s] + log_decay[:, s + 1 : i + 1].sum(1) for s in range(i + 1)], 1)
+    top = sizes.max(axis=1)
+    u = np.einsum("bsh,bshd->bhd", np.exp(sizes - top[:, None]), k_raw[:, : i + 1])
+    with np.errstate(over="ignore"):  # exp(-M) is inf where kbar underflows: k is then 0.
+      keys[:, i] = u / (np.linalg.norm(u, axis=-1, keepdims=True) + eps * np.exp(-top)[..., None])
+  return keys
+
+
+def _gated_keys_as_before(x, kernels, heads, eps, dtype):
+  """The keys as the gated recurrence computed them before gates were rescaled, in float32."""
+  k_raw = (x.astype(dtype) @ kernels["W_phi"].astype(dtype)).astype(jnp.float32)
+  kbar = kernels_pallas.linear_scan(
+      jnp.exp(-jnp.abs(x @ kernels["w_lambda"])),
+      jnp.exp(x @ kernels["w_g"])[..., None] * k_raw.reshape(*x.shape[:2], heads, -1),
+  )
+  return kbar / (jnp.linalg.norm(kbar, axis=-1, keepdims=True) + eps)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_v2_gated_keys_with_gates_past_float32(dtype):
+  """Gate pre-activations of +-9984 (exp overflows float32 past 88, and the keys were NaN): the keys
+  and their gradients are finite, equal to the closed form in float64, and where the gates are
+  moderate (up to 22: kbar within float32) equal to the formula before, values and gradients."""
+  heads, width, t, eps = 2, 8, 12, 1e-6
+  rng = np.random.default_rng(0)
+  # On grids that float32 multiplies and sums exactly: both paths see the same gates.
+  grid = lambda scale, size, step: np.round(rng.normal(size=size) * scale / step) * step
+  x = np.clip(grid(1.0, (2, t, width), 1 / 8), -3, 3)
+  x[0, :, 0] = 0.0  # Row 0: moderate gates; row 1: +-9984 where x[..., 0] = +-1.
+  x[1, :, 0] = rng.choice([-1.0, 0.0, 1.0], size=t)
+  kernels = {
+      "W_phi": grid(0.5, (width, width), 1 / 16),
+      "w_g": grid(8.0, (width, heads), 1 / 16),
+      "w_lambda": grid(0.5, (width, heads), 1 / 16),
+  }
+  kernels["w_g"][0] = [9984.0, -9984.0]
+  kernels["w_lambda"][0] = [0.0, 9984.0]  # Head 1 also forgets everything at once.
+  kernels = {name: jnp.asarray(w, jnp.float32) for name, w in kernels.items()}
+  x = jnp.asarray(x, jnp.float32)
+  module = features.GatedKeyExtractor(
+      num_heads=heads,
+      layer_index=0,
+      gate_bias=False,
+      eps=eps,
+      scan_impl="chunked",
+      scan_chunk_size=4,
+      dtype=dtype,
+  )
+  cotangent = jnp.asarray(rng.normal(size=(2, t, heads, width // heads)), jnp.float32)
+
+  def loss(kernels, x):
+    params = {name: {"kernel": w} for name, w in kernels.items()}
+    keys, *_ = module.apply({"params": params}, x, None)
+    return jnp.sum(keys * cotangent), keys
+
+  def loss_before(kernels, x):
+    keys = _gated_keys_as_before(x, kernels, heads, eps, dtype)
+    return jnp.sum(keys * cotangent), keys
+
+  grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
+  (_, keys), (d_kernels, dx) = grad(loss)(kernels, x)
+  (_, keys_before), (_, dx_before) = grad(loss_before)(kernels, x)
+  gates = np.asarray(x @ kernels["w_g"])
+  assert gates[0].max() > 20 and np.abs(gates[1]).max() > 9000  # Row 0 rescales too.
+  assert np.isnan(keys_before[1]).any()
+  for z in (keys, dx, *jax.tree.leaves(d_kernels)):
+    assert np.isfinite(np.asarray(z)).all()
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  expected = _gated_keys_closed_form(x, kernels, heads, eps)
+  np.testing.assert_allclose(keys, expected, rtol=0, atol=tol)
+  np.testing.assert_allclose(keys[0], keys_before[0], rtol=0, atol=tol)
+  scale = np.abs(np.asarray(dx_before[0])).max()
+  np.testing.assert_allclose(dx[0], dx_before[0], rtol=0, atol=10 * tol * scale)
 
 
 def test_v2_long_term_delay_can_be_traced_without_recompiling():

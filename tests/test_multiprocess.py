@@ -152,13 +152,15 @@ def test_two_processes_train_as_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_signal_to_one_process_stops_both_at_one_checkpoint(tmp_path):
-  """Preemption that reaches one host only: both processes stop after the same step, write its
-  checkpoint together and exit with SIGTERM's code; none is left waiting in a collective."""
+@pytest.mark.parametrize("log_every", [1, 3])
+def test_a_signal_to_one_process_stops_both_at_one_checkpoint(tmp_path, log_every):
+  """Preemption that reaches one host only: both processes stop after the same step, a log step
+  (where they agree), write its checkpoint together and exit with SIGTERM's code; none is left
+  waiting in a collective."""
   workdir = tmp_path / "run"
   cluster = ["--coordinator-address", f"localhost:{_free_port()}", "--num-processes", "2"]
-  long = [s for s in SETS if not s.startswith("train.steps=")]
-  long += ["train.steps=100000", "train.checkpoint_every=100000"]
+  long = [s for s in SETS if not s.startswith(("train.steps=", "train.log_every="))]
+  long += ["train.steps=100000", "train.checkpoint_every=100000", f"train.log_every={log_every}"]
   processes = [
       _start(workdir, 1, *cluster, "--process-id", str(i), mesh="mesh.data=2", sets=long)
       for i in range(2)
@@ -179,7 +181,7 @@ def test_a_signal_to_one_process_stops_both_at_one_checkpoint(tmp_path):
     assert process.returncode == 128 + signal.SIGTERM, err[-4000:]
   assert "stopped by a signal to another process at step " in results[0][0]
   stopped = int(results[0][0].split("at step ")[1].split(":")[0])
-  assert 0 < stopped < 100000
+  assert 0 < stopped < 100000 and stopped % log_every == 0
   assert checkpoints.Checkpoints(workdir / "checkpoints", 3, read_only=True).steps() == [stopped]
 
 

@@ -16,7 +16,15 @@ import numpy as np
 import pytest
 
 import kernels_pallas
-from kernels_pallas import IMPLEMENTATIONS, pallas_mosaic_gpu, retrieve, visible_counts, xla
+from kernels_pallas import (
+    IMPLEMENTATIONS,
+    BlockSelection,
+    pallas_mosaic_gpu,
+    retrieve,
+    retrieve_selected,
+    visible_counts,
+    xla,
+)
 from kernels_pallas.retrieve import resolve_impl
 from kernels_pallas.xla import retrieve_xla
 
@@ -211,6 +219,21 @@ def test_xla_default_block_size():
   assert default_block_size(257, None) == 128
   assert default_block_size(1000, 255) == 128
   assert default_block_size(4096, 15) == 16
+  assert default_block_size(4096, 0) == 16  # lo = hi = 0: each query reads itself.
+  assert default_block_size(1, 0) == 8
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+@pytest.mark.parametrize("name", kc.DEGENERATE_CASES)
+def test_degenerate_bands_match_oracle(impl, name):
+  """The reference and what `retrieve` picks by default on CPU (the XLA path, its blocks chosen
+  for the band: hi = 0 once raised "negative shift count") serve every degenerate band (each
+  implementation is checked on them in its `kc.ReferenceTests`)."""
+  case = kc.DEGENERATE_CASES[name]
+  args = q, k, v, _ = kc.inputs(11, case.seq_len, DIMS)
+  actual, expected = kc.compare(retrieve, args, **case.band, static_lo=True, impl=impl)
+  kc.assert_close(actual[0], _oracle(q, k, v, case.lo, case.hi, case.segment_ids), 1e-5)
+  kc.assert_gradients_match(actual, expected)
 
 
 @pytest.mark.parametrize("name", ["v1_packed", "short_term", "long_term_packed"])
@@ -248,10 +271,39 @@ def test_empty_rows_are_exactly_zero_with_finite_gradients(impl, name):
   kc.assert_empty_rows_are_zero(actual, case.lo, case.segment_ids)
 
 
+# The interpreted kernels (in the slow suite) on one band of each kind: hi = lo, lo past the end,
+# T = 1.
+SELECTED_DEGENERATE = [
+    *((impl, name) for impl in ("reference", "xla") for name in kc.DEGENERATE_CASES),
+    *(
+        pytest.param(impl, name, marks=pytest.mark.slow)
+        for impl in ("pallas_gpu", "pallas_tpu")
+        for name in ("one_delay_packed", "past_the_end_bounded", "one_position")
+    ),
+]
+
+
+@pytest.mark.parametrize("impl, name", SELECTED_DEGENERATE)
+def test_retrieve_selected_on_degenerate_bands(impl, name):
+  """The selected path, lo traced, one block of 16 chosen besides the newest: a band of one delay
+  lies in the newest block, so it reads all of it, as `retrieve` (forward and gradients); rows
+  that read nothing give exactly 0."""
+  case = kc.DEGENERATE_CASES[name]
+  op = functools.partial(
+      retrieve_selected, selection=BlockSelection(blocks=1, block_size=16), impl=impl
+  )
+  args = kc.inputs(12, case.seq_len, DIMS)
+  actual = kc.run(op, args, **case.band)
+  kc.assert_matches(actual, kc.run(retrieve, args, **case.band, impl="reference"))
+  if case.lo > 0:
+    kc.assert_empty_rows_are_zero(actual, case.lo, case.segment_ids)
+
+
 @pytest.mark.parametrize(
     "impl, block_size", [*((impl, BLOCKS[impl]) for impl in IMPLS), ("xla", 40)]
 )
-@pytest.mark.parametrize("hi", [None, 30])
+# hi = 0 with lo >= 1: bands a traced lo cannot be checked against, empty, hence 0.
+@pytest.mark.parametrize("hi", [None, 0, 30])
 def test_traced_lo_compiles_once(impl, block_size, hi):
   q, k, v, _ = _inputs(6)
   traces = []
@@ -274,7 +326,7 @@ def test_traced_lo_compiles_once(impl, block_size, hi):
 
   actual_fn = forward_and_grads(impl, count_traces=True)
   expected_fn = forward_and_grads("reference", count_traces=False)
-  for lo in (1, 3, 9, 20, 30, 50):
+  for lo in (0, 1, 3, 9, 20, 30, 50):
     y, grads = actual_fn(q, k, v, jnp.int32(lo))
     kc.assert_close(y, _oracle(q, k, v, lo, hi, SEGMENTS), 1e-5)
     for g, e in zip(grads, expected_fn(q, k, v, jnp.int32(lo))[1]):

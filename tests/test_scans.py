@@ -1,4 +1,5 @@
-"""Tests of `linear_scan` against sequential float64 loops.
+"""Tests of `linear_scan` against sequential float64 loops, and of `gated_linear_scan` against the
+closed form of its recurrence in log space.
 
 Axis legend: b = batch, t = time, h = head, d = feature.
 """
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from kernels_pallas.bands import segment_starts
-from kernels_pallas.scans import SCAN_IMPLEMENTATIONS as IMPLS, linear_scan
+from kernels_pallas.scans import SCAN_IMPLEMENTATIONS as IMPLS, gated_linear_scan, linear_scan
 
 B, H, D = 2, 3, 4
 
@@ -232,6 +233,137 @@ def test_low_precision_inputs_give_float32(impl):
   h = _scan(a, x, impl=impl, chunk_size=4)
   assert h.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(h[0, :, 0, 0]), 2.0 - 0.5 ** np.arange(10), rtol=1e-6)
+
+
+def test_a_reset_drops_an_overflowed_initial_state():
+  """inf * 0 would be NaN: a document that starts at t = 0 does not see the state before."""
+  x = jnp.ones((1, 3, 2, 2))
+  reset = jnp.array([[True, False, False]])
+  for impl in IMPLS:
+    h = _scan(jnp.full((2,), 0.5), x, reset=reset, initial=jnp.full((1, 2, 2), jnp.inf), impl=impl)
+    np.testing.assert_array_equal(h[0, :, 0, 0], [1.0, 1.5, 1.75])
+
+
+def _log_space_oracle(log_a, log_g, x, reset, initial=None, initial_log_scale=0.0):
+  """(hhat, m) of h_t = a_t h_{t-1} + g_t x_t in float64 from the closed form h_t = sum_s
+  exp(L_ts) x_s, L_ts = log g_s + log a_{s+1} + ... + log a_t (s in t's document; the initial
+  state a term of log-size initial_log_scale at s = -1): m_t = max(0, max_s L_ts), hhat_t = sum_s
+  exp(L_ts - m_t) x_s."""
+  log_a, log_g, x = (np.asarray(z, np.float64) for z in (log_a, log_g, x))
+  batch, t, heads, dim = x.shape
+  hhat, m = np.zeros(x.shape), np.zeros((batch, t, heads))
+  for b in range(batch):
+    for i in range(t):
+      start = max([0] + [s for s in range(i + 1) if reset[b, s]])
+      terms = [(log_g[b, s] + log_a[b, s + 1 : i + 1].sum(0), x[b, s]) for s in range(start, i + 1)]
+      if initial is not None and not reset[b, : i + 1].any():
+        terms.append((initial_log_scale[b] + log_a[b, : i + 1].sum(0), initial[b]))
+      m[b, i] = np.maximum(0.0, np.max([size for size, _ in terms], axis=0))
+      hhat[b, i] = sum(np.exp(size - m[b, i])[:, None] * z for size, z in terms)
+  return hhat, m
+
+
+def _huge_gate_problem(seed, t, dtype):
+  """Log decays and gates on a grid of halves, so that float32 sums them exactly, with gates of
+  +-9984 (+-1e4 in bfloat16) next to small ones and decays of -9984; documents; inputs in
+  `dtype`."""
+  rng = np.random.default_rng(seed)
+  log_a = rng.choice([0.0, -0.5, -1.0, -3.0, -9984.0], size=(B, t, H), p=[0.3, 0.3, 0.2, 0.1, 0.1])
+  log_g = rng.choice([9984.0, -9984.0, 256.0, 0.0], size=(B, t, H))
+  log_g = np.where(rng.uniform(size=log_g.shape) < 0.5, rng.integers(-60, 60, log_g.shape), log_g)
+  x = rng.normal(size=(B, t, H, D))
+  reset = np.asarray(segment_starts(jnp.asarray(np.cumsum(rng.uniform(size=(B, t)) < 0.1, 1))))
+  log_a, log_g, x = (jnp.asarray(z, dtype) for z in (log_a, log_g, x))
+  return log_a, log_g, x, reset
+
+
+def _assert_matches_oracle(hhat, m, oracle, tol):
+  """hhat, m (float32) equal the oracle's: m up to rounding, and hhat exp(m - m_oracle) within tol
+  of hhat_oracle, whose coefficients are all <= 1."""
+  want_hhat, want_m = oracle
+  assert np.isfinite(hhat).all() and np.isfinite(m).all()
+  np.testing.assert_allclose(m, want_m, rtol=1e-6, atol=1e-6)
+  rescaled = np.asarray(hhat, np.float64) * np.exp(np.asarray(m, np.float64) - want_m)[..., None]
+  np.testing.assert_allclose(rescaled, want_hhat, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gated_scan_with_huge_gates_matches_log_space_closed_form(impl, dtype):
+  """Gates of exp(+-1e4), past float32 either way: hhat is finite and right, and a scan continued
+  from (hhat, m) at a split (decoding) equals the whole scan."""
+  t = 23
+  log_a, log_g, x, reset = _huge_gate_problem(0, t, dtype)
+  scan = jax.jit(functools.partial(gated_linear_scan, impl=impl, chunk_size=8))
+  hhat, m = scan(log_a, log_g, x, reset=jnp.asarray(reset))
+  assert (np.asarray(m) > 9000).any()
+  _assert_matches_oracle(hhat, m, _log_space_oracle(log_a, log_g, x, reset), 1e-5)
+
+  split = 9
+  head = scan(log_a[:, :split], log_g[:, :split], x[:, :split], reset=jnp.asarray(reset[:, :split]))
+  tail = scan(
+      log_a[:, split:],
+      log_g[:, split:],
+      x[:, split:],
+      reset=jnp.asarray(reset[:, split:]),
+      initial=head[0][:, -1],
+      initial_log_scale=head[1][:, -1],
+  )
+  oracle = _log_space_oracle(
+      log_a[:, split:],
+      log_g[:, split:],
+      x[:, split:],
+      reset[:, split:],
+      np.asarray(head[0][:, -1], np.float64),
+      np.asarray(head[1][:, -1], np.float64),
+  )
+  _assert_matches_oracle(*tail, oracle, 1e-5)
+  _assert_matches_oracle(
+      tail[0], tail[1], (np.asarray(hhat[:, split:]), np.asarray(m[:, split:])), 1e-5
+  )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gated_scan_is_the_plain_scan_where_no_term_exceeds_one(impl):
+  """Gates <= 1 and decays <= 1: no scale (m = 0), and hhat is `linear_scan` bit for bit, values
+  and gradients."""
+  rng = np.random.default_rng(3)
+  t = 29
+  log_a = jnp.asarray(-rng.exponential(size=(B, t, H)), jnp.float32)
+  log_g = jnp.asarray(rng.uniform(-20.0, 0.0, size=(B, t, H)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(B, t, H, D)), jnp.float32)
+  reset = segment_starts(jnp.asarray(np.cumsum(rng.uniform(size=(B, t)) < 0.1, 1)))
+  weights = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+  def gated(log_a, log_g, x):
+    hhat, m = gated_linear_scan(log_a, log_g, x, reset=reset, impl=impl, chunk_size=8)
+    return jnp.sum(hhat * weights), (hhat, m)
+
+  def plain(log_a, log_g, x):
+    h = linear_scan(
+        jnp.exp(log_a), jnp.exp(log_g)[..., None] * x, reset=reset, impl=impl, chunk_size=8
+    )
+    return jnp.sum(h * weights), h
+
+  grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
+  (_, (hhat, m)), grads = grad(gated)(log_a, log_g, x)
+  (_, h), want_grads = grad(plain)(log_a, log_g, x)
+  np.testing.assert_array_equal(m, 0.0)
+  np.testing.assert_array_equal(hhat, h)
+  for got, want in zip(grads, want_grads):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_gated_scan_bad_shapes():
+  x = jnp.ones((2, 7, 3, 4))
+  with pytest.raises(
+      ValueError, match=r"log_g must be \[b, t, h\] = \(2, 7, 3\), got shape \(3,\)"
+  ):
+    gated_linear_scan(jnp.zeros((2, 7, 3)), jnp.zeros((3,)), x)
+  with pytest.raises(ValueError, match=r"initial_log_scale is the scale of an initial state"):
+    gated_linear_scan(
+        jnp.zeros((2, 7, 3)), jnp.zeros((2, 7, 3)), x, initial_log_scale=x[:, 0, :, 0]
+    )
 
 
 def test_unknown_impl():

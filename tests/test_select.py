@@ -227,18 +227,30 @@ def test_bad_calls_are_named():
 
 
 @pytest.mark.parametrize("summary", select_lib.SUMMARIES)
-def test_summaries_added_chunk_by_chunk_are_the_blocks_summaries(summary):
-  """What a decode cache keeps (keys added 7 at a time, padding dropped) is `block_summaries`:
-  exactly for "bound", up to rounding for "mean"."""
+def test_summaries_of_stored_keys_are_the_blocks_summaries_bit_for_bit(summary):
+  """What a decode cache keeps (keys stored 7 at a time, each chunk's blocks summarised anew, one
+  block past the end left out) is `block_summaries` of all the keys at once, in the same bits."""
   _, k, _, _ = kc.inputs(10, 64, (D, E))
   expected = select_lib.block_summaries(k, 8, summary)
+  stored = jnp.zeros_like(k)
   summaries = select_lib.empty_summaries(kc.B, 8, kc.H, D, summary)
   for start in range(0, 64, 7):
-    positions = np.arange(start, start + 7)[None].repeat(kc.B, 0)
-    blocks = jnp.asarray(np.where(positions < 64, positions // 8, 8))  # Past the end: dropped.
-    chunk = k[:, np.minimum(positions[0], 63)]
-    summaries = select_lib.add_to_summaries(summaries, chunk, blocks)
+    stored = stored.at[:, start : start + 7].set(k[:, start : start + 7])
+    blocks = jnp.broadcast_to(start // 8 + jnp.arange(2), (kc.B, 2))
+    summaries = select_lib.summarise_blocks(summaries, stored, blocks, 8)
   for actual, wanted in zip(summaries, expected):
     assert (actual is None) == (wanted is None)
     if wanted is not None:
-      np.testing.assert_allclose(actual, wanted, rtol=0, atol=1e-5 if summary == "mean" else 0)
+      np.testing.assert_array_equal(actual, wanted)
+
+
+@pytest.mark.parametrize("summary", select_lib.SUMMARIES)
+def test_a_query_scored_alone_gets_the_bits_it_gets_among_others(summary):
+  """A decode step scores one query against a cache's blocks; the forward scores chunks of queries
+  against the blocks so far: the same scores to the bit, or near-tied blocks could rank apart."""
+  q, k, _, _ = kc.inputs(11, 64, (64, E))
+  summaries = select_lib.block_summaries(k[:, :48], 8, summary)
+  together = select_lib.block_scores(q, select_lib.block_summaries(k, 8, summary), 8)
+  for t in range(0, 64, 9):
+    alone = select_lib.block_scores(q[:, t : t + 1], summaries, 8)
+    np.testing.assert_array_equal(alone[:, 0], together[:, t, :, :6])

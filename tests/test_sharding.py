@@ -75,6 +75,23 @@ def test_training_on_a_mesh_matches_one_device(tmp_path, name, impl):
     )
 
 
+@pytest.mark.slow
+def test_grad_accum_on_a_mesh_gives_the_batch_mean_and_its_gradient(tmp_path):
+  """On (data=2, fsdp=2, tensor=2), with 1, 2 or 4 micro-batches that count 0 to 128 targets, the
+  step's loss and gradient are the global batch's mean over its masked targets, computed
+  directly on one device."""
+  out = tmp_path / "grad_accum.npz"
+  _run_on_8_devices("grad_accum", out)
+  runs = np.load(out)
+  reference = [k for k in runs.files if k.startswith("grad:reference:")]
+  assert reference
+  for accum in (1, 2, 4):
+    assert runs[f"loss:{accum}"] == pytest.approx(runs["loss:reference"], rel=1e-6)
+    for key in reference:
+      got = runs[key.replace(":reference:", f":{accum}:", 1)]
+      np.testing.assert_allclose(got, runs[key], atol=1e-6, err_msg=f"{accum}: {key}")
+
+
 @pytest.fixture(scope="module")
 def specs(tmp_path_factory):
   out = tmp_path_factory.mktemp("specs") / "specs.json"

@@ -13,10 +13,13 @@ import jax
 import numpy as np
 import pytest
 import tiny_runs
+from jax.experimental import multihost_utils
 
 from mosaics_jax import checkpoints, config as config_lib, load, overrides, registry
 from mosaics_jax.cli import train as train_cli
-from mosaics_jax.train import loop
+from mosaics_jax.train import loop, preemption
+
+import sharded_runs
 
 SHAKESPEARE = pathlib.Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
 
@@ -88,6 +91,31 @@ def test_a_short_run_learns_and_writes_metrics(tmp_path):
   assert saved["train"]["steps"] == 40 and saved["model"]["family"] == "mm2"
 
 
+@pytest.mark.parametrize(
+    "grad_accum",
+    [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 4],
+)
+def test_the_step_minimises_the_batch_mean_whatever_the_micro_batches(grad_accum):
+  """Loss and gradient are the mean over every masked target of the global batch, computed
+  directly, however the batch is split: micro-batches here count 0 to 128 targets."""
+  exp = sharded_runs.accum_experiment(grad_accum)
+  batch = sharded_runs.uneven_batch(exp)
+  loss, grads, params = sharded_runs.step_gradient(exp, batch, on_mesh=False)
+  ref_loss, ref_grads = sharded_runs.token_weighted_reference(exp, params, batch)
+  assert loss == pytest.approx(ref_loss, rel=1e-6)
+  leaves = zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads), strict=True)
+  for (path, x), y in leaves:
+    np.testing.assert_allclose(x, y, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_an_all_masked_batch_has_zero_loss_and_gradient():
+  exp = sharded_runs.accum_experiment(4)
+  batch = sharded_runs.uneven_batch(exp)
+  batch["loss_mask"][:] = 0
+  loss, grads, _ = sharded_runs.step_gradient(exp, batch, on_mesh=False)
+  assert loss == 0 and not any(np.any(x) for x in jax.tree.leaves(grads))
+
+
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   exp = tiny_runs.tiny(4, train__checkpoint_every=2)
@@ -101,6 +129,29 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   ):
     loop.train(diverging, tmp_path, progress=False)
   assert checkpoints.Checkpoints(tmp_path / "checkpoints", 3).steps()[-1] == 4
+
+
+@pytest.mark.parametrize("processes, stop, gathered", [(1, 6, []), (2, 8, [4, 8])])
+def test_processes_agree_on_a_signal_only_every_agree_every_steps(
+    monkeypatch, processes, stop, gathered
+):
+  """A signal in step 6: one process stops after it; several all-gather their flags at steps 4
+  and 8 only (never in the steps between) and stop after step 8, which none was signalled in."""
+  gathers = []
+
+  def process_allgather(flag):
+    gathers.append(step)
+    return np.stack([flag, np.asarray(False)])  # The other process was not signalled.
+
+  monkeypatch.setattr(jax, "process_count", lambda: processes)
+  monkeypatch.setattr(multihost_utils, "process_allgather", process_allgather)
+  with preemption.Preemption(agree_every=4) as stopper:
+    for step in range(1, 13):
+      if step == 6:
+        signal.raise_signal(signal.SIGTERM)
+      if stopper.should_stop(step):
+        break
+  assert (step, gathers, stopper.signal) == (stop, gathered, signal.SIGTERM)
 
 
 def test_workdir_of_a_different_model_is_refused(tmp_path):

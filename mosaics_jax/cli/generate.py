@@ -38,7 +38,12 @@ def _parser() -> argparse.ArgumentParser:
       "--prompt-file", action=common.StoreOnce, help="a UTF-8 file holding the text to continue"
   )
   parser.add_argument("--max-new-tokens", type=int, default=200)
-  parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+  parser.add_argument(
+      "--temperature",
+      type=float,
+      default=1.0,
+      help=f"0 (or below float32's smallest normal, {sampling_lib.GREEDY_BELOW:.3g}): greedy",
+  )
   parser.add_argument("--top-k", type=int, help="sample among the k likeliest tokens")
   parser.add_argument("--top-p", type=float, help="sample in the smallest set of probability p")
   parser.add_argument("--seed", type=int, default=0)

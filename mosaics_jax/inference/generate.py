@@ -18,7 +18,6 @@ Axis legend: b = batch, t = prompt time, n = new tokens, v = vocabulary.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -28,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from mosaics_jax import config as config_lib, sharding
-from mosaics_jax.inference import sampling as sampling_lib
-from mosaics_jax.model import cache as cache_lib, families
+from mosaics_jax import config as config_lib
+from mosaics_jax.inference import placement, prefill, sampling as sampling_lib
+from mosaics_jax.model import cache as cache_lib
 
 Prompts = Sequence[Sequence[int]] | np.ndarray
 # The new-token slots of a row after it has stopped.
@@ -53,12 +52,7 @@ def pad_prompts(
   for i, row in enumerate(rows):
     if row.size == 0:
       raise ValueError(f"prompt {i} is empty: a model needs at least one token to go on from")
-    bad = row[(row < 0) | (row >= vocab_size)]
-    if bad.size:
-      raise ValueError(
-          f"prompt {i} holds token id {int(bad[0])}, outside the model's vocabulary [0,"
-          f" {vocab_size})"
-      )
+    prefill.check_token_ids(row, vocab_size, f"prompt {i}")
   lengths = np.array([row.size for row in rows], np.int32)
   if width is not None and lengths.max() > width:
     raise ValueError(
@@ -72,51 +66,7 @@ def pad_prompts(
   return tokens, segment_ids, lengths
 
 
-def _cache_spec(path: tuple, leaf: jax.Array) -> tuple[str | None, ...]:
-  """The logical axes of a cache leaf: batch first; heads and head dim where a leaf has them."""
-  del path
-  names = ("batch", None, "heads", "kv")
-  if leaf.ndim == 4:  # Stored keys or values [b, s, h, d].
-    return names
-  if leaf.ndim == 3:  # A pending key or value, a key state [b, h, d].
-    return ("batch", "heads", "kv")
-  return ("batch",) + (None,) * (leaf.ndim - 1)
-
-
-def constrain_cache(cache: cache_lib.Cache) -> cache_lib.Cache:
-  """The cache sharded as its logical axes say (a no-op outside `nn.logical_axis_rules`)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: nn.with_logical_constraint(x, _cache_spec(path, x)), cache
-  )
-
-
-@contextlib.contextmanager
-def mesh_context(mesh: jax.sharding.Mesh | None, rules: config_lib.AxisRules) -> Iterator[None]:
-  """The mesh and the logical axis rules, for the model's sharding constraints (none without a
-  mesh)."""
-  if mesh is None:
-    yield
-    return
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    yield
-
-
-def put_params(
-    model: nn.Module,
-    params: Any,
-    mesh: jax.sharding.Mesh | None,
-    rules: config_lib.AxisRules,
-    batch: int,
-) -> Any:
-  """`params` sharded over `mesh` as their logical axes say; unchanged without a mesh. `batch`,
-  the rows of the calls to come, must split over the data axes (the model traces a batch)."""
-  if mesh is None:
-    return params
-  tokens = jnp.zeros((batch, 1), jnp.int32)
-  return jax.device_put(params, sharding.param_shardings(model, tokens, mesh, rules))
-
-
-class Generator:
+class Generator(prefill.Chunked):
   """The compiled prefill and decode loop of one model."""
 
   def __init__(
@@ -132,61 +82,15 @@ class Generator:
     `prefill_chunk` tokens go in chunks of that size, the first through the training path and the
     rest through the cache (default, and at most: the longest input of the model, v1's
     block_size; else whole)."""
-    self.model = model
-    self.mesh = mesh
-    self.rules = rules
-    self.model_kwargs = dict(model_kwargs or {})
     if prefill_chunk is not None and prefill_chunk < 1:
       raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-    longest = families.of(model.config).max_length(model.config)
-    if longest is not None:
-      prefill_chunk = longest if prefill_chunk is None else min(prefill_chunk, longest)
-    self.prefill_chunk = prefill_chunk
-    self._prefill = jax.jit(self._prefill_fn, static_argnames=("max_len",))
-    self._extend = jax.jit(self._extend_fn, donate_argnames=("cache",))
+    super().__init__(model, chunk=prefill_chunk, mesh=mesh, rules=rules, model_kwargs=model_kwargs)
     # The cache is donated: the loop updates it in place instead of copying it per dispatch.
     self._decode = jax.jit(
         self._decode_fn,
         static_argnames=("steps", "sampling", "stop"),
         donate_argnames=("cache",),
     )
-
-  def _apply(self, params, tokens, segment_ids, cache, lengths=None):
-    return self.model.apply(
-        {"params": params},
-        tokens,
-        segment_ids,
-        cache=cache,
-        lengths=lengths,
-        **self.model_kwargs,
-    )
-
-  def _prefill_fn(
-      self, params, tokens: Int[Array, "b t"], segment_ids, lengths: Int[Array, " b"], max_len
-  ) -> tuple[Float[Array, "b v"], cache_lib.Cache]:
-    cache = constrain_cache(self.model.init_cache(tokens.shape[0], max_len))
-    logits, cache = self._apply(params, tokens, segment_ids, cache, lengths)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return last, constrain_cache(cache)
-
-  def _extend_fn(
-      self, params, tokens: Int[Array, "b t"], segment_ids, lengths: Int[Array, " b"], cache, last
-  ) -> tuple[Float[Array, "b v"], cache_lib.Cache]:
-    """A later chunk of the prompts; a row that ended before it keeps its `last` logits."""
-    logits, cache = self._apply(params, tokens, segment_ids, cache, lengths)
-    return cache_lib.last(logits, lengths, last), constrain_cache(cache)
-
-  def _prefill_chunks(self, params, tokens, segment_ids, lengths, max_len):
-    """(the logits after each row's prompt, the cache), the prompts in chunks of prefill_chunk."""
-    step = tokens.shape[1] if self.prefill_chunk is None else self.prefill_chunk
-    parts = [
-        (tokens[:, i : i + step], segment_ids[:, i : i + step], np.clip(lengths - i, 0, step))
-        for i in range(0, tokens.shape[1], step)
-    ]
-    logits, cache = self._prefill(params, *parts[0], max_len=max_len)
-    for part in parts[1:]:
-      logits, cache = self._extend(params, *part, cache, logits)
-    return logits, cache
 
   def _decode_fn(
       self, params, logits, cache, done, key, first, steps, sampling, stop
@@ -205,7 +109,7 @@ class Generator:
       out = out.at[:, step].set(jnp.where(done, PAD, token))
       done = done | jnp.isin(token, stop_tokens)
       logits, cache = self._apply(params, token[:, None], None, cache)
-      return step + 1, out, done, logits[:, 0], constrain_cache(cache)
+      return step + 1, out, done, logits[:, 0], placement.constrain_cache(cache)
 
     out = jnp.full((logits.shape[0], steps), PAD, jnp.int32)
     state = (jnp.zeros((), jnp.int32), out, done, logits, cache)
@@ -235,9 +139,9 @@ class Generator:
     chunk = max_new_tokens if chunk is None else chunk
     key = jax.random.key(seed)
     stop = tuple(int(s) for s in stop_tokens)
-    with mesh_context(self.mesh, self.rules):
-      params = put_params(self.model, params, self.mesh, self.rules, tokens.shape[0])
-      logits, cache = self._prefill_chunks(params, tokens, segment_ids, lengths, max_len)
+    with placement.mesh_context(self.mesh, self.rules):
+      params = placement.put_params(self.model, params, self.mesh, self.rules, tokens.shape[0])
+      logits, cache = self._ends(params, tokens, segment_ids, lengths, capacity=max_len)
       jax.block_until_ready(logits)
       yield np.zeros((len(lengths), 0), np.int32)
       done = jnp.zeros((len(lengths),), bool)
@@ -246,6 +150,7 @@ class Generator:
         out, logits, cache, done = self._decode(
             params, logits, cache, done, key, first, steps=steps, sampling=sampling, stop=stop
         )
+        cache_lib.check(cache)
         yield np.asarray(out)
         if bool(jnp.all(done)):
           return
@@ -297,9 +202,9 @@ class Generator:
     """(tokens, segment ids, lengths, max_len) of valid arguments; ValueError naming a bad one."""
     vocab = self.model.config.vocab_size
     tokens, segment_ids, lengths = pad_prompts(prompts, vocab, width)
-    if self.prefill_chunk is not None and tokens.shape[1] > self.prefill_chunk:
+    if self.chunk is not None and tokens.shape[1] > self.chunk:
       # Whole chunks: the last one compiles like the others.
-      whole = -(-tokens.shape[1] // self.prefill_chunk) * self.prefill_chunk
+      whole = -(-tokens.shape[1] // self.chunk) * self.chunk
       tokens, segment_ids, lengths = pad_prompts(prompts, vocab, whole)
     if isinstance(max_new_tokens, bool) or max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

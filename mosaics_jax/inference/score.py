@@ -31,7 +31,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from mosaics_jax import config as config_lib, sharding
-from mosaics_jax.inference import generate as generate_lib
+from mosaics_jax.inference import placement, prefill
 from mosaics_jax.model import families
 
 Rows = Sequence[Sequence[int] | np.ndarray]
@@ -50,7 +50,7 @@ class MemoryEstimate:
     return self.params + self.cache + self.activations
 
 
-class Scorer:
+class Scorer(prefill.Chunked):
   """Compiled chunked scoring of one model (module docstring)."""
 
   def __init__(
@@ -67,15 +67,8 @@ class Scorer:
     every call of the model (v2's `ltm_delay`)."""
     if chunk < 1 or batch_size < 1:
       raise ValueError(f"chunk and batch_size must be >= 1, got {chunk} and {batch_size}")
-    longest = families.of(model.config).max_length(model.config)
-    self.model = model
-    self.chunk = chunk if longest is None else min(chunk, longest)
+    super().__init__(model, chunk=chunk, mesh=mesh, rules=rules, model_kwargs=model_kwargs)
     self.batch_size = batch_size
-    self.mesh = mesh
-    self.rules = rules
-    self.model_kwargs = dict(model_kwargs or {})
-    self._first = jax.jit(self._first_fn, static_argnames=("capacity", "full"))
-    self._next = jax.jit(self._next_fn, static_argnames=("full",), donate_argnames=("cache",))
 
   def capacity(self, length: int) -> int:
     """The tokens a row's cache holds to score rows of up to `length` tokens (bucketed)."""
@@ -138,17 +131,17 @@ class Scorer:
     vocab = self.model.config.vocab_size
     if context.size < 1 or any(r.size < 1 for r in rows):
       raise ValueError("a context and every continuation need at least one token")
-    for ids in (context, *rows):
-      if ids.min() < 0 or ids.max() >= vocab:
-        raise ValueError(f"token ids outside the model's vocabulary [0, {vocab})")
+    prefill.check_token_ids(context, vocab, "the context")
+    for i, row in enumerate(rows):
+      prefill.check_token_ids(row, vocab, f"continuation {i}")
     # Short continuations (answers, labels) in a power-of-two width, long ones in whole chunks.
     longest = max(r.size for r in rows)
     width = min(self.chunk, 1 << math.ceil(math.log2(longest)))
     width = width * -(-longest // width)
     capacity = self.capacity(context.size + width)
     out = []
-    with generate_lib.mesh_context(self.mesh, self.rules):
-      params = generate_lib.put_params(self.model, params, self.mesh, self.rules, self.batch_size)
+    with placement.mesh_context(self.mesh, self.rules):
+      params = placement.put_params(self.model, params, self.mesh, self.rules, self.batch_size)
       first, cache = self._prefill_one(params, context, capacity)
       for start in range(0, len(rows), self.batch_size):
         batch = rows[start : start + self.batch_size]
@@ -160,21 +153,14 @@ class Scorer:
     mesh a whole batch of copies (one row could not be split over the data axes)."""
     rows = 1 if self.mesh is None else self.batch_size
     width = self.chunk * -(-context.size // self.chunk)
-    tokens = np.zeros((rows, width + 1), np.int32)
+    tokens = np.zeros((rows, width), np.int32)
     tokens[:, : context.size] = context
     segment_ids = np.broadcast_to(np.arange(width) >= context.size, (rows, width)).astype(np.int32)
     lengths = np.full(rows, context.size, np.int32)
-    cache = None
-    for i in range(0, width, self.chunk):
-      cut = slice(i, i + self.chunk)
-      args = (tokens[:, cut], segment_ids[:, cut], np.clip(lengths - i, 0, self.chunk))
-      if cache is None:
-        out, cache = self._first(params, *args, tokens[:, cut], capacity=capacity, full=True)
-      else:
-        out, cache = self._next(params, *args, tokens[:, cut], cache, full=True)
-      if i <= context.size - 1 < i + self.chunk:
-        last = out[0, context.size - 1 - i]
-    return np.asarray(last), cache
+    last, cache = self._ends(
+        params, tokens, segment_ids, lengths, capacity=capacity, outputs=_last_log_probs
+    )
+    return np.asarray(last[0]), cache
 
   def _continue(self, params, first, cache, rows: list[np.ndarray], width: int):
     """The scores of up to batch_size continuations of one cached context."""
@@ -186,15 +172,7 @@ class Scorer:
     # Every row goes on from the context's cache, a copy: the chunks update it in place.
     cache = jax.tree.map(lambda x: jnp.repeat(x, b // x.shape[0], axis=0), cache)
     segment_ids = np.zeros_like(tokens)
-    parts = []
-    step_width = min(width, self.chunk)
-    for i in range(0, width, step_width):
-      cut = slice(i, i + step_width)
-      step = np.clip(lengths - i, 0, step_width)
-      out, cache = self._next(
-          params, tokens[:, cut], segment_ids[:, cut], step, tokens[:, cut], cache, full=True
-      )
-      parts.append(np.asarray(out))
+    parts, _ = self._chunks(params, tokens, segment_ids, lengths, outputs=_log_probs, cache=cache)
     # Position j predicts token j + 1; the context's last position predicts token 0.
     log_probs = np.concatenate([np.broadcast_to(first, (b, 1, first.size)), *parts], axis=1)
     scores = []
@@ -210,11 +188,10 @@ class Scorer:
     for i, row in enumerate(rows):
       if row.size < (1 if full else 2):
         raise ValueError(f"row {i} has {row.size} tokens; scoring needs {1 if full else 2}")
-      if row.min() < 0 or row.max() >= vocab:
-        raise ValueError(f"row {i} holds token ids outside the model's vocabulary [0, {vocab})")
+      prefill.check_token_ids(row, vocab, f"row {i}")
     outs = []
-    with generate_lib.mesh_context(self.mesh, self.rules):
-      params = generate_lib.put_params(self.model, params, self.mesh, self.rules, self.batch_size)
+    with placement.mesh_context(self.mesh, self.rules):
+      params = placement.put_params(self.model, params, self.mesh, self.rules, self.batch_size)
       for start in range(0, len(rows), self.batch_size):
         batch = rows[start : start + self.batch_size]
         outs.extend(self._batch(params, batch, full)[: len(batch)])
@@ -232,43 +209,31 @@ class Scorer:
     tokens = tokens[:, :-1]
     # Padding is a document of its own, after the row's document 0.
     segment_ids = (np.arange(width)[None] >= lengths[:, None]).astype(np.int32)
-    capacity = self.capacity(width)
-    parts = []
-    cache = None
-    for i in range(0, width, self.chunk):
-      cut = slice(i, i + self.chunk)
-      args = (tokens[:, cut], segment_ids[:, cut], np.clip(lengths - i, 0, self.chunk))
-      if cache is None:
-        out, cache = self._first(params, *args, targets[:, cut], capacity=capacity, full=full)
-      else:
-        out, cache = self._next(params, *args, targets[:, cut], cache, full=full)
-      parts.append(out)
-    return list(np.concatenate([np.asarray(p) for p in parts], axis=1))
-
-  def _apply(self, params, tokens, segment_ids, lengths, cache):
-    return self.model.apply(
-        {"params": params},
+    parts, _ = self._chunks(
+        params,
         tokens,
         segment_ids,
-        cache=cache,
-        lengths=lengths,
-        **self.model_kwargs,
+        lengths,
+        () if full else (targets,),
+        outputs=_log_probs if full else _losses,
+        capacity=self.capacity(width),
     )
+    return list(np.concatenate([np.asarray(p) for p in parts], axis=1))
 
-  @staticmethod
-  def _outputs(
-      logits: Float[Array, "b c v"], targets: Int[Array, "b c"], full: bool
-  ) -> Float[Array, "b c v"] | Float[Array, "b c"]:
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    if full:
-      return log_probs
-    return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
 
-  def _first_fn(self, params, tokens, segment_ids, lengths, targets, capacity, full):
-    cache = generate_lib.constrain_cache(self.model.init_cache(tokens.shape[0], capacity))
-    logits, cache = self._apply(params, tokens, segment_ids, lengths, cache)
-    return self._outputs(logits, targets, full), generate_lib.constrain_cache(cache)
+def _log_probs(logits: Float[Array, "b c v"], lengths: Int[Array, " b"]) -> Float[Array, "b c v"]:
+  del lengths  # Positions past a row's length are padding, cut off later.
+  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
-  def _next_fn(self, params, tokens, segment_ids, lengths, targets, cache, full):
-    logits, cache = self._apply(params, tokens, segment_ids, lengths, cache)
-    return self._outputs(logits, targets, full), generate_lib.constrain_cache(cache)
+
+def _losses(
+    logits: Float[Array, "b c v"], lengths: Int[Array, " b"], targets: Int[Array, "b c"]
+) -> Float[Array, "b c"]:
+  log_probs = _log_probs(logits, lengths)
+  return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+
+
+def _last_log_probs(
+    logits: Float[Array, "b c v"], lengths: Int[Array, " b"]
+) -> Float[Array, "b v"]:
+  return prefill.at_last(_log_probs(logits, lengths), lengths)

@@ -10,7 +10,10 @@ token is in and where that document started) and, per layer, one `MemoryCache` p
 attention): the pairs it has stored (`Pairs`), the pair of the last position, which waits for the
 next token because a value looks one token ahead (`Pending`), and the key recurrence's state.
 Pairs live in slots `position % capacity`: a memory whose band is bounded (v2's short-term memory)
-keeps a ring of hi - lo + 1 slots, constant in the length; the others keep `max_len`.
+keeps a ring of hi - lo + 1 slots, constant in the length; the others keep `max_len`, which is then
+the most tokens a row may consume (`Cache.max_len`). A call that would take a row past it raises a
+ValueError where the lengths are known; under jit, where they are not, the row is flagged
+(`Stream.overflow`) and its logits are NaN, and `check` raises the same error on the host.
 
 A fresh cache (`Cache.fresh`, static) holds nothing: the first chunk (the prompt) runs through the
 training path (`kernels_pallas.retrieve`, the scans) and fills it. Later chunks read the stored
@@ -22,12 +25,13 @@ Axis legend: b = batch, c = chunk time, s = slots, h = heads, d = key dim, e = v
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 import kernels_pallas
@@ -46,6 +50,8 @@ class Stream:
   length: Int[Array, " b"]  # Tokens consumed: the position of the next one.
   segment: Int[Array, " b"]  # The document id of the last token.
   doc_start: Int[Array, " b"]  # The position where that document started.
+  # Whether the row went past the cache's max_len, for good: its logits are NaN since (`check`).
+  overflow: Bool[Array, " b"]
 
 
 @flax.struct.dataclass
@@ -75,6 +81,9 @@ class MemoryCache:
   pairs: Pairs | None = None
   pending: Pending | None = None
   key_state: Float[Array, "b h d"] | None = None  # The key recurrence after the last position.
+  # Of a gated recurrence (v2): the state is key_state * exp(key_log_scale), which may overflow
+  # float32 where key_state does not (`kernels_pallas.scans.gated_linear_scan`).
+  key_log_scale: Float[Array, "b h"] | None = None
   # Of a memory that reads selected blocks: the summaries of the blocks of its slots.
   summaries: select_lib.Summaries | None = None
 
@@ -85,6 +94,8 @@ class Cache:
 
   stream: Stream
   layers: dict[str, dict[str, MemoryCache]]
+  # The most tokens a row may consume; None: no limit (every memory keeps a ring of its band).
+  max_len: int | None = flax.struct.field(pytree_node=False)
   fresh: bool = flax.struct.field(pytree_node=False, default=True)
 
 
@@ -103,7 +114,7 @@ class Chunk:
 
 def empty_stream(batch: int) -> Stream:
   zeros = jnp.zeros((batch,), jnp.int32)
-  return Stream(length=zeros, segment=zeros, doc_start=zeros)
+  return Stream(length=zeros, segment=zeros, doc_start=zeros, overflow=jnp.zeros((batch,), bool))
 
 
 def empty_memory(
@@ -116,11 +127,12 @@ def empty_memory(
     *,
     pending: bool,
     key_state: bool,
+    gated: bool = False,
     selection: select_lib.BlockSelection | None = None,
 ) -> MemoryCache:
   """The empty cache of one memory: `capacity` slots (None: no stored pairs), a pending pair if
-  its values look ahead, a key state if its keys are a recurrence, and the summaries of its
-  blocks if it reads a `selection` of them."""
+  its values look ahead, a key state if its keys are a recurrence (and its log-scale if the
+  recurrence is `gated`), and the summaries of its blocks if it reads a `selection` of them."""
   pairs = None
   if capacity is not None:
     pairs = Pairs(
@@ -138,11 +150,14 @@ def empty_memory(
         segment=jnp.zeros((batch,), jnp.int32),
     )
   state = jnp.zeros((batch, heads, key_dim), jnp.float32) if key_state else None
+  log_scale = jnp.zeros((batch, heads), jnp.float32) if gated else None
   summaries = None
   if selection is not None:
     num_blocks = capacity // selection.block_size
     summaries = select_lib.empty_summaries(batch, num_blocks, heads, key_dim, selection.summary)
-  return MemoryCache(pairs=pairs, pending=waiting, key_state=state, summaries=summaries)
+  return MemoryCache(
+      pairs=pairs, pending=waiting, key_state=state, key_log_scale=log_scale, summaries=summaries
+  )
 
 
 def empty(
@@ -156,6 +171,7 @@ def empty(
     *,
     pending: bool,
     key_state: bool,
+    gated: bool = False,
 ) -> Cache:
   """The empty cache of layers that hold one memory (or attention) per band, alike."""
   layers = {
@@ -169,13 +185,14 @@ def empty(
               dtype,
               pending=pending,
               key_state=key_state,
+              gated=gated,
               selection=band.selection,
           )
           for name, band in bands.items()
       }
       for layer in layer_names
   }
-  return Cache(empty_stream(batch), layers)
+  return Cache(empty_stream(batch), layers, length_limit(bands.values(), max_len))
 
 
 def capacity(band: family_lib.Band, max_len: int) -> int:
@@ -189,21 +206,68 @@ def capacity(band: family_lib.Band, max_len: int) -> int:
   return -(-max_len // BLOCK) * BLOCK if max_len > BLOCK else max_len
 
 
+def length_limit(bands: Iterable[family_lib.Band], max_len: int) -> int | None:
+  """The most tokens a row of a cache for max_len may consume: max_len, or None (no limit) when
+  every memory keeps a ring of its whole band, which holds all the pairs its queries read."""
+  if all(b.hi is not None and capacity(b, max_len) == b.hi - int(b.lo) + 1 for b in bands):
+    return None
+  return max_len
+
+
+def check(cache: Cache) -> None:
+  """Raises ValueError if a row of the cache went past its max_len: under jit a call flags the
+  row (`Stream.overflow`) instead of raising, so call this on the host after a jitted call."""
+  overflow = np.asarray(cache.stream.overflow)
+  if overflow.any():
+    row = int(overflow.argmax())
+    length = int(cache.stream.length[row])
+    raise ValueError(
+        f"row {row} went past the cache's max_len {cache.max_len}: it holds {length} tokens, and"
+        f" its logits are NaN since the call that crossed max_len (make the cache with"
+        f" init_cache(batch, max_len >= {length}))"
+    )
+
+
+def _check_room(cache: Cache, lengths: Int[Array, " b"]) -> None:
+  """Raises ValueError if the chunk would take a row past the cache's max_len, where the values are
+  known (under jit `advance` flags the row instead)."""
+  if cache.max_len is None:
+    return
+  try:
+    before, added = np.asarray(cache.stream.length), np.asarray(lengths)
+  except jax.errors.TracerArrayConversionError:
+    return
+  check(cache)
+  after = before + added
+  rows = np.flatnonzero(after > cache.max_len)
+  if rows.size:
+    row = rows[0]
+    raise ValueError(
+        f"row {row} would hold {after[row]} tokens, past the cache's max_len {cache.max_len}: it"
+        f" holds {before[row]} and the chunk adds {added[row]} (make the cache with"
+        f" init_cache(batch, max_len >= {after.max()}))"
+    )
+
+
 def nbytes(cache: Any) -> int:
   """Bytes of the arrays of a cache (or of any pytree)."""
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
 
 
 def chunk_of(
-    stream: Stream,
+    cache: Cache,
     segment_ids: Int[Array, "b c"] | None,
     lengths: Int[Array, " b"] | None,
     size: int,
-    fresh: bool,
 ) -> Chunk:
-  """The chunk of `size` tokens that follows `stream`; without segment ids the rows go on in the
-  document of their last token (a fresh stream starts in document 0)."""
+  """The chunk of `size` tokens that follows the cache's streams; without segment ids the rows go
+  on in the document of their last token (a fresh stream starts in document 0). Raises ValueError
+  if it would take a row past the cache's max_len, where the lengths are known."""
+  stream, fresh = cache.stream, cache.fresh
   batch = stream.length.shape[0]
+  lengths = jnp.full((batch,), size, jnp.int32) if lengths is None else lengths
+  lengths = jnp.asarray(lengths, jnp.int32)
+  _check_room(cache, lengths)
   positions = stream.length[:, None] + jnp.arange(size, dtype=jnp.int32)[None]
   if segment_ids is None:
     segment_ids = jnp.broadcast_to(stream.segment[:, None], (batch, size))
@@ -215,14 +279,12 @@ def chunk_of(
   starts = segment_ids != previous
   doc_starts = jax.lax.cummax(jnp.where(starts, positions, -1), axis=1)
   doc_starts = jnp.maximum(doc_starts, stream.doc_start[:, None])
-  if lengths is None:
-    lengths = jnp.full((batch,), size, jnp.int32)
   return Chunk(
       positions=positions,
       doc_positions=positions - doc_starts,
       segment_ids=segment_ids,
       starts=starts,
-      lengths=jnp.asarray(lengths, jnp.int32),
+      lengths=lengths,
       doc_starts=doc_starts,
       fresh=fresh,
   )
@@ -235,13 +297,29 @@ def last(x: Array, lengths: Int[Array, " b"], keep: Array) -> Array:
   return jnp.where((lengths > 0).reshape(-1, *([1] * (taken.ndim - 1))), taken, keep)
 
 
-def advance(stream: Stream, chunk: Chunk) -> Stream:
-  """The stream after the chunk."""
-  return Stream(
-      length=stream.length + chunk.lengths,
+def advance(
+    cache: Cache,
+    chunk: Chunk,
+    layers: dict[str, dict[str, MemoryCache]],
+    logits: Float[Array, "b c v"],
+) -> tuple[Float[Array, "b c v"], Cache]:
+  """The chunk's logits and the cache after it, whose layers are `layers`. A row that went past
+  max_len (under jit: `chunk_of` raises otherwise) is flagged and its logits are NaN, from this
+  chunk on: its slots wrapped around, so even the chunk's first tokens may have read overwritten
+  pairs, and NaN cannot pass for a likelihood or a distribution if `check` is forgotten."""
+  stream = cache.stream
+  length = stream.length + chunk.lengths
+  overflow = stream.overflow
+  if cache.max_len is not None:
+    overflow = overflow | (length > cache.max_len)
+    logits = jnp.where(overflow[:, None, None], jnp.nan, logits)
+  stream = Stream(
+      length=length,
       segment=last(chunk.segment_ids, chunk.lengths, stream.segment),
       doc_start=last(chunk.doc_starts, chunk.lengths, stream.doc_start),
+      overflow=overflow,
   )
+  return logits, Cache(stream, layers, cache.max_len, fresh=False)
 
 
 # The running softmax of a query over pairs: (row max [b, h, c], row sum [b, h, c], weighted sum
@@ -406,6 +484,7 @@ def step(
     raw: Float[Array, "b c h e"] | None = None,
     mix: ValueMix | None = None,
     kbar: Float[Array, "b c h d"] | None = None,
+    kbar_log_scale: Float[Array, "b c h"] | None = None,
 ) -> tuple[Float[Array, "b c h e"], MemoryCache]:
   """A memory's output on a chunk and its cache after it.
 
@@ -421,6 +500,7 @@ def step(
     raw, mix: the value projection v~ and its mixing, for memories whose values look ahead: the
       pending pair of the previous call is completed with the chunk's first v~.
     kbar: the key recurrence over the chunk, whose last real state the cache keeps.
+    kbar_log_scale: of a gated recurrence, the log-scale of kbar (`MemoryCache.key_log_scale`).
   """
   lo, hi = band.lo, band.hi
   index = jnp.arange(q.shape[1])[None]
@@ -446,27 +526,26 @@ def step(
   else:
     complete = new_valid
   summaries = cache.summaries
-  if summaries is not None:
-    # Every real key of the chunk joins its block's summary now (each key once: a pending pair's
-    # key joined with its own chunk); padding goes to a block out of range, which is dropped.
-    size, num_blocks = (
-        band.selection.block_size,
-        pairs.positions.shape[1] // band.selection.block_size,
-    )
-    blocks = jnp.where(real, chunk.positions // size, num_blocks)
-    summaries = select_lib.add_to_summaries(summaries, k, blocks)
-  if chunk.fresh:
+  if band.hi is None:
+    # Slots are positions: store every new pair, the provisional last one included (no query
+    # reads it before the next call's pending pair overwrites it), then read.
+    pairs = store(pairs, new_keys, new_values, new_positions, new_segments, new_valid)
+    if summaries is not None:
+      # The blocks the chunk wrote into, summarised anew from the stored keys as the forward
+      # summarises its keys: the same bits, so near-tied blocks rank alike in both.
+      size = band.selection.block_size
+      count = min((q.shape[1] + size - 2) // size + 1, pairs.positions.shape[1] // size)
+      blocks = chunk.positions[:, :1] // size + jnp.arange(count, dtype=jnp.int32)
+      summaries = select_lib.summarise_blocks(summaries, pairs.keys, blocks, size)
+    if chunk.fresh:
+      y = retrieve(q, k, v, lo=lo, hi=hi, segment_ids=chunk.segment_ids)
+    elif band.selection is None:
+      y = _finish(attend_pairs(_start(q, v.shape[-1]), q, pairs, chunk, band), q.dtype)
+    else:
+      y = _finish(attend_selected(q, pairs, summaries, chunk, band), q.dtype)
+  elif chunk.fresh:
     y = retrieve(q, k, v, lo=lo, hi=hi, segment_ids=chunk.segment_ids)
     pairs = store(pairs, new_keys, new_values, new_positions, new_segments, complete)
-  elif band.hi is None:
-    # Slots are positions: store every new pair, the provisional last one included (no query
-    # reads it, and the next call's pending pair overwrites it), then read.
-    pairs = store(pairs, new_keys, new_values, new_positions, new_segments, new_valid)
-    if band.selection is None:
-      state = attend_pairs(_start(q, v.shape[-1]), q, pairs, chunk, band)
-    else:
-      state = attend_selected(q, pairs, summaries, chunk, band)
-    y = _finish(state, q.dtype)
   else:
     # A ring (a few slots): read it whole with the new pairs, then store those that are complete
     # (storing first could evict pairs the chunk's first queries read).
@@ -494,10 +573,18 @@ def step(
         position=last(chunk.positions, chunk.lengths, pending.position),
         segment=last(chunk.segment_ids, chunk.lengths, pending.segment),
     )
-  key_state = cache.key_state
+  key_state, key_log_scale = cache.key_state, cache.key_log_scale
   if kbar is not None:
     key_state = last(kbar, chunk.lengths, key_state)
-  return y, MemoryCache(pairs=pairs, pending=pending, key_state=key_state, summaries=summaries)
+  if kbar_log_scale is not None:
+    key_log_scale = last(kbar_log_scale, chunk.lengths, key_log_scale)
+  return y, MemoryCache(
+      pairs=pairs,
+      pending=pending,
+      key_state=key_state,
+      key_log_scale=key_log_scale,
+      summaries=summaries,
+  )
 
 
 def counts(chunk: Chunk, band: family_lib.Band) -> Int[Array, "b c"]:

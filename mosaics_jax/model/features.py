@@ -16,12 +16,21 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 import kernels_pallas
+from kernels_pallas import scans
 from mosaics_jax.model import layers
 
 
-def l2_normalize(z: Float[Array, "... d"], eps: float) -> Float[Array, "... d"]:
-  """Norm(z) = z / (||z||_2 + eps)."""
-  return z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + eps)
+def l2_normalize(
+    z: Float[Array, "... d"], eps: float | Float[Array, "... 1"]
+) -> Float[Array, "... d"]:
+  """Norm(z) = z / (||z||_2 + eps): 0 at z = 0, with a finite gradient there (1 / eps, or 1 when
+  eps is 0)."""
+  squares = jnp.sum(jnp.square(z), axis=-1, keepdims=True)
+  # The gradient of ||z|| is NaN at 0, where that of z / (||z|| + eps) is 1 / eps.
+  positive = squares > 0
+  norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)), 0.0)
+  denominator = norm + eps
+  return z / jnp.where(denominator > 0, denominator, 1.0)
 
 
 def next_in_document(
@@ -199,9 +208,12 @@ class GatedKeyExtractor(nn.Module):
       x: Float[Array, "b t m"],
       reset: Bool[Array, "b t"] | None,
       initial: Float[Array, "b h d"] | None = None,
-  ) -> tuple[Float[Array, "b t h d"], Float[Array, "b t h d"]]:
-    """(k, kbar): the unit keys and the recurrence they normalise (a decode cache keeps its last
-    state, the `initial` of the next call)."""
+      initial_log_scale: Float[Array, "b h"] | None = None,
+  ) -> tuple[Float[Array, "b t h d"], Float[Array, "b t h d"], Float[Array, "b t h"]]:
+    """(k, kbar / exp(m), m): the unit keys, and the recurrence they normalise as a scaled state
+    and its log-scale m, finite for any finite gates where kbar itself would overflow float32
+    (about e^88). A decode cache keeps the last state and m, the `initial` and
+    `initial_log_scale` of the next call."""
     width = x.shape[-1]
     init = layers.truncated_normal(layers.depth_scaled_std(width, self.layer_index))
     k = _per_head_dense(width, False, init, self.dtype, "W_phi")(x)
@@ -209,15 +221,20 @@ class GatedKeyExtractor(nn.Module):
     gate = _per_head_dense(self.num_heads, self.gate_bias, init, jnp.float32, "w_g")(x)
     forget = _per_head_dense(self.num_heads, self.gate_bias, init, jnp.float32, "w_lambda")(x)
     k = layers.split_heads(k, self.num_heads).astype(jnp.float32)
-    kbar = kernels_pallas.linear_scan(
-        jnp.exp(-jnp.abs(forget)),
-        jnp.exp(gate)[..., None] * k,
+    # kbar = exp(log_scale) scaled, where scaled stays finite when exp(gate) and kbar overflow.
+    scaled, log_scale = scans.gated_linear_scan(
+        -jnp.abs(forget),
+        gate,
+        k,
         reset=reset,
         initial=initial,
+        initial_log_scale=initial_log_scale,
         impl=self.scan_impl,
         chunk_size=self.scan_chunk_size,
     )
-    return l2_normalize(kbar, self.eps), kbar
+    # Norm(kbar) = scaled / (||scaled|| + eps exp(-log_scale)): the scale cancels exactly.
+    unit = l2_normalize(scaled, self.eps * jnp.exp(-log_scale)[..., None])
+    return unit, scaled, log_scale
 
 
 class ConvValueExtractor(nn.Module):

@@ -143,12 +143,20 @@ class LanguageModel(layers.PlainInit):
   @nn.nowrap
   def init_cache(self, batch: int, max_len: int, dtype: str | None = None) -> cache_lib.Cache:
     """An empty decode cache for `batch` rows of at most `max_len` tokens each, its pairs in
-    `dtype` (default: the compute dtype)."""
+    `dtype` (default: the compute dtype), a floating dtype.
+
+    Feeding a row more than max_len tokens raises a ValueError (under jit: `cache.check`), unless
+    every memory keeps a ring of its whole band (v2 without long-term memory, max_len at least
+    the h - 1 pairs of its window), which has no limit.
+    """
     # Imported here: the registry of families imports the models.
     from mosaics_jax.model import families  # pylint: disable=import-outside-toplevel
 
     cfg = self.config
-    return families.of(cfg).init_cache(cfg, batch, max_len, jnp.dtype(dtype or cfg.dtype))
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(f"the cache holds keys and values in a floating dtype, got {dtype}")
+    return families.of(cfg).init_cache(cfg, batch, max_len, dtype)
 
 
 def maybe_remat(block: type[nn.Module], remat: bool) -> type[nn.Module]:
@@ -183,7 +191,7 @@ def untied_decoder(
     for i in range(cfg.num_layers):
       x = residual(block(cfg, i, name=layer_name(i))(x, segment_ids, *block_args, deterministic))
   else:
-    chunk = cache_lib.chunk_of(cache.stream, segment_ids, lengths, tokens.shape[1], cache.fresh)
+    chunk = cache_lib.chunk_of(cache, segment_ids, lengths, tokens.shape[1])
     layer_caches = {}
     for i in range(cfg.num_layers):
       name = layer_name(i)
@@ -195,7 +203,7 @@ def untied_decoder(
   out = logits(classifier(cfg, init)(x))
   if cache is None:
     return out
-  return out, cache_lib.Cache(cache_lib.advance(cache.stream, chunk), layer_caches, fresh=False)
+  return cache_lib.advance(cache, chunk, layer_caches, out)
 
 
 def layer_name(index: int) -> str:

@@ -190,7 +190,7 @@ class AssociativeMemory(layers.PlainInit):
     dtype = jnp.dtype(cfg.dtype)
     decoding = cache is not None
     reset = chunk.starts if decoding else _resets(segment_ids)
-    k, kbar = features.GatedKeyExtractor(
+    k, kbar, kbar_log_scale = features.GatedKeyExtractor(
         num_heads=cfg.num_heads,
         layer_index=self.layer_index,
         gate_bias=cfg.gate_bias,
@@ -199,7 +199,12 @@ class AssociativeMemory(layers.PlainInit):
         scan_chunk_size=cfg.scan_chunk_size,
         dtype=dtype,
         name="key",
-    )(x, reset, initial=cache.key_state if decoding else None)
+    )(
+        x,
+        reset,
+        initial=cache.key_state if decoding else None,
+        initial_log_scale=cache.key_log_scale if decoding else None,
+    )
     raw, mix = features.ConvValueExtractor(
         num_heads=cfg.num_heads,
         layer_index=self.layer_index,
@@ -225,5 +230,17 @@ class AssociativeMemory(layers.PlainInit):
     q, k, v = (_per_head(z.astype(dtype)) for z in (beta[..., None] * k, k, v))
     retrieve = functools.partial(layers.retrieve, impl=cfg.retrieve_impl, selection=self.selection)
     if decoding:
-      return cache_lib.step(q, k, v, cache, chunk, band, retrieve, raw=raw, mix=mix, kbar=kbar)
+      return cache_lib.step(
+          q,
+          k,
+          v,
+          cache,
+          chunk,
+          band,
+          retrieve,
+          raw=raw,
+          mix=mix,
+          kbar=kbar,
+          kbar_log_scale=kbar_log_scale,
+      )
     return retrieve(q, k, v, lo=lo, hi=self.hi, segment_ids=segment_ids)

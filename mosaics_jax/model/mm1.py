@@ -85,7 +85,7 @@ class MosaicV1(lm.LanguageModel):
       for i in range(cfg.num_layers):
         x = lm.residual(block(cfg, name=_layer(i))(x, segment_ids, deterministic))
     else:
-      chunk = cache_lib.chunk_of(cache.stream, segment_ids, lengths, tokens.shape[1], cache.fresh)
+      chunk = cache_lib.chunk_of(cache, segment_ids, lengths, tokens.shape[1])
       layer_caches = {}
       for i in range(cfg.num_layers):
         x, layer_caches[_layer(i)] = MosaicV1Block(cfg, name=_layer(i))(
@@ -96,7 +96,7 @@ class MosaicV1(lm.LanguageModel):
     out = lm.logits(wte.attend(x))
     if cache is None:
       return out
-    return out, cache_lib.Cache(cache_lib.advance(cache.stream, chunk), layer_caches, fresh=False)
+    return cache_lib.advance(cache, chunk, layer_caches, out)
 
 
 class MosaicV1Family(family.Family):
@@ -120,7 +120,8 @@ class MosaicV1Family(family.Family):
     return config.block_size
 
   def init_cache(self, config, batch, max_len, dtype) -> cache_lib.Cache:
-    ((name, band),) = self.bands(config).items()
+    bands = self.bands(config)
+    ((name, band),) = bands.items()
     h, d = config.num_heads, config.head_dim
     memory = cache_lib.capacity(band, max_len)
     layers = {
@@ -135,7 +136,8 @@ class MosaicV1Family(family.Family):
         }
         for i in range(config.num_layers)
     }
-    return cache_lib.Cache(cache_lib.empty_stream(batch), layers)
+    limit = cache_lib.length_limit(bands.values(), max_len)
+    return cache_lib.Cache(cache_lib.empty_stream(batch), layers, limit)
 
   def layer_activations(self, config, b, t) -> list[family.Activation]:
     c = family.itemsize(config)

@@ -162,6 +162,7 @@ class MosaicV2Family(family.Family):
         config.head_dim,
         pending=True,
         key_state=True,
+        gated=True,
     )
 
   def layer_activations(self, config, b, t) -> list[family.Activation]:

@@ -36,6 +36,7 @@ from jaxtyping import Float, Int
 from mosaics_jax import checkpoints, config as config_lib, sharding, tokenizers
 from mosaics_jax.inference import (
     generate as generate_lib,
+    prefill as prefill_lib,
     sampling as sampling_lib,
     score as score_lib,
 )
@@ -67,11 +68,18 @@ class Pretrained:
       segment_ids: Int[np.ndarray, "b t"] | jax.Array | None = None,
       **model_kwargs: Any,
   ) -> Float[np.ndarray, "b t v"]:
-    """Logits of int tokens [batch, seq] as numpy; `model_kwargs` go to the model (ltm_delay)."""
+    """Logits of int tokens [batch, seq] as numpy; `model_kwargs` go to the model (ltm_delay).
+
+    Raises:
+      ValueError: tokens or segment ids of the wrong shape or type, a token id outside the
+        vocabulary (its row and position named), or rows longer than the model's longest input.
+    """
     # Checked here, where the values are known (under jit the model sees only shapes).
     tokens, segment_ids = lm.check_inputs(
         tokens, segment_ids, families.of(self.config).max_length(self.config)
     )
+    for i, row in enumerate(np.asarray(tokens)):
+      prefill_lib.check_token_ids(row, self.config.vocab_size, f"row {i} of the tokens")
     return np.asarray(self._apply({"params": self.params}, tokens, segment_ids, **model_kwargs))
 
   @functools.cached_property

@@ -140,8 +140,10 @@ def train(
     workdir_lib.prepare(workdir)
     lock = workdir_lib.WorkdirLock(workdir) if lead else contextlib.nullcontext()
     # Signals are recorded from here on: one that comes while the step compiles stops the run
-    # after its first step, with a checkpoint.
-    with lock, preemption_lib.Preemption() as preemption:
+    # after its first step (in a multi-process run its first log step), with a checkpoint.
+    # Processes agree on a signal where the loop waits for the step's stats anyway.
+    preemption = preemption_lib.Preemption(agree_every=experiment.train.log_every)
+    with lock, preemption:
       return _train(experiment, workdir, progress, init_from, restart, preemption)
   except (workdir_lib.WorkdirError, checkpoints.CheckpointError) as e:
     raise TrainingError(str(e)) from None
@@ -241,7 +243,9 @@ def _train(experiment, workdir, progress, init_from, restart, preemption) -> Run
     )
 
   def flush() -> dict | None:
-    """Moves pending stats to the host; stops the run at the first non-finite loss or update."""
+    """Moves pending stats to the host; stops the run at the first non-finite loss or update.
+    Returns the newest step's stats, as they are: the steps between log steps are checked, not
+    averaged in."""
     nonlocal clock, clock_step
     if not pending:
       return None
@@ -288,7 +292,7 @@ def _train(experiment, workdir, progress, init_from, restart, preemption) -> Run
           writer.write(step, {"step": step, "split": "val", **val})
       if step % cfg.checkpoint_every == 0 or step == cfg.steps:
         save(step)
-      if preemption.agreed():
+      if preemption.should_stop(step):
         save(step)
         stopped_by = preemption
         break

@@ -191,10 +191,12 @@ class MetricsWriter:
   def write(self, step: int | np.integer, record: Mapping[str, Any]) -> None:
     """Appends one record of scalars measured at `step`.
 
-    Training records carry `loss`, `lr`, `grad_norm` and `tokens_per_sec`; evaluation records
-    carry `"split": "val"`, `loss` and `accuracy` when measured. `record` may repeat the step,
-    and its `split` names the TensorBoard tags' prefix, "train" when absent. Values may be
-    Python, numpy or JAX scalars; strings go to the jsonl file only.
+    Training records carry `loss`, `lr`, `grad_norm` and `tokens_per_sec`, the first three of
+    the record's step alone (its `loss` is the mean over the masked targets of its global batch,
+    `train.step`); evaluation records carry `"split": "val"`, `loss` and `accuracy` when
+    measured. `record` may repeat the step, and its `split` names the TensorBoard tags' prefix,
+    "train" when absent. Values may be Python, numpy or JAX scalars; strings go to the jsonl
+    file only.
 
     Raises:
       ValueError: the writer is closed, `record` sets `time` or another step, or a value is

@@ -1,15 +1,21 @@
 """Stopping a run cleanly on SIGTERM (what TPU and Slurm preemption send) and SIGINT (Ctrl-C).
 
-    with Preemption() as preemption:
+    with Preemption(agree_every=log_every) as preemption:
       for step in ...:
         ...
-        if preemption.agreed():
+        if preemption.should_stop(step):
           ...  # checkpoint this step, flush the metrics, stop
 
-A first signal is only recorded: the loop finishes the step it is in, checkpoints it and stops. A
-second Ctrl-C raises KeyboardInterrupt at once. In a multi-process run every process asks
-`agreed()` after every step, which all-gathers the processes' flags, so all of them stop at the
-same step even when the signal reached only some: no host is left waiting in a collective.
+A first signal is only recorded: a single-process run finishes the step it is in, checkpoints it
+and stops. A second Ctrl-C raises KeyboardInterrupt at once. In a multi-process run the processes
+agree (`agreed()`, an all-gather of their flags) after every `agree_every`-th step only, so that
+the other steps never wait for a collective that carries only a flag; all of them stop at the same
+step, the first such step after a signal, even when it reached only some: no host is left waiting
+in a collective.
+
+JAX's preemption sync point (`multihost_utils.reached_preemption_sync_point`) would agree without
+a collective on the host path, but it only hears SIGTERM, through a handler of its own that
+Python's handlers replace, and only when `jax.distributed` is initialised.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Preemption:
-  """Records SIGTERM and SIGINT while active; `agreed()` says whether to stop now."""
+  """Records SIGTERM and SIGINT while active; `should_stop(step)` says whether to stop now."""
 
-  def __init__(self):
+  def __init__(self, agree_every: int = 1):
+    self.agree_every = agree_every  # Of a multi-process run: the steps where processes agree.
     self.signal: signal.Signals | None = None  # The first signal received.
     self._previous: dict[int, object] = {}
 
@@ -50,8 +57,17 @@ class Preemption:
       # A second Ctrl-C is an abort.
       signal.signal(signal.SIGINT, signal.default_int_handler)
 
+  def should_stop(self, step: int) -> bool:
+    """Whether to stop after `step`, the same answer on every process: at once in a
+    single-process run; in a multi-process run at the first multiple of `agree_every` after a
+    signal to any process. Every process must ask after every step."""
+    if jax.process_count() > 1 and step % self.agree_every:
+      return False
+    return self.agreed()
+
   def agreed(self) -> bool:
-    """Whether any process has been signalled; the same answer on every process."""
+    """Whether any process has been signalled; the same answer on every process (in a
+    multi-process run a collective: every process must ask at once)."""
     local = self.signal is not None
     if jax.process_count() == 1:
       return local

@@ -88,6 +88,8 @@ def make_placement(experiment: config_lib.Experiment, model, tx, devices=None) -
 
 
 def _loss(params, model, batch: Batch, kwargs, dropout_key) -> tuple[jax.Array, dict]:
+  """(the cross-entropy summed over the batch's `loss_mask`, the batch's sums: `loss_sum`,
+  `weight` (the targets `loss_mask` counts), `correct` and `answers`)."""
   deterministic = dropout_key is None
   logits = model.apply(
       {"params": params},
@@ -107,13 +109,21 @@ def _loss(params, model, batch: Batch, kwargs, dropout_key) -> tuple[jax.Array, 
       "correct": jnp.sum(correct),
       "answers": jnp.sum(batch["answer_mask"]),
   }
-  return loss_sum / jnp.maximum(weight, 1.0), stats
+  return loss_sum, stats
 
 
 def train_step_fn(
     experiment: config_lib.Experiment, model, tx: optax.GradientTransformation
 ) -> Callable[[State, Batch], tuple[State, dict]]:
-  """One optimizer step over a global batch, as a pure function (not jitted)."""
+  """One optimizer step over a global batch, as a pure function (not jitted).
+
+  The step minimises the mean cross-entropy over every target of the global batch that
+  `loss_mask` counts (0 for a batch that counts none), and reports it as `loss`. Each of the
+  `train.grad_accum` micro-batches gives the gradient of its summed cross-entropy; their sum is
+  divided once by the global batch's count, so micro-batches and devices that count different
+  numbers of targets weigh as many targets as they hold: the objective, and so the run, do not
+  depend on `grad_accum` or on the mesh.
+  """
   cfg = experiment.train
   schedule = optim.learning_rate(cfg)
   grad_fn = jax.value_and_grad(_loss, has_aux=True)
@@ -123,7 +133,7 @@ def train_step_fn(
     dropout_key, delay_key = jax.random.split(key)
     kwargs = families.of(experiment.model).step_kwargs(experiment.model, delay_key)
     dropout_key = dropout_key if experiment.model.dropout > 0 else None
-    # [b t] -> [a b/a t]: the gradient is the mean over micro-batches.
+    # [b t] -> [a b/a t]: the micro-batches' gradients and loss sums add up.
     micro = jax.tree.map(
         lambda x: nn.with_logical_constraint(
             x.reshape(cfg.grad_accum, -1, *x.shape[1:]), (None, "batch", "length")
@@ -131,13 +141,14 @@ def train_step_fn(
         batch,
     )
 
-    def accumulate(grads, micro_batch):
-      (loss, _), g = grad_fn(state["params"], model, micro_batch, kwargs, dropout_key)
-      return jax.tree.map(jnp.add, grads, g), loss
+    def accumulate(totals, micro_batch):
+      (_, stats), g = grad_fn(state["params"], model, micro_batch, kwargs, dropout_key)
+      return jax.tree.map(jnp.add, totals, (g, stats["loss_sum"], stats["weight"])), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state["params"])
-    grads, losses = jax.lax.scan(accumulate, zeros, micro)
-    grads = jax.tree.map(lambda g: g / cfg.grad_accum, grads)
+    zeros = jax.tree.map(jnp.zeros_like, state["params"]), jnp.float32(0), jnp.float32(0)
+    (grads, loss_sum, weight), _ = jax.lax.scan(accumulate, zeros, micro)
+    count = jnp.maximum(weight, 1.0)  # A batch that counts no target has loss and gradient 0.
+    grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = {
@@ -147,7 +158,7 @@ def train_step_fn(
         "rng": state["rng"],
     }
     return new_state, {
-        "loss": jnp.mean(losses),
+        "loss": loss_sum / count,
         "grad_norm": optax.tree_utils.tree_norm(grads),
         "lr": schedule(state["step"]),
         # Whether this update left every parameter finite: the loop never saves a state that
