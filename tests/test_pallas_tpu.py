@@ -62,6 +62,7 @@ def test_tpu_simulator():
   kc.assert_matches(*kc.compare(op, args, 1, None, segment_ids, static_lo=True))
 
 
+@pytest.mark.slow  # test_select.py checks the interpreted kernels with selections.
 def test_tpu_simulator_with_a_block_selection():
   """The block-selection kernels read their per-head lists in bounds too, and match the XLA path
   (itself tested against the dense oracle, tests/test_select.py)."""
