@@ -48,8 +48,7 @@ def check_token_ids(ids: Int[np.ndarray, " t"], vocab_size: int, name: str) -> N
 def at_last(x: Float[Array, "b c ..."], lengths: Int[Array, " b"]) -> Float[Array, "b ..."]:
   """`x` at each row's last position in the chunk (its first where it has none): of the logits,
   those after the row."""
-  index = jnp.maximum(lengths - 1, 0).reshape(-1, *([1] * (x.ndim - 1)))
-  return jnp.take_along_axis(x, index, axis=1)[:, 0]
+  return cache_lib.last(x, lengths, x[:, 0])
 
 
 class Chunked:
