@@ -37,13 +37,20 @@ import orbax.checkpoint as ocp
 from mosaics_jax import config as config_lib
 
 CONFIG_FILE = "config.json"
+DATA_FILE = "data.json"  # The run's data files: absolute paths and hashes (`train/workdir.py`).
+LOCK_FILE = ".lock"  # One run per workdir (`train/workdir.py`); left by every run that started.
 CHECKPOINTS_DIR = "checkpoints"
 UNREADABLE_DIR = "checkpoints-unreadable"
+# How many times a reader lists the steps again after the checkpoint it read was deleted.
+VANISHED_RETRIES = 8
 
 
 def saved_steps(workdir: str | os.PathLike) -> list[int]:
   """The steps of the checkpoints in `workdir` (its step-numbered folders), without opening one."""
-  folder = pathlib.Path(workdir) / CHECKPOINTS_DIR
+  return _steps_in(pathlib.Path(workdir) / CHECKPOINTS_DIR)
+
+
+def _steps_in(folder: pathlib.Path) -> list[int]:
   return (
       sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
   )
@@ -59,6 +66,14 @@ class CheckpointMismatch(CheckpointError):
 
 class NoReadableCheckpoint(CheckpointError):
   """Checkpoints exist, and none of them can be read."""
+
+
+class _Vanished(Exception):
+  """A checkpoint deleted while it was read (`Checkpoints.restore_latest` lists the steps again)."""
+
+  def __init__(self, step: int):
+    super().__init__(step)
+    self.step = step
 
 
 class UnreadableData(ValueError):
@@ -103,17 +118,47 @@ class Checkpoints:
 
     The state comes back with the shapes, dtypes and shardings of `template`'s arrays; a None
     template restores the saved tree as it is. `check_data(step, data_state)` raises
-    `UnreadableData` for a data state that does not fit the run.
+    `UnreadableData` for a data state that does not fit the run. A checkpoint deleted while it is
+    read (a reader of a live run that keeps few checkpoints) is not unreadable: the steps are
+    listed again and the newest one then is read, with a warning that names it.
 
     Raises:
       CheckpointMismatch: the newest readable checkpoint is another model's (nothing is moved).
-      NoReadableCheckpoint: there are checkpoints and none can be read.
+      NoReadableCheckpoint: there are checkpoints and none can be read, or checkpoints kept
+        vanishing while they were read.
     """
-    steps = self.steps()
-    unreadable: list[tuple[int, Exception]] = []
-    for step in reversed(steps):
+    vanished: list[int] = []
+    for _ in range(VANISHED_RETRIES):
       try:
-        saved = self._manager.item_metadata(step)["state"].tree
+        restored = self._restore_newest(template, check_data)
+      except _Vanished as e:
+        vanished.append(e.step)
+        self._manager.reload()
+        continue
+      if vanished and restored is not None:
+        warnings.warn(
+            f"checkpoint {self.directory / str(vanished[-1])} was deleted while it was read (the"
+            f" run is live); read step {restored[0]}, the newest one left",
+            stacklevel=2,
+        )
+      return restored
+    raise NoReadableCheckpoint(
+        f"the checkpoints in {self.directory} were deleted while they were read, {len(vanished)}"
+        f" times (steps {vanished}): the run writing them keeps too few to read one (raise its"
+        " train.keep_checkpoints), or read it when it stops"
+    )
+
+  def _restore_newest(
+      self, template: Any, check_data: Callable[[int, Any], None] | None
+  ) -> tuple[int, Any, dict] | None:
+    """`restore_latest` over the steps listed now; `_Vanished` for a step deleted meanwhile."""
+    unreadable: list[tuple[int, Exception]] = []
+    listed = self.steps()
+    for step in reversed(listed):
+      try:
+        saved = self._read(step, listed, lambda s: self._manager.item_metadata(s)["state"].tree)
+      except _Vanished:
+        raise
       except Exception as e:  # noqa: BLE001 - any unreadable metadata falls back the same way.
         unreadable.append((step, e))
         continue
@@ -123,9 +168,13 @@ class Checkpoints:
             " was moved; train this model in another --workdir"
         )
       try:
-        restored = self._manager.restore(step, args=self._restore_args(template))
+        restored = self._read(
+            step, listed, lambda s: self._manager.restore(s, args=self._restore_args(template))
+        )
         if check_data is not None:
           check_data(step, restored["data"])
+      except _Vanished:
+        raise
       except Exception as e:  # noqa: BLE001 - corrupt data or a bad data state alike.
         unreadable.append((step, e))
         continue
@@ -138,6 +187,20 @@ class Checkpoints:
           f"no checkpoint in {self.directory} can be read ({problems}); nothing was moved"
       )
     return None
+
+  def _read(self, step: int, listed: list[int], read: Callable[[int], Any]) -> Any:
+    """`read(step)`; raises `_Vanished` when it fails while the run that writes the checkpoints
+    changes them: the step's folder is gone, or the steps on disk are no longer `listed`.
+
+    Orbax deletes a checkpoint's files before its folder, so a folder still there may be half
+    deleted: a changed listing (the run saved a newer step) tells that from a corrupt checkpoint.
+    """
+    try:
+      return read(step)
+    except Exception as e:  # noqa: BLE001 - re-raised unless the run changed the checkpoints.
+      if not (self.directory / str(step)).exists() or _steps_in(self.directory) != listed:
+        raise _Vanished(step) from e
+      raise
 
   def _restore_args(self, template: Any) -> ocp.args.Composite:
     target = (

@@ -22,6 +22,9 @@ RetrieveImpl = Literal[
 # (logical axis name, mesh axes): a parameter or activation dimension with that logical name is
 # sharded over those mesh axes (`mosaics_jax.sharding`).
 AxisRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+# Seeds are in [0, SEED_LIMIT): a JAX key keeps a seed's low 32 bits (-1 draws what 2**32 - 1
+# does, 2**32 what 0 does), and numpy's legacy seeding refuses the rest.
+SEED_LIMIT = 2**32
 
 
 class ConfigError(ValueError):
@@ -331,6 +334,8 @@ class TrainConfig(_Typed):
     ):
       if getattr(self, name) < 1:
         raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+    if not 0 <= self.seed < SEED_LIMIT:
+      raise ConfigError(f"train.seed must be in [0, 2**32), got {self.seed}")
     if self.batch_size % self.grad_accum:
       raise ConfigError(
           f"train.batch_size {self.batch_size} is not a multiple of train.grad_accum"

@@ -2,7 +2,8 @@
 
 Each maps a string to a 1-D int32 array of ids and back. A training run keeps its tokenizer in its
 workdir (`save`, `tokenizer.json`), so that a trained model reads and writes text without the
-training data (`load`, `mosaics_jax.load(path).generate_text`).
+training data (`load`, `mosaics_jax.load(path).generate_text`). The file is written at the run's
+first start and read back when it resumes: a run's ids mean the same characters at every step.
 
 Axis legend: t = time (tokens).
 """
@@ -93,11 +94,20 @@ class HFTokenizer:
 
   @classmethod
   def from_file(cls, path: str | os.PathLike) -> HFTokenizer:
-    return cls(_hf().Tokenizer.from_file(str(path)))
+    """Raises ValueError naming `path` when it is not a tokenizer JSON or cannot be read."""
+    try:
+      return cls.from_json(pathlib.Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError.
+      raise ValueError(f"{path}: {e}") from None
 
   @classmethod
   def from_json(cls, text: str) -> HFTokenizer:
-    return cls(_hf().Tokenizer.from_str(text))
+    """Raises ValueError when `text` is not a tokenizer JSON."""
+    hf = _hf()
+    try:
+      return cls(hf.Tokenizer.from_str(text))
+    except Exception as e:  # noqa: BLE001 - the library raises plain Exception.
+      raise ValueError(f"the tokenizers library refuses it ({e})") from None
 
   @property
   def vocab_size(self) -> int:
@@ -124,14 +134,24 @@ def _hf() -> Any:
   return tokenizers
 
 
+def kind(tokenizer: Tokenizer) -> str:
+  """Its name as `DataConfig.tokenizer` spells it: "char", "byte" or "hf"."""
+  if isinstance(tokenizer, CharTokenizer):
+    return "char"
+  if isinstance(tokenizer, ByteTokenizer):
+    return "byte"
+  if isinstance(tokenizer, HFTokenizer):
+    return "hf"
+  raise TypeError(f"{tokenizer!r} is not a tokenizer of this module")
+
+
 def save(tokenizer: Tokenizer, directory: str | os.PathLike) -> pathlib.Path:
   """Writes `directory/tokenizer.json`, which `load` reads back, atomically."""
+  saved: dict[str, Any] = {"kind": kind(tokenizer)}
   if isinstance(tokenizer, CharTokenizer):
-    saved = {"kind": "char", "chars": tokenizer.chars}
-  elif isinstance(tokenizer, ByteTokenizer):
-    saved = {"kind": "byte"}
-  else:
-    saved = {"kind": "hf", "tokenizer": json.loads(tokenizer.tokenizer.to_str())}
+    saved["chars"] = tokenizer.chars
+  elif isinstance(tokenizer, HFTokenizer):
+    saved["tokenizer"] = json.loads(tokenizer.tokenizer.to_str())
   path = pathlib.Path(directory) / TOKENIZER_FILE
   tmp = path.with_suffix(".tmp")
   tmp.write_text(json.dumps(saved) + "\n")
@@ -142,22 +162,36 @@ def save(tokenizer: Tokenizer, directory: str | os.PathLike) -> pathlib.Path:
 def load(directory: str | os.PathLike) -> Tokenizer | None:
   """The tokenizer saved in `directory`, or None when it has none (a run on token ids).
 
-  Raises ValueError naming the file when it is not a tokenizer this module wrote.
+  Raises ValueError naming the file when it is not a tokenizer this module wrote (not JSON, an
+  unknown kind, characters that are not sorted and distinct, an "hf" tokenizer that the Hugging
+  Face library refuses) or cannot be read.
   """
   path = pathlib.Path(directory) / TOKENIZER_FILE
   if not path.is_file():
     return None
   try:
-    saved = json.loads(path.read_text())
-    kind = saved["kind"]
-    if kind == "char":
-      if not isinstance(saved["chars"], str) or not saved["chars"]:
-        raise ValueError("its characters are not a non-empty string")
-      return CharTokenizer(saved["chars"])
-    if kind == "byte":
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(saved, dict):
+      raise ValueError(f"it holds a {type(saved).__name__}, not a JSON object")
+    saved_kind = saved["kind"]
+    if saved_kind == "char":
+      chars = saved["chars"]
+      if not isinstance(chars, str) or not chars:
+        raise ValueError(f"its characters {chars!r:.80} are not a non-empty string")
+      # Encoding looks ids up by binary search: unsorted characters would map to wrong ids. (A
+      # lone surrogate, which no text holds, fails to encode here: a ValueError too.)
+      if (np.diff(_code_points(chars).astype(np.int64)) <= 0).any():
+        raise ValueError(f"its characters {chars!r:.80} are not sorted and distinct")
+      return CharTokenizer(chars)
+    if saved_kind == "byte":
       return ByteTokenizer()
-    if kind == "hf":
+    if saved_kind == "hf":
       return HFTokenizer.from_json(json.dumps(saved["tokenizer"]))
-    raise ValueError(f"unknown kind {kind!r}")
-  except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError included.
+    raise ValueError(f"unknown kind {saved_kind!r}")
+  # JSONDecodeError and UnicodeDecodeError are ValueErrors; RecursionError: JSON nested too deep.
+  except (ValueError, TypeError, RecursionError) as e:
     raise ValueError(f"{path} is not a tokenizer: {e}") from None
+  except KeyError as e:
+    raise ValueError(f"{path} is not a tokenizer: it has no {e} field") from None
+  except OSError as e:
+    raise ValueError(f"{path} cannot be read: {e.strerror or e}") from None

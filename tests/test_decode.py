@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_runs
 
 import kernels_pallas
 from mosaics_jax import config as config_lib, load, tokenizers
@@ -51,22 +52,6 @@ CONFIGS["mm2-select-mean"] = dataclasses.replace(
 )
 T = 30
 PROMPTS = (11, 4)  # Prompt lengths of the two rows.
-
-
-@functools.cache  # Shared by the tests of one worker: params are immutable arrays.
-def _random_params(cfg, seed=0):
-  """Every parameter drawn at random around its init, so no scalar sits at a special value."""
-  model = families.build_model(cfg)
-
-  @jax.jit  # One compiled init: an eager one takes seconds.
-  def draw():
-    params = model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    noisy = [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
-    return jax.tree.unflatten(tree, noisy)
-
-  return model, draw()
 
 
 def _forward(model, params, tokens, segment_ids):
@@ -126,7 +111,7 @@ def test_decoding_gives_the_full_forward(name, chunk):
   """Teacher forcing: prefill + decode in chunks of 1 or 3 tokens equals the full forward at every
   position of both rows, in float32 within 1e-5 of the logits' scale."""
   cfg = CONFIGS[name]
-  model, params = _random_params(cfg)
+  model, params = tiny_runs.params_near_init(cfg)
   tokens, segment_ids = _stream()
   if cfg.family == "mm1":  # The full forward of v1 is bounded by block_size: a longer one.
     model_full = families.build_model(dataclasses.replace(cfg, block_size=T))
@@ -146,7 +131,7 @@ def test_long_streams_read_their_pairs_block_by_block(name):
   """300 tokens: the decode reads the stored pairs in blocks of 128 slots, only those below the
   chunk (or, selecting, its selected blocks of 4); the logits are still the full forward's."""
   cfg = CONFIGS[name]
-  model, params = _random_params(cfg)
+  model, params = tiny_runs.params_near_init(cfg)
   tokens = np.asarray(jax.random.randint(jax.random.key(8), (2, 300), 0, 50), np.int32)
   segment_ids = np.zeros_like(tokens)
   segment_ids[1, 200:] = 1
@@ -159,7 +144,7 @@ def test_decoding_with_gates_past_float32_gives_the_full_forward():
   """v2's input gates scaled to hundreds and thousands (exp overflows float32 past 88): the cache
   carries the gated recurrence as a state and its log-scale, so decoding stays finite and equal to
   the full forward, which rescales the same way."""
-  model, params = _random_params(CONFIGS["mm2"])
+  model, params = tiny_runs.params_near_init(CONFIGS["mm2"])
   params = jax.tree_util.tree_map_with_path(
       lambda path, x: 3000 * x if "w_g" in jax.tree_util.keystr(path) else x, params
   )
@@ -179,7 +164,7 @@ def _apply(model):
 def test_a_cache_fed_past_its_max_len_raises():
   """A cache for 8 tokens fed one token at a time: the first 8 are the full forward's, the 9th
   raises, naming the length it would reach and max_len (it used to wrap around silently)."""
-  model, params = _random_params(CONFIGS["llama"])
+  model, params = tiny_runs.params_near_init(CONFIGS["llama"])
   tokens = np.asarray(jax.random.randint(jax.random.key(9), (1, 12), 0, 50), np.int32)
   full = _forward(model, params, tokens, None)
   apply, one = _apply(model), np.ones((1,), np.int32)
@@ -202,7 +187,7 @@ def test_a_cache_fed_past_its_max_len_raises():
     ],
 )
 def test_every_family_refuses_a_chunk_past_max_len(name):
-  model, params = _random_params(CONFIGS[name])
+  model, params = tiny_runs.params_near_init(CONFIGS[name])
   tokens = jnp.ones((2, 9), jnp.int32)
   error = r"row 1 would hold 9 tokens, past the cache's max_len 8: it holds 0 and the chunk adds 9"
   with pytest.raises(ValueError, match=error):
@@ -214,7 +199,7 @@ def test_every_family_refuses_a_chunk_past_max_len(name):
 def test_under_jit_a_row_past_max_len_is_flagged_nan_and_checked():
   """Under jit the lengths are not known: a row that goes past max_len is flagged (for good), its
   logits are NaN, and `cache.check` raises; the other row goes on as the full forward."""
-  model, params = _random_params(CONFIGS["llama"])
+  model, params = tiny_runs.params_near_init(CONFIGS["llama"])
   tokens = np.asarray(jax.random.randint(jax.random.key(10), (2, 9), 0, 50), np.int32)
   full = _forward(model, params, tokens, None)
   apply = _apply(model)
@@ -239,7 +224,7 @@ def test_under_jit_a_row_past_max_len_is_flagged_nan_and_checked():
 def test_a_cache_of_rings_alone_has_no_length_limit():
   """v2 without long-term memory keeps a ring of its window's 5 pairs: a cache for 8 tokens takes
   14, the full forward's logits; one for 3 tokens (a ring cut to 3) stops at 3."""
-  model, params = _random_params(CONFIGS["mm2-no-ltm"])
+  model, params = tiny_runs.params_near_init(CONFIGS["mm2-no-ltm"])
   tokens, _ = _stream()
   full = _forward(model, params, tokens, None)
   apply, one = _apply(model), np.ones((2,), np.int32)
@@ -314,7 +299,7 @@ def test_decoding_selects_the_forward_blocks_when_block_means_nearly_tie():
 def test_bfloat16_decoding_stays_close(name):
   """In bfloat16 the cache holds bfloat16 pairs: the logits stay within 5% of the scale."""
   cfg = dataclasses.replace(CONFIGS[name], dtype="bfloat16")
-  _, params = _random_params(CONFIGS[name])  # Parameters are float32 in either dtype.
+  _, params = tiny_runs.params_near_init(CONFIGS[name])  # Parameters are float32 in either dtype.
   model = families.build_model(cfg)
   tokens, segment_ids = _stream()
   full_cfg = dataclasses.replace(cfg, block_size=T) if cfg.family == "mm1" else cfg
@@ -329,7 +314,7 @@ def test_bfloat16_decoding_stays_close(name):
 )
 def test_greedy_generation_is_the_full_forward_argmax(name):
   cfg = CONFIGS[name]
-  model, params = _random_params(cfg)
+  model, params = tiny_runs.params_near_init(cfg)
   prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7]]
   new = generate_lib.Generator(model)(params, prompts, 12)
   full_cfg = dataclasses.replace(cfg, block_size=64) if cfg.family == "mm1" else cfg
@@ -346,7 +331,7 @@ def test_greedy_generation_is_the_full_forward_argmax(name):
 
 
 def test_stop_tokens_end_each_row_and_are_included():
-  model, params = _random_params(CONFIGS["llama"])
+  model, params = tiny_runs.params_near_init(CONFIGS["llama"])
   generator = generate_lib.Generator(model)
   free = generator(params, [[1, 2, 3], [4]], 10)
   stop = free[0][2]  # A token row 0 produces: it ends row 0 at its first occurrence.
@@ -358,7 +343,7 @@ def test_stop_tokens_end_each_row_and_are_included():
 
 
 def test_sampling_is_reproducible_and_top_k_1_is_greedy():
-  model, params = _random_params(CONFIGS["mm2"])
+  model, params = tiny_runs.params_near_init(CONFIGS["mm2"])
   generator = generate_lib.Generator(model)
   prompts = [[1, 2, 3], [4, 5]]
   hot = sampling_lib.Sampling(temperature=1.5, top_p=0.9)
@@ -410,7 +395,7 @@ def test_the_cache_without_long_term_memory_does_not_grow():
     ],
 )
 def test_bad_input_is_named(prompts, kwargs, error):
-  model, params = _random_params(CONFIGS["llama"])
+  model, params = tiny_runs.params_near_init(CONFIGS["llama"])
   kwargs = {"max_new_tokens": 5, **kwargs}
   with pytest.raises(ValueError, match=error):
     generate_lib.Generator(model)(params, prompts, **kwargs)
@@ -437,7 +422,7 @@ TEXT = "hello world, said the model."
 
 def _export(directory, tokenizer=True):
   """An exported llama with random parameters and a char tokenizer of TEXT."""
-  model, params = _random_params(CONFIGS["llama"])
+  model, params = tiny_runs.params_near_init(CONFIGS["llama"])
   chars = tokenizers.CharTokenizer.from_text(TEXT) if tokenizer else None
   pretrained.save_exported(directory, CONFIGS["llama"], params, tokenizer=chars)
   return directory
@@ -507,7 +492,7 @@ def test_long_term_selection_reads_fewer_pairs_and_all_of_them_with_a_large_k():
   """The same parameters: selecting 1 + 1 blocks of 4 changes the logits of a 30-token stream;
   selecting more blocks than there are gives the full memory's."""
   cfg = CONFIGS["mm2"]
-  model, params = _random_params(cfg)
+  model, params = tiny_runs.params_near_init(cfg)
   tokens, segment_ids = _stream()
   full = _forward(model, params, tokens, segment_ids)
   few = families.build_model(CONFIGS["mm2-select"])

@@ -5,7 +5,6 @@ plots), the same results on 1 and 8 devices, and bad input named."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -15,9 +14,9 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_runs
 
 from mosaics_jax import config as config_lib, load, regbench, sharding, tokenizers
 from mosaics_jax.cli import eval as eval_cli, plot as plot_cli
@@ -36,23 +35,6 @@ CONFIGS = {
     ),
     "llama": config_lib.LlamaConfig(vocab_size=50, **TINY, ffn_width=48),
 }
-
-
-@functools.cache
-def _params(cfg, seed=0):
-  """A model and its parameters drawn around their init (no scalar at a special value)."""
-  model = families.build_model(cfg)
-
-  @jax.jit
-  def draw():
-    params = model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree.unflatten(
-        tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
-    )
-
-  return model, draw()
 
 
 def _full_losses(cfg, params, rows):
@@ -79,7 +61,7 @@ def test_chunked_scores_equal_the_full_forward(name, chunk):
   """Rows of 23, 4 and 16 tokens in batches of 2 (the last padded), in chunks through the cache:
   v1 goes past its block_size of 16."""
   cfg = CONFIGS[name]
-  model, params = _params(cfg)
+  model, params = tiny_runs.params_near_init(cfg)
   rng = np.random.default_rng(0)
   rows = [rng.integers(0, 50, n).astype(np.int32) for n in (23, 4, 16)]
   # token_losses, the same path with another output, is checked by the perplexity test.
@@ -91,7 +73,7 @@ def test_chunked_scores_equal_the_full_forward(name, chunk):
 
 @pytest.mark.slow
 def test_a_scorer_compiles_per_bucket_not_per_length():
-  model, params = _params(CONFIGS["mm2"])
+  model, params = tiny_runs.params_near_init(CONFIGS["mm2"])
   scorer = score_lib.Scorer(model, chunk=8, batch_size=2)
   for n in (9, 11, 14, 16):  # All in one bucket: two chunks, a cache of 16.
     scorer.token_losses(params, [np.arange(n) % 50])
@@ -106,7 +88,7 @@ def test_continuations_of_one_cached_context_score_as_whole_rows(name):
   """Five continuations of a 21-token context, in batches of 2 from one copy of the context's
   cache (v1 past its block_size): the sums of the losses of the whole rows; the greedy
   continuation, and only it, is flagged greedy."""
-  model, params = _params(CONFIGS[name])
+  model, params = tiny_runs.params_near_init(CONFIGS[name])
   rng = np.random.default_rng(0)
   context = rng.integers(0, 50, 21)
   greedy = generate_lib.Generator(model, prefill_chunk=8)(params, [context.tolist()], 4)[0]
@@ -125,7 +107,7 @@ def test_continuations_of_one_cached_context_score_as_whole_rows(name):
 def test_chunked_prefill_generates_as_one_prefill(name):
   """Prompts of 23 and 5 tokens in prefill chunks of 4 or 7 (v1 past its block_size), and one
   fixed width: the tokens of a prefill token by token."""
-  model, params = _params(CONFIGS[name])
+  model, params = tiny_runs.params_near_init(CONFIGS[name])
   rng = np.random.default_rng(1)
   prompts = [rng.integers(0, 50, 23).tolist(), rng.integers(0, 50, 5).tolist()]
   want = generate_lib.Generator(model, prefill_chunk=1)(params, prompts, 6)
@@ -142,7 +124,7 @@ def char_model(tmp_path_factory):
   cfg = config_lib.MosaicV2Config(
       vocab_size=chars.vocab_size, **TINY, ffn_width=48, short_term_window=8, long_term_delay=4
   )
-  _, params = _params(cfg)
+  _, params = tiny_runs.params_near_init(cfg)
   path = tmp_path_factory.mktemp("char") / "model"
   pretrained.save_exported(path, cfg, params, step=7, tokenizer=chars)
   return path
@@ -295,7 +277,7 @@ def regbench_model(tmp_path_factory):
   cfg = config_lib.MosaicV2Config(
       vocab_size=regbench.VOCAB_SIZE + 1, **TINY, ffn_width=48, short_term_window=8
   )
-  _, params = _params(cfg)
+  _, params = tiny_runs.params_near_init(cfg)
   path = tmp_path_factory.mktemp("regbench") / "model"
   pretrained.save_exported(path, cfg, params)
   return path

@@ -12,9 +12,9 @@ import pathlib
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_runs
 
 from mosaics_jax import config as config_lib, load, tokenizers
 from mosaics_jax.cli import lm_eval as lm_eval_cli
@@ -51,16 +51,7 @@ def char_model(tmp_path_factory):
       short_term_window=8,
       long_term_delay=4,
   )
-  model = families.build_model(cfg)
-
-  @jax.jit
-  def draw():
-    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    return tree.unflatten([p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-
-  params = draw()
+  _, params = tiny_runs.params_near_init(cfg)
   path = tmp_path_factory.mktemp("char") / "model"
   pretrained.save_exported(path, cfg, params, step=3, tokenizer=chars)
   return path

@@ -15,11 +15,17 @@ import warnings
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import tiny_runs
 
 from mosaics_jax import checkpoints, config as config_lib, load, overrides
-from mosaics_jax.cli import train as train_cli
+from mosaics_jax.cli import (
+    eval as eval_cli,
+    generate as generate_cli,
+    port as port_cli,
+    train as train_cli,
+)
 from mosaics_jax.model import families
 from mosaics_jax.port import layout, pretrained
 from mosaics_jax.train import data, loop, metrics, workdir as workdir_lib
@@ -284,42 +290,130 @@ def test_load_never_writes_and_reads_past_a_corrupt_checkpoint(tmp_path):
   assert _tree(run) == before
 
 
-@pytest.mark.parametrize("dtype", [np.complex64, np.int64, np.bool_])
-def test_weights_of_a_wrong_dtype_are_refused_by_name(tmp_path, dtype):
-  from safetensors import numpy as st_numpy
-
-  config = tiny_runs.tiny(1).model
-  params = jax.tree.map(
-      np.asarray,
-      families.build_model(config).init(jax.random.key(0), np.zeros((1, 4), np.int32))["params"],
-  )
-  pretrained.save_exported(tmp_path, config, params, layout="pytorch")
-  tensors = st_numpy.load_file(tmp_path / pretrained.WEIGHTS_FILE)
-  tensors["embed.weight"] = tensors["embed.weight"].astype(dtype)
-  st_numpy.save_file(tensors, tmp_path / pretrained.WEIGHTS_FILE, metadata={"layout": "pytorch"})
-  with pytest.raises(layout.PortError, match=f"embed.weight: {np.dtype(dtype)}"):
-    load(tmp_path)
+# Loading a live run -------------------------------------------------------------------------------
 
 
-def test_float16_weights_are_converted_with_a_warning_and_nan_is_reported(tmp_path):
-  from safetensors import numpy as st_numpy
+@pytest.fixture(scope="module")
+def live_run(tmp_path_factory) -> pathlib.Path:
+  """A tiny run's workdir with checkpoints at steps 2 and 4 (copy it before changing it)."""
+  run = tmp_path_factory.mktemp("live") / "run"
+  loop.train(tiny_runs.tiny(4, train__checkpoint_every=2), run, progress=False)
+  return run
 
-  config = tiny_runs.tiny(1).model
-  params = jax.tree.map(
-      np.asarray,
-      families.build_model(config).init(jax.random.key(0), np.zeros((1, 4), np.int32))["params"],
-  )
-  pretrained.save_exported(tmp_path, config, params, layout="pytorch")
-  tensors = st_numpy.load_file(tmp_path / pretrained.WEIGHTS_FILE)
-  tensors["embed.weight"] = tensors["embed.weight"].astype(np.float16)
-  tensors["classifier.weight"][0, 0] = np.nan
-  st_numpy.save_file(tensors, tmp_path / pretrained.WEIGHTS_FILE, metadata={"layout": "pytorch"})
+
+def _while_restoring(monkeypatch, writer) -> None:
+  """Makes `writer(step)` run inside each Orbax restore, between listing the steps and reading
+  one: what a training run that saves and deletes checkpoints may do to a reader."""
+  original = ocp.CheckpointManager.restore
+
+  def restore(self, step, *args, **kwargs):
+    writer(step)
+    return original(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)
+
+
+def _params(run: pathlib.Path, step: int, solo: pathlib.Path) -> dict:
+  """The params of checkpoint `step`, read through a copy in `solo` holding it alone."""
+  shutil.copytree(run, solo)
+  for other in checkpoints.saved_steps(solo):
+    if other != step:
+      shutil.rmtree(solo / "checkpoints" / str(other))
+  return load(solo).params
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["deleted", "half-deleted"])
+def test_a_checkpoint_deleted_while_it_is_read_gives_the_newest_left(
+    live_run, tmp_path, monkeypatch, half
+):
+  # keep_checkpoints=1 as the run saves step 6: step 4 goes (its files first, then its folder:
+  # "half" stops before the folder) while the reader reads it.
+  run = tmp_path / "run"
+  shutil.copytree(live_run, run)
+  ckpt = run / "checkpoints"
+  shutil.rmtree(ckpt / "2")
+  shutil.copytree(ckpt / "4", tmp_path / "next")
+
+  def writer(step):
+    if step == 4:
+      shutil.copytree(tmp_path / "next", ckpt / "6")
+      if half:
+        for path in (ckpt / "4").rglob("*"):
+          if path.is_file():
+            path.unlink()
+      else:
+        shutil.rmtree(ckpt / "4")
+
+  _while_restoring(monkeypatch, writer)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    load(tmp_path)
-  messages = " ".join(str(w.message) for w in caught)
-  assert "converted to float32: embed.weight" in messages
-  assert "non-finite values in classifier.weight" in messages
+    model = load(run)
+  messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+  assert model.step == 6
+  assert any("checkpoints/4 was deleted while it was read" in m and "step 6" in m for m in messages)
+  assert not any("unreadable" in m for m in messages), messages
+  monkeypatch.undo()
+  jax.tree.map(np.testing.assert_array_equal, model.params, _params(live_run, 4, tmp_path / "solo"))
+
+
+def test_a_run_that_deletes_every_checkpoint_it_is_read_is_a_named_error(
+    live_run, tmp_path, monkeypatch, capsys
+):
+  run = tmp_path / "run"
+  shutil.copytree(live_run, run)
+  ckpt = run / "checkpoints"
+
+  def writer(step):  # Each read sees its checkpoint replaced by a newer one.
+    shutil.copytree(ckpt / str(step), ckpt / str(step + 2))
+    shutil.rmtree(ckpt / str(step))
+
+  _while_restoring(monkeypatch, writer)
+  with pytest.raises(checkpoints.NoReadableCheckpoint, match="deleted while they were read"):
+    load(run)
+  assert port_cli.main(["to-safetensors", str(run), str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("mosaics-port: error:") and "deleted while they were read" in err
+  assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "port"])
+def test_clis_name_a_workdir_without_a_readable_checkpoint_in_one_line(
+    live_run, tmp_path, capsys, command
+):
+  run = tmp_path / "run"
+  shutil.copytree(live_run, run)
+  for step in (2, 4):
+    _corrupt(run / "checkpoints" / str(step))
+  argv, main = {
+      "eval": ([str(run), "--task", "perplexity"], eval_cli.main),
+      "generate": ([str(run), "--prompt", "a"], generate_cli.main),
+      "port": (["to-safetensors", str(run), str(tmp_path / "out")], port_cli.main),
+  }[command]
+  assert main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f"mosaics-{command}: error: no checkpoint in {run / 'checkpoints'} can")
+  assert len(err.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_loading_a_live_run_reads_a_checkpoint_each_time(tmp_path):
+  # The issue's scenario: a checkpoint every step, three kept, loads while it trains.
+  run = tmp_path / "run"
+  sets = tiny_runs.cli_sets(
+      "train.steps=100000", "train.checkpoint_every=1", "train.keep_checkpoints=3"
+  )
+  trainer = subprocess.Popen(
+      tiny_runs.cli(run, *sets), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
+  try:
+    while len(checkpoints.saved_steps(run)) < 3:
+      assert trainer.poll() is None, "the run stopped"
+      time.sleep(0.2)
+    steps = [load(run).step for _ in range(8)]
+  finally:
+    trainer.kill()
+    trainer.wait()
+  assert all(isinstance(s, int) for s in steps) and steps == sorted(steps), steps
 
 
 def test_segment_ids_that_come_back_are_refused(tmp_path):

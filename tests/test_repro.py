@@ -292,6 +292,9 @@ def test_a_directory_of_another_reproduction_is_refused(tmp_path):
   (runner.run_dir(tmp_path, "mm1", 0) / "checkpoints" / "4").mkdir(parents=True)
   with pytest.raises(plan_lib.ReproError, match="would mix their results"):
     runner._check_manifest(tmp_path, TINY, ("a.b=1",))
+  (tmp_path / runner.MANIFEST).write_text("[1, 2]\n")  # JSON, but not a manifest.
+  with pytest.raises(plan_lib.ReproError, match="holds a list, not this project's manifest"):
+    runner._check_manifest(tmp_path, TINY, ())
 
 
 @pytest.mark.slow

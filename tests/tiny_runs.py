@@ -3,10 +3,12 @@ task, in process (`tiny`) or as a `mosaics-train` command (`cli`)."""
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mosaics_jax import checkpoints, config as config_lib, overrides, registry
@@ -38,6 +40,22 @@ def tiny(steps: int, **sets) -> config_lib.Experiment:
   for key, value in sets.items():
     exp = overrides.override(exp, key.replace("__", "."), value)
   return exp
+
+
+@functools.cache  # Shared by the tests of one worker: params are immutable arrays.
+def params_near_init(cfg: config_lib.ModelConfig, seed: int = 0):
+  """(model, params) of `cfg`: every parameter drawn at random around its init, so that no scalar
+  sits at a special value (a zero gate, a unit scale)."""
+  model = families.build_model(cfg)
+
+  @jax.jit  # One compiled init: an eager one takes seconds.
+  def draw():
+    params = model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return tree.unflatten([p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+  return model, draw()
 
 
 def final_params(workdir: pathlib.Path, experiment) -> tuple[int, dict]:

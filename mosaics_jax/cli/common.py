@@ -6,7 +6,17 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mosaics_jax import config as config_lib, overrides, registry
+from mosaics_jax import checkpoints, config as config_lib, overrides, registry
+from mosaics_jax.port import layout
+
+# What reading a trained model or a config may raise for input the user gave: each CLI that reads
+# one prints the message on one line and exits 2 (`fail`), never a traceback.
+READ_ERRORS = (
+    config_lib.ConfigError,
+    layout.PortError,
+    checkpoints.CheckpointError,
+    FileNotFoundError,
+)
 
 SET_HELP = (
     "override config fields by dotted path, e.g. train.steps=100 model.num_layers=2; repeatable"
@@ -27,6 +37,17 @@ class StoreOnce(argparse.Action):
     if getattr(namespace, self.dest, None) is not None:
       parser.error(f"{option_string} is given more than once")
     setattr(namespace, self.dest, values)
+
+
+def seed(text: str) -> int:
+  """An argparse type: a random seed, an int in [0, config.SEED_LIMIT)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+  if not 0 <= value < config_lib.SEED_LIMIT:
+    raise argparse.ArgumentTypeError(f"a seed is an integer in [0, 2**32), got {value}")
+  return value
 
 
 def refuse_repeated_keys(assignments: Sequence[str]) -> None:

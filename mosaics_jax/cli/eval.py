@@ -9,20 +9,22 @@
 PATH is a training workdir or an exported directory. `--set TASK.KEY=VALUE` changes a task's
 settings (`--list` shows them all); `--set model.KEY=VALUE` changes a model field that does not
 shape the parameters (long_term_delay, drop_long_term_memory, retrieve_impl, ...), recorded with
-the results. `--out FILE` appends one JSON line per (task, setting, metric); `mosaics-plot FILE`
-draws them. Greedy generation and seeded examples: the same seed gives the same results.
+the results. `--out FILE` appends one JSON line per (task, setting, metric), each task's lines
+whole or not at all, to a new file or a file of such lines (checked before any work);
+`mosaics-plot FILE` draws them. Greedy generation and seeded examples: the same seed gives the
+same results.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
 from mosaics_jax import config as config_lib
 from mosaics_jax.cli import common
 from mosaics_jax.eval import harness as harness_lib, results as results_lib, tasks as tasks_lib
-from mosaics_jax.port import layout
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--out", metavar="FILE", help="append JSON lines of the results to FILE")
   parser.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
   parser.add_argument("--limit", type=int, metavar="N", help="at most N examples per setting")
-  parser.add_argument("--seed", type=int, default=0, help="the examples' random stream")
+  parser.add_argument("--seed", type=common.seed, default=0, help="the examples' random stream")
   parser.add_argument("--haystack", metavar="FILE", help="essay text for RULER's haystacks")
   parser.add_argument(
       "--chunk", type=int, default=512, help="tokens per forward when scoring (default 512)"
@@ -73,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
   repeated = sorted({t for t in args.task if args.task.count(t) > 1})
   if repeated:
     parser.error(f"--task {', '.join(repeated)} given more than once")
+  if args.out:
+    try:  # Before any work: a target that cannot take the results would lose them.
+      results_lib.check_target(args.out)
+    except ValueError as e:
+      return common.fail("mosaics-eval", f"--out {e}")
   model_sets = [a.removeprefix("model.") for a in args.set if a.startswith("model.")]
   task_sets = [a for a in args.set if not a.startswith("model.")]
   try:
@@ -87,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
         haystack=args.haystack,
     )
-  except (config_lib.ConfigError, harness_lib.EvalError, layout.PortError, FileNotFoundError) as e:
+  except (harness_lib.EvalError, *common.READ_ERRORS) as e:
     return common.fail("mosaics-eval", e)
   every = []
   for name, task_settings in settings.items():
@@ -101,10 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     print(results_lib.markdown(found) + "\n")
     print(f"{name}: {examples} examples in {seconds:.1f} s ({examples / seconds:.2f} examples/s)\n")
     if args.out:
-      model = harness.info
-      results_lib.append_jsonl(
-          args.out, [results_lib.record(r, model=model, seed=args.seed) for r in found]
-      )
+      records = [results_lib.record(r, model=harness.info, seed=args.seed) for r in found]
+      try:
+        results_lib.append_jsonl(args.out, records)
+      except OSError as e:
+        # stdout, as a full or failing disk would fail a file beside it too.
+        print("\n".join(json.dumps(r) for r in records))
+        return common.fail(
+            "mosaics-eval",
+            f"could not append {name}'s results to {args.out} ({e.strerror or e}); the file is as"
+            " it was before them, and they are printed above as JSON lines",
+        )
     every += found
   if args.out:
     print(f"{len(every)} results appended to {args.out}")

@@ -5,7 +5,8 @@
 
 PATH is a training workdir or an exported directory whose run kept its tokenizer (a text run).
 The text goes to stdout as the decode loop produces it; a one-line summary (prompt and new tokens,
-prefill and decode tokens/s) ends on stderr.
+prefill and decode tokens/s) ends on stderr. Samples whose decode cache (the prompt and
+--max-new-tokens, or --max-len) would not fit in memory are refused before anything is allocated.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import pathlib
 import sys
 import time
 
-from mosaics_jax import config as config_lib
 from mosaics_jax.cli import common
-from mosaics_jax.inference import generate as generate_lib, sampling as sampling_lib
-from mosaics_jax.port import layout, pretrained
+from mosaics_jax.inference import generate as generate_lib, sampling as sampling_lib, score
+from mosaics_jax.port import pretrained
 
 # New tokens per dispatch of the decode loop: the stream's granularity.
 STREAM_CHUNK = 16
@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
   )
   parser.add_argument("--top-k", type=int, help="sample among the k likeliest tokens")
   parser.add_argument("--top-p", type=float, help="sample in the smallest set of probability p")
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seed", type=common.seed, default=0)
   parser.add_argument("--num-samples", type=int, default=1, help="samples of the same prompt")
   parser.add_argument(
       "--max-len", type=int, help="tokens a sample may reach, prompt included (default: all)"
@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     sampling = sampling_lib.Sampling(args.temperature, args.top_k, args.top_p)
     model = pretrained.load(args.path)
     ids = model.encode(_prompt(args))
-    parts = generate_lib.Generator(model.model).stream(
+    generator = generate_lib.Generator(model.model)
+    _check_memory(model, generator, len(ids), args)
+    parts = generator.stream(
         model.params,
         [ids] * args.num_samples,
         args.max_new_tokens,
@@ -81,9 +83,25 @@ def main(argv: list[str] | None = None) -> int:
         chunk=STREAM_CHUNK,
     )
     _print(model, parts, len(ids), args.num_samples)
-  except (ValueError, FileNotFoundError, layout.PortError, config_lib.ConfigError) as e:
+  except (ValueError, *common.READ_ERRORS) as e:
     return common.fail("mosaics-generate", e)
   return 0
+
+
+def _check_memory(
+    model: pretrained.Pretrained, generator: generate_lib.Generator, prompt_tokens: int, args
+) -> None:
+  """ValueError, before anything is allocated, when the samples would not fit in memory: the
+  estimate of scoring (`Scorer.check_memory`) for rows of max_len tokens, a prefill chunk (the
+  generator's, else the whole prompt) and a batch of --num-samples rows."""
+  length = prompt_tokens + args.max_new_tokens if args.max_len is None else args.max_len
+  scorer = score.Scorer(
+      model.model, chunk=generator.chunk or max(prompt_tokens, 1), batch_size=args.num_samples
+  )
+  try:
+    scorer.check_memory(length, model.params)
+  except ValueError as e:
+    raise ValueError(f"{e} (--max-new-tokens, --max-len, --num-samples)") from None
 
 
 def _print(model: pretrained.Pretrained, parts, prompt_tokens: int, samples: int) -> None:

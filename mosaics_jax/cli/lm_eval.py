@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import sys
 
-from mosaics_jax import config as config_lib
 from mosaics_jax.cli import common
 from mosaics_jax.eval import harness as harness_lib
-from mosaics_jax.port import layout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     return common.fail("mosaics-lm-eval", e)
   try:
     return lm_harness.command_line(argv)
-  except (config_lib.ConfigError, harness_lib.EvalError, layout.PortError, FileNotFoundError) as e:
+  except (harness_lib.EvalError, *common.READ_ERRORS) as e:
     return common.fail("mosaics-lm-eval", e)
 
 

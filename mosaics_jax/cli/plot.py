@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
       path = plots.plot_runs(
           args.dirs, args.output, log_y=args.log_y, title=args.title, smoothing=args.smooth
       )
-  except (FileNotFoundError, ValueError) as e:
+  except (OSError, ValueError) as e:
     return common.fail("mosaics-plot", e)
   print(path)
   return 0

@@ -7,6 +7,11 @@
 
 Sources (CKPT_DIR, DIR) are anything `mosaics_jax.load` reads: a training workdir or an exported
 directory. Outputs are exported directories (config.json + model.safetensors), except to-torch.
+
+Nothing is overwritten unasked: OUT_DIR is new or empty and OUT a new file in an existing
+directory; --force replaces OUT, or the export files of a non-empty OUT_DIR (its other files
+stay). Never, even forced, is an output a training workdir or the source, inside it or holding it.
+Weights with NaN or infinities are refused unless --allow-nonfinite.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import argparse
 import pickle
 import sys
 
-from mosaics_jax import config as config_lib
 from mosaics_jax.cli import common
 from mosaics_jax.port import layout, nanomosaics, pretrained
 
@@ -40,20 +44,31 @@ def _parser() -> argparse.ArgumentParser:
       epilog="\n".join(__doc__.splitlines()[1:]),
   )
   sub = parser.add_subparsers(dest="command", required=True)
-  for name, src, dst, what in (
-      ("from-torch", "checkpoint", "out_dir", "a PyTorch checkpoint -> an exported directory"),
-      ("to-torch", "ckpt_dir", "out", "a workdir or export -> a PyTorch checkpoint"),
+  for name, source, out, what in (
+      ("from-torch", "CHECKPOINT", "OUT_DIR", "a PyTorch checkpoint -> an exported directory"),
+      ("to-torch", "CKPT_DIR", "OUT", "a workdir or export -> a PyTorch checkpoint"),
+      ("to-safetensors", "CKPT_DIR", "OUT_DIR", "-> model.safetensors with PyTorch names"),
+      ("from-safetensors", "DIR", "OUT_DIR", "a to-safetensors directory -> an exported one"),
   ):
     p = sub.add_parser(name, help=what)
-    p.add_argument("--format", required=True, choices=FORMATS, help="the PyTorch code base")
-    p.add_argument(src)
-    p.add_argument(dst)
-  p = sub.add_parser("to-safetensors", help="-> config.json + model.safetensors, PyTorch names")
-  p.add_argument("ckpt_dir")
-  p.add_argument("out_dir")
-  p = sub.add_parser("from-safetensors", help="a to-safetensors directory -> an exported one")
-  p.add_argument("dir")
-  p.add_argument("out_dir")
+    if name.endswith("torch"):
+      p.add_argument("--format", required=True, choices=FORMATS, help="the PyTorch code base")
+    p.add_argument("source", metavar=source)
+    p.add_argument("out", metavar=out)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help=(
+            "replace OUT if it exists"
+            if out == "OUT"
+            else "write into a non-empty OUT_DIR, replacing its export files and no other"
+        ),
+    )
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="read weights that hold NaN or infinities (refused otherwise)",
+    )
   return parser
 
 
@@ -62,38 +77,50 @@ def _from_torch(args) -> str:
 
   try:
     # weights_only: a checkpoint is data; never run the code a pickle may carry.
-    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    checkpoint = torch.load(args.source, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     raise layout.PortError(
-        f"{args.checkpoint} holds more than tensors and plain data: {e}"
+        f"{args.source} holds more than tensors and plain data: {_torch_reason(e)}"
+    ) from None
+  except (RuntimeError, EOFError) as e:  # torch's reader of a truncated or non-zip file.
+    raise layout.PortError(
+        f"{args.source} is not a readable PyTorch checkpoint: {_torch_reason(e)}"
     ) from None
   if not isinstance(checkpoint, dict):
-    raise layout.PortError(f"{args.checkpoint} holds a {type(checkpoint).__name__}, not a dict")
-  nano = nanomosaics.from_nanomosaics(checkpoint)
-  pretrained.save_exported(args.out_dir, nano.config, nano.params, step=nano.iter_num)
-  return f"wrote {args.out_dir} ({nano.config.family}, step {nano.iter_num})"
+    raise layout.PortError(f"{args.source} holds a {type(checkpoint).__name__}, not a dict")
+  nano = nanomosaics.from_nanomosaics(checkpoint, allow_nonfinite=args.allow_nonfinite)
+  pretrained.save_exported(args.out, nano.config, nano.params, step=nano.iter_num, force=args.force)
+  return f"wrote {args.out} ({nano.config.family}, step {nano.iter_num})"
+
+
+def _torch_reason(error: Exception) -> str:
+  """The reason in torch.load's error, on one line, without its advice to load unsafely."""
+  text = str(error)
+  reason = text.partition("WeightsUnpickler error:")[2] or text
+  return " ".join(reason.partition("Check the documentation")[0].split())
 
 
 def _to_torch(args) -> str:
   import torch  # pylint: disable=import-outside-toplevel
 
-  model = pretrained.load(args.ckpt_dir)
+  model = pretrained.load(args.source, allow_nonfinite=args.allow_nonfinite)
   checkpoint = nanomosaics.to_nanomosaics(model.config, model.params, iter_num=model.step or 0)
-  torch.save(checkpoint, args.out)
+  pretrained.write_file(args.out, lambda partial: torch.save(checkpoint, partial))
   return f"wrote {args.out} (nanoMosaics MemoryMosaic, iter_num {checkpoint['iter_num']})"
 
 
-def _export(args, source: str, layout: str) -> str:
-  model = pretrained.load(source)
+def _export(args, layout: str) -> str:
+  model = pretrained.load(args.source, allow_nonfinite=args.allow_nonfinite)
   pretrained.save_exported(
-      args.out_dir,
+      args.out,
       model.config,
       model.params,
       step=model.step,
       layout=layout,
       tokenizer=model.tokenizer,
+      force=args.force,
   )
-  return f"wrote {args.out_dir} ({model.config.family}, {layout} layout)"
+  return f"wrote {args.out} ({model.config.family}, {layout} layout)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,15 +128,19 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if getattr(args, "format", None) == "library":
       raise layout.PortError(_LIBRARY)
+    # Before any work: a refused output is said at once.
+    file = args.command == "to-torch"
+    pretrained.check_output(args.out, source=args.source, force=args.force, file=file)
     if args.command == "from-torch":
       message = _from_torch(args)
     elif args.command == "to-torch":
       message = _to_torch(args)
     elif args.command == "to-safetensors":
-      message = _export(args, args.ckpt_dir, "pytorch")
+      message = _export(args, "pytorch")
     else:
-      message = _export(args, args.dir, "flax")
-  except (layout.PortError, config_lib.ConfigError, FileNotFoundError) as e:
+      message = _export(args, "flax")
+  # OSError: a file that cannot be read or written (permissions, a full disk), named in it.
+  except (*common.READ_ERRORS, OSError) as e:
     return common.fail("mosaics-port", e)
   print(message)
   return 0

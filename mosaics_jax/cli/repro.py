@@ -9,8 +9,9 @@
 Every run trains in DIR/runs/<run>-seed<k> (a workdir: `mosaics_jax.load` reads it) and resumes
 from its newest checkpoint; evaluations that are done are not run again. The same command after an
 interruption (Ctrl-C, SIGTERM) goes on where it stopped. DIR/report.md has the verdict, the
-tables (means over seeds beside the paper's numbers), the plots and the wall time;
-DIR/results.jsonl every result. `--set KEY=VALUE` changes every run's experiment (e.g. the data
+tables (means over the command's seeds beside the paper's numbers), the plots and the wall time;
+DIR/results.jsonl every result, of these seeds and of any earlier command's others (a command
+with fewer --seeds removes none). `--set KEY=VALUE` changes every run's experiment (e.g. the data
 path of the paper-scale runs).
 """
 
@@ -19,11 +20,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mosaics_jax import config as config_lib, registry
+from mosaics_jax import registry
 from mosaics_jax.analysis import timing
 from mosaics_jax.cli import common
 from mosaics_jax.eval import harness as harness_lib
-from mosaics_jax.port import layout
 from mosaics_jax.repro import plan as plan_lib, report as report_lib, runner
 from mosaics_jax.train import data, loop
 
@@ -78,18 +78,17 @@ def main(argv: list[str] | None = None) -> int:
       planned = plan_lib.plan(repro, assignments)
       print(plan_lib.format_plan(repro, planned, seeds, timing.matmul_flops_per_second()))
       return 0
+    report_lib.read_results(args.workdir)  # Before any work: a damaged one would stop the report.
     progress = runner.run(
         repro, args.workdir, seeds=seeds, assignments=assignments, progress=not args.no_progress
     )
     report = report_lib.write(repro, args.workdir, seeds=seeds, assignments=assignments)
   except (
-      config_lib.ConfigError,
       plan_lib.ReproError,
       loop.TrainingError,
       data.DataError,
       harness_lib.EvalError,
-      layout.PortError,
-      FileNotFoundError,
+      *common.READ_ERRORS,
   ) as e:
     return common.fail("mosaics-repro", e)
   except KeyboardInterrupt:  # A second Ctrl-C: the first one asked for a checkpoint.
@@ -104,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
   print(
       f"{repro.name}: {report.verdict} ({sum(bool(o.holds) for o in report.outcomes)} of"
       f" {len(report.outcomes)} checks hold); trained {progress.trained} run(s), ran"
-      f" {progress.evaluated} evaluation(s)\n  report:  {report.path}\n  results:"
-      f" {report.path.parent / report_lib.RESULTS}"
+      f" {progress.evaluated} evaluation(s)\n  report:  {report.path} (seeds"
+      f" {report_lib.seed_ranges(range(seeds))})\n  results:"
+      f" {report.path.parent / report_lib.RESULTS} (seeds"
+      f" {report_lib.seed_ranges(report.recorded)})"
   )
   return 0
 

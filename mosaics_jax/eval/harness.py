@@ -9,12 +9,17 @@ Scoring goes through `inference.score.Scorer` (chunks of fixed size through the 
 generation through `inference.generate.Generator` (greedy, as RULER scores). Prompts are padded to
 one width per task length, so each length compiles once. With more than one device, batches are
 split over a mesh of every device on the data axis.
+
+A training workdir also tells which data the model was trained on: its config.json's data section
+(`training_data`) and its record of the data files, absolute paths and sha256 (`training_file`;
+training writes that record, `train/workdir.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -55,6 +60,8 @@ class Harness:
   haystack: str | None = None  # The default essay file of RULER's haystacks.
   # The data config of the model's training run, where its workdir keeps it (not in an export).
   training_data: dict[str, Any] | None = None
+  # That run's record of its files (checkpoints.DATA_FILE): field -> {"path", "sha256", "bytes"}.
+  training_files: dict[str, dict[str, Any]] | None = None
 
   @classmethod
   def load(
@@ -101,7 +108,15 @@ class Harness:
         model.model, mesh=mesh, model_kwargs=step_kwargs, prefill_chunk=scorer.chunk
     )
     info = results_lib.Model(str(path), model.step, tuple(f"model.{a}" for a in model_overrides))
-    return cls(model, scorer, generator, info, training_data=_training_data(path), **kwargs)
+    return cls(
+        model,
+        scorer,
+        generator,
+        info,
+        training_data=_training_data(path),
+        training_files=_training_files(path),
+        **kwargs,
+    )
 
   @property
   def batch_size(self) -> int:
@@ -114,6 +129,26 @@ class Harness:
           f"{self.info.path} has no tokenizer (a run on token ids): this task reads text"
       )
     return self.model.tokenizer
+
+  def training_file(self, field: str, setting: str) -> tuple[pathlib.Path, str | None]:
+    """The absolute path of the training run's data file `field` ("path", "tokenizer_path") and
+    the sha256 it had then (None for runs trained before it was recorded).
+
+    Raises EvalError, telling to set `setting` (the task's file setting) instead, when the model
+    has no training run here (an export) or the run names the file relative to the directory it
+    was trained in, which is not recorded (runs trained before paths were made absolute): reading
+    whatever file has that name here could score another file.
+    """
+    recorded = (self.training_files or {}).get(field) or {}
+    path = recorded.get("path") or (self.training_data or {}).get(field)
+    if not isinstance(path, str) or not path:
+      raise EvalError(f"{self.info.path} has no training data.{field} to read: set {setting}=FILE")
+    if not os.path.isabs(path):
+      raise EvalError(
+          f"{self.info.path} names its training data.{field} {path!r} relative to the directory"
+          f" it was trained in, which it does not record: set {setting}=FILE"
+      )
+    return pathlib.Path(path), recorded.get("sha256")
 
   def count(self, requested: int) -> int:
     """The examples to run of `requested`, at most --limit."""
@@ -172,9 +207,20 @@ class Harness:
 
 def _training_data(path: str) -> dict[str, Any] | None:
   """The "data" config a training workdir's config.json keeps, else None."""
+  return _workdir_section(pathlib.Path(path) / checkpoints.CONFIG_FILE, "data")
+
+
+def _training_files(path: str) -> dict[str, dict[str, Any]] | None:
+  """The "files" a training workdir records (checkpoints.DATA_FILE), else None."""
+  files = _workdir_section(pathlib.Path(path) / checkpoints.DATA_FILE, "files")
+  return {k: v for k, v in files.items() if isinstance(v, dict)} if files else None
+
+
+def _workdir_section(path: pathlib.Path, key: str) -> dict[str, Any] | None:
+  """The object `key` of the JSON file `path`, else None."""
   try:
-    saved = json.loads((pathlib.Path(path) / checkpoints.CONFIG_FILE).read_text())
-  except (OSError, json.JSONDecodeError):
+    saved = json.loads(path.read_text())
+  except (OSError, ValueError):
     return None
-  data = saved.get("data") if isinstance(saved, dict) else None
-  return data if isinstance(data, dict) else None
+  section = saved.get(key) if isinstance(saved, dict) else None
+  return section if isinstance(section, dict) else None

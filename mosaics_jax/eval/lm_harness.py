@@ -13,7 +13,8 @@ command line always passes its --batch_size, 1 unless given, which a batch_size 
 overrides), chunk (512: tokens per step through the decode cache), max_length (none), max_gen_toks
 (256), eot_id, seed (0: sampled generation only), and any field of the model that changes
 evaluation only, as `mosaics-eval --set model.KEY=VALUE` (`Harness.load`): drop_long_term_memory=
-true (the v2 paper's Table 2), long_term_delay=N, retrieve_impl=...
+true (the v2 paper's Table 2), long_term_delay=N, retrieve_impl=... A value of the wrong type or
+out of range is an EvalError that names it.
 
 What a request costs:
 - loglikelihood: requests with the same context are scored together; the context goes through
@@ -30,12 +31,13 @@ With max_length, inputs are cut to it as lm-eval's Hugging Face model does: cont
 last tokens, documents go in lm-eval's rolling windows of max_length tokens.
 
 The prefix token: lm-eval conditions an empty context, and a document's first token, on
-`prefix_token_id` (a BOS or end-of-text token). Our char and byte tokenizers have none. It is the
-run's end-of-text id (the eot_id of its data config, which a training workdir keeps; eot_id= in
-model_args for an export), else the newline token: the text files these models read are lines,
-and p(x | "\\n") is the model's distribution of a line's first token. A tokenizer without a
-one-token newline and a run without eot_id refuse such requests (EvalError). Generation also
-stops at the end-of-text id when the run has one.
+`prefix_token_id` (a BOS or end-of-text token); so do we a context of only whitespace, which
+lm-eval leaves without tokens when it moves a context's trailing whitespace to the continuation.
+Our char and byte tokenizers have none. It is the run's end-of-text id (the eot_id of its data
+config, which a training workdir keeps; eot_id= in model_args for an export), else the newline
+token: the text files these models read are lines, and p(x | "\\n") is the model's distribution
+of a line's first token. A tokenizer without a one-token newline and a run without eot_id refuse
+such requests (EvalError). Generation also stops at the end-of-text id when the run has one.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import jax
 import numpy as np
 import tqdm
 
+from mosaics_jax import config as config_lib
 from mosaics_jax.eval import harness as harness_lib
 from mosaics_jax.inference import generate as generate_lib, sampling as sampling_lib
 
@@ -69,6 +72,15 @@ EvalError = harness_lib.EvalError
 CHECK_EVERY = 32
 # The gen_kwargs of lm-eval tasks that generation reads (after `normalize_gen_kwargs`).
 GEN_KWARGS = frozenset({"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p"})
+# The types of the model_args that are integers (None: the default; text: lm-eval's --batch_size).
+INT_ARGS = {
+    "batch_size": (int, str),
+    "chunk": int,
+    "max_length": (int, type(None)),
+    "max_gen_toks": int,
+    "eot_id": (int, type(None)),
+    "seed": int,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,12 +109,18 @@ class MosaicsLM(model_api.TemplateLM):
       **model_overrides: Any,
   ):
     """Raises EvalError for a model without a tokenizer (a run on token ids), an override that
-    would change the parameters, or a bad batch_size, max_length or max_gen_toks."""
+    would change the parameters, or a bad batch_size, chunk, max_length, max_gen_toks or seed."""
     super().__init__()
     del device  # lm-eval's command line always passes one; JAX places the model on its devices.
-    for name, value in (("max_length", max_length), ("max_gen_toks", max_gen_toks)):
+    for name, value in (
+        ("chunk", chunk),
+        ("max_length", max_length),
+        ("max_gen_toks", max_gen_toks),
+    ):
       if value is not None and value < 1:
         raise EvalError(f"{name} must be >= 1, got {value}")
+    if not 0 <= seed < config_lib.SEED_LIMIT:
+      raise EvalError(f"seed must be in [0, 2**32), got {seed}")
     self.harness = harness_lib.Harness.load(
         str(path),
         model_overrides=[f"{key}={_text(value)}" for key, value in model_overrides.items()],
@@ -134,7 +152,7 @@ class MosaicsLM(model_api.TemplateLM):
     # lm-eval's command line passes batch_size and device to every model, given or not: the
     # model_args win (lm-eval's own merge would fail on a key given twice).
     given = {k: v for k, v in (additional_config or {}).items() if v is not None}
-    return cls(**{**given, **arg_dict})
+    return cls(**_typed_args({**given, **arg_dict}))
 
   @property
   def eot_token_id(self) -> int:
@@ -186,7 +204,8 @@ class MosaicsLM(model_api.TemplateLM):
     """Per (strings, context ids, continuation ids), (log p(continuation | context), whether
     greedy); an empty continuation has log-probability 0 and is greedy."""
     pairs = [
-        self._truncate(list(context), list(continuation)) for _, context, continuation in requests
+        self._truncate(*self._conditioned(list(context), list(continuation)))
+        for _, context, continuation in requests
     ]
     if pairs:
       self.harness.check_length(max(len(c) + len(x) for c, x in pairs))
@@ -205,6 +224,17 @@ class MosaicsLM(model_api.TemplateLM):
           self.cache_hook.add_partial("loglikelihood", requests[i][0], out[i])
         bar.update(len(members))
     return out
+
+  def _conditioned(
+      self, context: list[int], continuation: list[int]
+  ) -> tuple[list[int], list[int]]:
+    """A context of no tokens replaced as lm-eval replaces an empty one (module docstring): by the
+    prefix token, or by the continuation's first token where that is the prefix token."""
+    if context:
+      return context, continuation
+    if continuation[:1] == [self.prefix_token_id]:
+      return continuation[:1], continuation[1:]
+    return [self.prefix_token_id], continuation
 
   def _truncate(self, context: list[int], continuation: list[int]) -> tuple[list[int], list[int]]:
     """The context cut so that context and continuation feed at most max_length tokens (the last
@@ -348,15 +378,46 @@ class MosaicsLM(model_api.TemplateLM):
 
 def command_line(argv: Sequence[str] | None = None) -> int:
   """lm-eval's command line (`lm_eval`) with `--model mosaics` known; argv without the program
-  name, default sys.argv's."""
+  name, default sys.argv's. EvalError for a --seed outside [0, 2**32), which numpy would refuse
+  with a traceback once lm-eval seeds it."""
   saved = sys.argv
   # lm-eval's command line reads sys.argv itself.
   sys.argv = ["mosaics-lm-eval", *(saved[1:] if argv is None else argv)]
   try:
-    lm_eval_main.cli_evaluate()
+    # `lm_eval_main.cli_evaluate`, with the seeds checked between parsing and running.
+    lm_eval_main.setup_logging()
+    parser = lm_eval_main.HarnessCLI()
+    args = parser.parse_args()
+    seeds = [s for s in getattr(args, "seed", None) or () if s is not None]
+    bad = [s for s in seeds if not 0 <= s < config_lib.SEED_LIMIT]
+    if bad:
+      raise EvalError(f"--seed must be in [0, 2**32), got {bad[0]}")
+    parser.execute(args)
   finally:
     sys.argv = saved
   return 0
+
+
+def _typed_args(args: dict[str, Any]) -> dict[str, Any]:
+  """model_args with the integers as ints; EvalError naming one of the wrong type. lm-eval types
+  each value by its text: a number (its command line reads -1 and 1e3 as floats), true/false,
+  none, else text."""
+  path = args.get("path")
+  if path is None:
+    raise EvalError("model_args needs path=RUN (a training workdir or an export)")
+  if not isinstance(path, str):
+    raise EvalError(
+        f"model_args path must be text, got {path!r}: quote a path that lm-eval reads as a number"
+        " or a boolean (path='2024')"
+    )
+  typed = dict(args)
+  for name, types in INT_ARGS.items():
+    value = args.get(name)
+    if isinstance(value, float) and value.is_integer():
+      typed[name] = int(value)
+    elif name in args and (isinstance(value, bool) or not isinstance(value, types)):
+      raise EvalError(f"model_args {name} must be an integer, got {value!r}")
+  return typed
 
 
 def _batch_size(value: int | str) -> int:

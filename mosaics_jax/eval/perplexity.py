@@ -7,12 +7,18 @@ text file, bits per byte and per character of the predicted text (total bits ove
 or characters). The loss in `num_buckets` equal buckets of position shows whether a model keeps
 improving past its training context (the extrapolation claim, at the level of the loss).
 
+With no `path`, a text model scores its training run's own text file: the absolute path that the
+workdir records, from any directory, refused when its content is no longer the one the run
+recorded (its sha256) or when an older run names it only relative to where it trained. Every
+result's settings record the absolute path and the sha256 of the bytes read.
+
 Axis legend: w = windows, t = window length.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import pathlib
 from typing import Literal
@@ -30,7 +36,7 @@ NAME = "perplexity"
 class Settings:
   """What to score and how."""
 
-  path: str | None = None  # The text or token file; default: the training run's text file.
+  path: str | None = None  # The text or token file; default: the run's text (module docstring).
   kind: Literal["text", "tokens"] = "text"  # tokens: a flat binary file of ids (nanoGPT's .bin).
   token_dtype: Literal["uint16", "uint32"] = "uint16"
   length: int = 1024  # Tokens per window: may exceed the training context.
@@ -52,21 +58,40 @@ class Settings:
       )
 
 
-def windows(
-    harness: harness_lib.Harness, settings: Settings
-) -> tuple[Int[np.ndarray, "w t"], bool]:
-  """(the windows to score, whether the file is text)."""
-  path = settings.path
-  if path is None and settings.kind == "text":  # The run's own text file.
-    path = (harness.training_data or {}).get("path")
-  if path is None:
+@dataclasses.dataclass(frozen=True)
+class Windows:
+  """What a perplexity scores, and the file it comes from."""
+
+  rows: Int[np.ndarray, "w t"]
+  is_text: bool
+  path: pathlib.Path  # Absolute.
+  sha256: str  # Of the bytes read.
+
+
+def windows(harness: harness_lib.Harness, settings: Settings) -> Windows:
+  """The windows of the file (module docstring)."""
+  expected = None  # The sha256 that the run's own file must have.
+  if settings.path is not None:
+    path = pathlib.Path(settings.path).absolute()
+  elif settings.kind == "text" and (harness.training_data or {}).get("source") == "text":
+    path, expected = harness.training_file("path", setting="perplexity.path")
+  else:
     raise harness_lib.EvalError("perplexity reads a file: set perplexity.path=FILE")
-  path = pathlib.Path(path)
   if not path.is_file():
     raise harness_lib.EvalError(f"perplexity.path: {path} does not exist")
+  try:
+    content = path.read_bytes()
+  except OSError as e:
+    raise harness_lib.EvalError(f"perplexity.path: cannot read {path}: {e.strerror or e}") from None
+  digest = hashlib.sha256(content).hexdigest()
+  if expected is not None and digest != expected:
+    raise harness_lib.EvalError(
+        f"{path}, the text {harness.info.path} was trained on, has changed since (sha256"
+        f" {expected} then, {digest} now): to score it as it is now, set perplexity.path={path}"
+    )
   if settings.kind == "text":
     try:
-      text = path.read_text(encoding="utf-8")
+      text = content.decode("utf-8")
     except UnicodeDecodeError as e:
       raise harness_lib.EvalError(
           f"{path} is not UTF-8 text ({e}); for ids set kind=tokens"
@@ -76,7 +101,12 @@ def windows(
     except ValueError as e:
       raise harness_lib.EvalError(f"{path} does not fit the model's tokenizer: {e}") from None
   else:
-    ids = np.fromfile(path, dtype=settings.token_dtype)
+    dtype = np.dtype(settings.token_dtype)
+    if len(content) % dtype.itemsize:
+      raise harness_lib.EvalError(
+          f"{path} has {len(content)} bytes, not a whole number of {settings.token_dtype} ids"
+      )
+    ids = np.frombuffer(content, dtype)
     vocab = harness.model.config.vocab_size
     if ids.size and int(ids.max()) >= vocab:
       raise harness_lib.EvalError(
@@ -93,15 +123,15 @@ def windows(
         f"{path} has {ids.size} tokens from start_fraction {settings.start_fraction} on: fewer"
         f" than one window of {settings.length}"
     )
-  return ids[: count * settings.length].reshape(count, settings.length).astype(np.int32), (
-      settings.kind == "text"
-  )
+  rows = ids[: count * settings.length].reshape(count, settings.length).astype(np.int32)
+  return Windows(rows, settings.kind == "text", path, digest)
 
 
 def run(harness: harness_lib.Harness, settings: Settings) -> list[results_lib.Result]:
   """Scores the windows of the file (module docstring)."""
   harness.check_length(settings.length)
-  rows, is_text = windows(harness, settings)
+  scored = windows(harness, settings)
+  rows = scored.rows
   bar = harness.bar(len(rows), NAME)
   losses = []
   for start in range(0, len(rows), harness.batch_size):
@@ -110,7 +140,8 @@ def run(harness: harness_lib.Harness, settings: Settings) -> list[results_lib.Re
     bar.update(len(batch))
   bar.close()
   losses = np.stack(losses).astype(np.float64)  # [w, t - 1]: position i predicts token i + 1.
-  fields = dataclasses.asdict(settings)
+  # The file read, whether named or the run's own: a record says which bytes it scored.
+  fields = {**dataclasses.asdict(settings), "path": str(scored.path), "sha256": scored.sha256}
   n = len(rows)
 
   def result(metric: str, value: float, **row) -> results_lib.Result:
@@ -122,7 +153,7 @@ def run(harness: harness_lib.Harness, settings: Settings) -> list[results_lib.Re
       result("perplexity", math.exp(mean)),
       result("bits_per_token", mean / math.log(2)),
   ]
-  if is_text:
+  if scored.is_text:
     predicted = [harness.tokenizer.decode(row[1:]) for row in rows]
     bits = losses.sum() / math.log(2)
     out.append(result("bits_per_byte", bits / sum(len(t.encode("utf-8")) for t in predicted)))

@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax
+import jax.numpy as jnp
 import numpy as np
 
 from mosaics_jax import config as config_lib
@@ -47,18 +48,49 @@ class PortError(ValueError):
   """Weights or a checkpoint that do not fit the model they are given for."""
 
 
-def as_float32(tensors: Mapping[str, Any], source: str) -> dict[str, np.ndarray]:
-  """`tensors` as float32 numpy arrays; any other dtype than a float one is refused, naming the
-  tensors, and a conversion from another float dtype or a non-finite value is warned of."""
+# The dtypes that weights may come in, by their safetensors names: floats that convert to float32,
+# the parameters' dtype (exactly; float64 rounds). Integers, bool, complex and the 8-bit and smaller
+# floats (which need their scales) are refused.
+FLOAT_DTYPES = {
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(jnp.bfloat16),
+    "F32": np.dtype(np.float32),
+    "F64": np.dtype(np.float64),
+}
+
+
+def as_float32(
+    tensors: Mapping[str, Any], source: str, *, allow_nonfinite: bool = False
+) -> dict[str, np.ndarray]:
+  """`tensors` as float32 numpy arrays.
+
+  A dtype outside FLOAT_DTYPES is refused naming the tensors; a conversion from another float
+  dtype is said in one warning. A NaN or an infinity is refused naming the tensors or, with
+  `allow_nonfinite`, warned of.
+  """
   arrays = {name: np.asarray(x) for name, x in tensors.items()}
-  wrong = sorted(f"{n}: {x.dtype}" for n, x in arrays.items() if x.dtype.kind != "f")
+  wrong = sorted(
+      f"{n}: {x.dtype}" for n, x in arrays.items() if x.dtype not in FLOAT_DTYPES.values()
+  )
   if wrong:
-    raise PortError(f"{source}: weights must be floating point, got {', '.join(wrong)}")
-  converted = sorted(n for n, x in arrays.items() if x.dtype != np.float32)
+    raise PortError(
+        f"{source}: weights must be float16, bfloat16, float32 or float64, got {', '.join(wrong)}"
+    )
+  converted = sorted({str(x.dtype) for x in arrays.values() if x.dtype != np.float32})
   if converted:
-    warnings.warn(f"{source}: converted to float32: {', '.join(converted)}", stacklevel=2)
+    count = sum(x.dtype != np.float32 for x in arrays.values())
+    warnings.warn(
+        f"{source}: {count} of {len(arrays)} tensors converted to float32, the parameters' dtype,"
+        f" from {', '.join(converted)}",
+        stacklevel=2,
+    )
   arrays = {n: x.astype(np.float32, copy=False) for n, x in arrays.items()}
   non_finite = sorted(n for n, x in arrays.items() if not np.isfinite(x).all())
+  if non_finite and not allow_nonfinite:
+    raise PortError(
+        f"{source}: NaN or infinite values in {', '.join(non_finite)} (allow_nonfinite=True,"
+        " or mosaics-port's --allow-nonfinite, reads them anyway)"
+    )
   if non_finite:
     warnings.warn(f"{source}: non-finite values in {', '.join(non_finite)}", stacklevel=2)
   return arrays
@@ -92,11 +124,14 @@ def from_torch(
     tensors: Mapping[str, np.ndarray],
     *,
     ignored: tuple[str, ...] = (),
+    source: str | None = None,
+    allow_nonfinite: bool = False,
 ) -> Params:
   """Inverse of `to_torch`, which also reads full PyTorch state dicts of `torch_models`.
 
-  Every tensor is checked by name, shape and dtype (`as_float32`); names in `ignored` (exact or
-  as a ".suffix") are skipped, and so are what a family's state dict adds to its parameters
+  Every tensor is checked by name, shape, dtype and value (`as_float32`: `source` names the
+  weights, `allow_nonfinite` lets NaN through); names in `ignored` (exact or as a ".suffix") are
+  skipped, and so are what a family's state dict adds to its parameters
   (`Family.torch_extras`: v1's buffers, and its tied `lm_head.weight`, checked equal to the
   embedding); a `_orig_mod.`
   prefix (torch.compile'd models) is dropped.
@@ -138,7 +173,11 @@ def from_torch(
   ]
   if problems:
     raise PortError(f"the tensors do not fit this {config.family} model: " + "; ".join(problems))
-  given = as_float32({name: given[name] for name in expected}, f"{config.family} weights")
+  given = as_float32(
+      {name: given[name] for name in expected},
+      source or f"{config.family} weights",
+      allow_nonfinite=allow_nonfinite,
+  )
   flat = {
       path: family.from_torch_array(path, given[name], shapes[path])
       for name, (path, _) in expected.items()

@@ -85,8 +85,11 @@ class NanoCheckpoint:
   best_val_loss: float | None
 
 
-def from_nanomosaics(checkpoint: Mapping[str, Any]) -> NanoCheckpoint:
-  """Reads the dict of a nanoMosaics `ckpt.pt` (torch tensors) into our config and params."""
+def from_nanomosaics(
+    checkpoint: Mapping[str, Any], *, allow_nonfinite: bool = False
+) -> NanoCheckpoint:
+  """Reads the dict of a nanoMosaics `ckpt.pt` (torch tensors) into our config and params; NaN
+  or infinite weights are refused by name unless `allow_nonfinite` (`layout.as_float32`)."""
   for key in ("model", "model_args"):
     if key not in checkpoint:
       raise layout.PortError(
@@ -101,12 +104,16 @@ def from_nanomosaics(checkpoint: Mapping[str, Any]) -> NanoCheckpoint:
     raise layout.PortError(
         f"the checkpoint's model holds values that are not tensors: {not_tensors}"
     )
-  # bfloat16 has no numpy dtype: floats go through float32, other dtypes keep theirs to be named.
+  # torch gives no numpy bfloat16: through float32 and back (exact), so that `as_float32` says the
+  # cast; other dtypes keep theirs, to be converted or named.
+  bfloat16 = layout.FLOAT_DTYPES["BF16"]
   state = {
-      n: (x.detach().float() if x.is_floating_point() else x.detach()).numpy()
+      n: x.detach().float().numpy().astype(bfloat16)
+      if str(x.dtype) == "torch.bfloat16"
+      else x.detach().numpy()
       for n, x in state.items()
   }
-  params = layout.from_torch(config, state)
+  params = layout.from_torch(config, state, allow_nonfinite=allow_nonfinite)
   best = checkpoint.get("best_val_loss")
   return NanoCheckpoint(
       config=config,

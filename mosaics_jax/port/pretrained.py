@@ -14,7 +14,19 @@
     losses = model.token_losses(rows) # token-id rows of any lengths -> per-token losses
 
 The exported `config.json` is `{"model": {"family": ..., fields...}, "step": N}`; "step" is the
-training step the weights come from, or null.
+training step the weights come from, or null. A directory that is both a workdir and an export is
+refused: which model it means is unknown.
+
+Weights are read as float32, the parameters' dtype, from float16, bfloat16 or float64 too (said
+in one warning); other dtypes, NaN and infinities are refused naming the tensors
+(`allow_nonfinite` lets the latter through), and so is a file that is not valid safetensors.
+
+An export never overwrites what it was not asked to (`check_output`): it goes into a new or empty
+directory or, forced, replaces the export files (`EXPORT_FILES`) of a non-empty one and leaves its
+other files; never into a training workdir, nor, given its source, into the source, a directory
+inside it or one that holds it. Its files are written in a temporary sibling and renamed into
+place, so a failure leaves no half-written export, with the mode of any new file (0666 less the
+umask).
 """
 
 from __future__ import annotations
@@ -24,7 +36,9 @@ import functools
 import json
 import os
 import pathlib
-from collections.abc import Sequence
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax
@@ -45,6 +59,10 @@ from mosaics_jax.port import layout as layout_lib
 
 WEIGHTS_FILE = "model.safetensors"
 LAYOUTS = ("flax", "pytorch")
+# What an export writes; a forced export replaces these and no other file.
+EXPORT_FILES = (WEIGHTS_FILE, tokenizers.TOKENIZER_FILE, checkpoints.CONFIG_FILE)
+# What marks a training workdir, which no export may write into (the lock: a run that started).
+_RUN_MARKS = (checkpoints.CHECKPOINTS_DIR, checkpoints.UNREADABLE_DIR, checkpoints.LOCK_FILE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,15 +166,17 @@ class Pretrained:
     return self.tokenizer
 
 
-def load(path: str | os.PathLike) -> Pretrained:
+def load(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> Pretrained:
   """The model in a training workdir or an exported directory (module docstring).
 
   Nothing in `path` is written, moved or deleted: it may be read-only. A corrupt newest checkpoint
-  of a workdir is warned of and the one before it read.
+  of a workdir is warned of and the one before it read. An export's NaN or infinite weights are
+  refused unless `allow_nonfinite`.
 
   Raises:
     FileNotFoundError: `path` is neither a workdir nor an export.
-    PortError: its config or weights do not describe a model this project can build here.
+    PortError: its config, weights or tokenizer do not describe a model this project can build
+      here, or it is both a workdir and an export.
     ConfigError: a config field of the wrong type or range.
   """
   path = pathlib.Path(path).absolute()  # Orbax wants absolute paths.
@@ -171,8 +191,17 @@ def load(path: str | os.PathLike) -> Pretrained:
     raise layout_lib.PortError(f'{config_path} has no model config (a "model" object)')
   config = config_lib.from_dict(config_lib.ModelConfig, saved["model"])
   _check_fits(config, config_path)
+  if (path / WEIGHTS_FILE).is_file() and (path / checkpoints.CHECKPOINTS_DIR).is_dir():
+    raise layout_lib.PortError(
+        f"{path} is both a training workdir ({checkpoints.CHECKPOINTS_DIR}/) and an export"
+        f" ({WEIGHTS_FILE}): which model it means is unknown; move one of them elsewhere"
+    )
+  try:
+    tokenizer = tokenizers.load(path)
+  except ValueError as e:  # A tokenizer.json this project did not write; the message names it.
+    raise layout_lib.PortError(str(e)) from None
   if (path / WEIGHTS_FILE).is_file():
-    params = _read_weights(config, path / WEIGHTS_FILE)
+    params = _read_weights(config, path / WEIGHTS_FILE, allow_nonfinite=allow_nonfinite)
     step = saved.get("step")
   elif (path / "checkpoints").is_dir():
     step, params = _restore_params(path / "checkpoints")
@@ -183,7 +212,7 @@ def load(path: str | os.PathLike) -> Pretrained:
       model=families.build_model(config),
       params=params,
       step=step,
-      tokenizer=tokenizers.load(path),
+      tokenizer=tokenizer,
   )
 
 
@@ -201,22 +230,30 @@ def _check_fits(config: config_lib.ModelConfig, source: pathlib.Path) -> None:
 
 def _restore_params(directory: pathlib.Path) -> tuple[int, layout_lib.Params]:
   # No template: Orbax restores the saved tree as it is, and only the params are kept.
-  restored = checkpoints.Checkpoints(directory, keep=1, read_only=True).restore_latest(None)
+  ckpts = checkpoints.Checkpoints(directory, keep=1, read_only=True)
+  try:
+    restored = ckpts.restore_latest(None)
+  finally:
+    ckpts.close()
   if restored is None:
-    raise FileNotFoundError(f"{directory} holds no readable checkpoint")
+    raise FileNotFoundError(
+        f"{directory} holds no checkpoint yet: a run saves its first one at step"
+        " train.checkpoint_every, or when it stops"
+    )
   step, state, _ = restored
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), state["params"])
   return step, params
 
 
-def _read_weights(config: config_lib.ModelConfig, path: pathlib.Path) -> layout_lib.Params:
-  from safetensors import numpy as st_numpy, safe_open  # pylint: disable=import-outside-toplevel
-
-  with safe_open(path, framework="np") as f:
-    layout = (f.metadata() or {}).get("layout")
-  tensors = st_numpy.load_file(path)  # Refuses dtypes numpy lacks (bfloat16) with their name.
+def _read_weights(
+    config: config_lib.ModelConfig, path: pathlib.Path, *, allow_nonfinite: bool
+) -> layout_lib.Params:
+  layout, tensors = _read_safetensors(path)
   if layout in (None, "pytorch"):
-    return jax.tree.map(jnp.asarray, layout_lib.from_torch(config, tensors))
+    params = layout_lib.from_torch(
+        config, tensors, source=str(path), allow_nonfinite=allow_nonfinite
+    )
+    return jax.tree.map(jnp.asarray, params)
   if layout != "flax":
     raise layout_lib.PortError(
         f"{path}: unknown layout {layout!r} in its metadata; known: {LAYOUTS}"
@@ -234,9 +271,96 @@ def _read_weights(config: config_lib.ModelConfig, path: pathlib.Path) -> layout_
         f"{path} does not fit its {config.family} config: missing {missing}, unexpected"
         f" {unexpected}, mis-shaped {misshaped}"
     )
-  tensors = layout_lib.as_float32(tensors, str(path))
+  tensors = layout_lib.as_float32(tensors, str(path), allow_nonfinite=allow_nonfinite)
   flat = {tuple(n.split("/")): jnp.asarray(x) for n, x in tensors.items()}
   return flax.traverse_util.unflatten_dict(flat)
+
+
+def _read_safetensors(path: pathlib.Path) -> tuple[str | None, dict[str, np.ndarray]]:
+  """The layout in the metadata of a safetensors file, and its tensors, as they are stored.
+
+  Raises PortError for a file that is not valid safetensors (the library checks the header, the
+  offsets and the length), or that holds a tensor whose dtype is not in `layout.FLOAT_DTYPES`.
+  """
+  import safetensors  # pylint: disable=import-outside-toplevel
+
+  try:
+    with safetensors.safe_open(path, framework="np") as f:
+      layout = (f.metadata() or {}).get("layout")
+    # Raw bytes: the numpy loader of older safetensors refuses bfloat16, which numpy lacks.
+    stored = safetensors.deserialize(path.read_bytes())
+  except safetensors.SafetensorError as e:
+    raise layout_lib.PortError(f"{path} is not a valid safetensors file: {e}") from None
+  wrong = sorted(
+      f"{n}: {t['dtype']}" for n, t in stored if t["dtype"] not in layout_lib.FLOAT_DTYPES
+  )
+  if wrong:
+    raise layout_lib.PortError(
+        f"{path}: weights must be float16 (F16), bfloat16 (BF16), float32 (F32) or float64 (F64),"
+        f" got {', '.join(wrong)}"
+    )
+  return layout, {
+      n: np.frombuffer(t["data"], layout_lib.FLOAT_DTYPES[t["dtype"]]).reshape(t["shape"])
+      for n, t in stored
+  }
+
+
+def check_output(
+    path: str | os.PathLike,
+    *,
+    source: str | os.PathLike | None = None,
+    force: bool = False,
+    file: bool = False,
+) -> None:
+  """Raises PortError unless an export may be written at `path` (module docstring): a directory,
+  or with `file` a file, that `source` (what the export reads, when given) neither is, holds nor
+  lies in. A file's directory must exist; a directory is made with its parents."""
+  target = pathlib.Path(path).resolve()
+  if source is not None:
+    origin = pathlib.Path(source).resolve()
+    if target == origin or origin in target.parents or target in origin.parents:
+      raise layout_lib.PortError(
+          f"{path} is, holds or lies in the source {source}: an export never writes into what it"
+          " reads; give another output"
+      )
+  if file:
+    if target.is_dir():
+      raise layout_lib.PortError(f"{path} is a directory: give the name of a file")
+    if not target.parent.is_dir():
+      raise layout_lib.PortError(f"{path}: no directory {target.parent}")
+    if target.exists() and not force:
+      raise layout_lib.PortError(f"{path} exists: force (--force) replaces it")
+    return
+  if target.exists() and not target.is_dir():
+    raise layout_lib.PortError(f"{path} is a file, not a directory")
+  marks = [m for m in _RUN_MARKS if (target / m).exists()]
+  if marks:
+    raise layout_lib.PortError(
+        f"{path} is a training workdir (it has {', '.join(marks)}): an export never goes into one,"
+        " forced or not; give a new directory"
+    )
+  if target.is_dir() and any(target.iterdir()) and not force:
+    raise layout_lib.PortError(
+        f"{path} is not empty: an export goes into a new or empty directory; force (--force)"
+        f" replaces its {', '.join(EXPORT_FILES)} and leaves its other files"
+    )
+
+
+def write_file(path: str | os.PathLike, write: Callable[[pathlib.Path], object]) -> None:
+  """Writes the file `path` by `write(name)` into a temporary sibling renamed to `path` when
+  complete, so that a failure leaves no half-written file."""
+  path = pathlib.Path(path)
+  partial = _partial(path)
+  try:
+    write(partial)
+    partial.replace(path)
+  finally:
+    partial.unlink(missing_ok=True)
+
+
+def _partial(path: pathlib.Path) -> pathlib.Path:
+  """A new name next to `path` for what becomes `path` when complete."""
+  return path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:12]}")
 
 
 def save_exported(
@@ -247,23 +371,44 @@ def save_exported(
     step: int | None = None,
     layout: str = "flax",
     tokenizer: tokenizers.Tokenizer | None = None,
+    force: bool = False,
 ) -> pathlib.Path:
-  """Writes an exported directory that `load` reads; `layout` is "flax" or "pytorch"."""
+  """Writes an exported directory that `load` reads; `layout` is "flax" or "pytorch".
+
+  The directory is new or empty, or with `force` its export files are replaced (`check_output`,
+  which raises PortError otherwise); a failure leaves it as it was.
+  """
   from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
 
   if layout not in LAYOUTS:
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
   directory = pathlib.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
+  check_output(directory, force=force)
   if layout == "pytorch":
     tensors = layout_lib.to_torch(config, params)
   else:
     flat = flax.traverse_util.flatten_dict(flax.core.meta.unbox(params))
     tensors = {"/".join(p): np.ascontiguousarray(x, np.float32) for p, x in flat.items()}
-  st_numpy.save_file(tensors, directory / WEIGHTS_FILE, metadata={"layout": layout})
   model = {"family": config.family, **config_lib.to_dict(config)}
   text = json.dumps({"model": model, "step": step}, indent=2) + "\n"
-  (directory / checkpoints.CONFIG_FILE).write_text(text)
-  if tokenizer is not None:
-    tokenizers.save(tokenizer, directory)
-  return directory
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  staging = _partial(directory)
+  staging.mkdir()
+  try:
+    (staging / checkpoints.CONFIG_FILE).write_text(text)
+    st_numpy.save_file(tensors, staging / WEIGHTS_FILE, metadata={"layout": layout})
+    # safetensors makes its file 0600: give it the mode of a file made the usual way.
+    (staging / WEIGHTS_FILE).chmod((staging / checkpoints.CONFIG_FILE).stat().st_mode)
+    if tokenizer is not None:
+      tokenizers.save(tokenizer, staging)
+    if not directory.exists():
+      staging.rename(directory)
+      return directory
+    for name in EXPORT_FILES:  # Forced: the old export's files are replaced, the config last.
+      if (staging / name).exists():
+        (staging / name).replace(directory / name)
+      else:  # A tokenizer of the replaced export, which the new one does not have.
+        (directory / name).unlink(missing_ok=True)
+    return directory
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)

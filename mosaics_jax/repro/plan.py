@@ -73,6 +73,10 @@ def plan(repro: decl.Reproduction, assignments: tuple[str, ...] = ()) -> list[Pl
   """Every run of `repro` with `assignments` (the command's --set) applied after its own
   overrides, validated (`validate`); assignments to an evaluated task's settings are checked."""
   validate(repro)
+  if any(a.partition("=")[0] == "train.seed" for a in assignments):
+    raise ReproError(
+        "--set train.seed: a reproduction sets each run's seed itself (0 to --seeds - 1)"
+    )
   assignments, task_assignments = split_assignments(repro, assignments)
   for evaluation in repro.evaluations:
     if evaluation.task != decl.TRAINING:

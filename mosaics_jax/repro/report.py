@@ -2,8 +2,14 @@
 checks and of the paper's numbers averaged over seeds, the verdict, plots and wall times
 (DIR/report.md, DIR/plots.png).
 
-The verdict is "reproduced" when every check holds, "not reproduced" when one fails, and
-"incomplete" while a quantity has no result yet.
+The report is of the seeds of the command (`--seeds N`: 0 to N - 1), and says which: a table's
+mean is over the seeds in its row's per-seed column, and a check holds or fails once each of its
+sides has every one of them. The verdict is "reproduced" when every check holds, "not reproduced"
+when one fails, and "incomplete" while a check waits for a result.
+
+DIR/results.jsonl keeps every result ever gathered: a command replaces the records of the runs,
+seeds and evaluations it gathers (an evaluation's records together, as its file is written whole)
+and keeps the others, so a command with fewer seeds than an earlier one removes nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from mosaics_jax.eval import results as results_lib
 from mosaics_jax.repro import declaration as decl, plan as plan_lib, runner
 
 RESULTS = "results.jsonl"
@@ -53,14 +60,16 @@ class Outcome:
   left: Value | None
   bound: float | None
   holds: bool | None
+  missing: tuple[int, ...] = ()  # The seeds that a side has no result of.
 
 
 @dataclasses.dataclass(frozen=True)
 class Report:
   verdict: str
   outcomes: tuple[Outcome, ...]
-  records: tuple[dict[str, Any], ...]
+  records: tuple[dict[str, Any], ...]  # The command's seeds'.
   path: pathlib.Path
+  recorded: tuple[int, ...]  # The seeds of DIR/results.jsonl: the command's and earlier ones.
 
 
 def gather(repro: decl.Reproduction, root: pathlib.Path, seeds: int) -> list[dict[str, Any]]:
@@ -80,19 +89,49 @@ def gather(repro: decl.Reproduction, root: pathlib.Path, seeds: int) -> list[dic
 
 
 def _read_records(path: pathlib.Path) -> list[dict[str, Any]]:
-  """The records of a results file, or ReproError naming it (the runner writes them whole, so a
-  bad one was changed by hand: delete it and the command evaluates again)."""
+  """The records of a results file, or ReproError naming it and the line (the runner writes them
+  whole, so a bad one was changed by hand: delete it and the command evaluates again)."""
   try:
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return results_lib.read_jsonl(path)
   except (ValueError, OSError) as e:
-    raise plan_lib.ReproError(
-        f"{path} is not a results file ({e}); delete it and run the command again"
-    ) from None
-  if not all(isinstance(r, dict) and {"metric", "value", "settings"} <= r.keys() for r in records):
-    raise plan_lib.ReproError(
-        f"{path} holds lines that are not result records; delete it and run the command again"
-    )
+    raise plan_lib.ReproError(f"{e}; delete it and run the command again") from None
+
+
+def read_results(root: str | pathlib.Path) -> list[dict[str, Any]]:
+  """The records of DIR/results.jsonl (none when absent), or ReproError naming its bad line: it
+  may hold results of seeds no longer under DIR/runs, so it is never rewritten without them."""
+  path = pathlib.Path(root) / RESULTS
+  advice = f"move it away and run the command again (the results under {path.parent / 'runs'}"
+  advice += " make it anew)"
+  if not path.exists():
+    return []
+  try:
+    records = results_lib.read_jsonl(path)
+  except (ValueError, OSError) as e:
+    raise plan_lib.ReproError(f"{e}; {advice}") from None
+  for number, r in enumerate(records, 1):
+    if not isinstance(r.get("train_seed"), int) or not {"run", "evaluation"} <= r.keys():
+      raise plan_lib.ReproError(
+          f"{path}: record {number} has no run, evaluation and train_seed; {advice}"
+      )
   return records
+
+
+def merge(old: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """`old` with the records of each (run, seed, evaluation) of `new` in place of its own: an
+  evaluation's records are replaced together, since its file is written whole."""
+  groups: dict[tuple, list[dict[str, Any]]] = {}
+  for r in old:
+    groups.setdefault(_source(r), []).append(r)
+  fresh: dict[tuple, list[dict[str, Any]]] = {}
+  for r in new:
+    fresh.setdefault(_source(r), []).append(r)
+  groups.update(fresh)
+  return [r for records in groups.values() for r in records]
+
+
+def _source(record: dict[str, Any]) -> tuple[str, int, str]:
+  return record["run"], record["train_seed"], record["evaluation"]
 
 
 def _matches(record: dict[str, Any], quantity: decl.Quantity) -> bool:
@@ -126,12 +165,16 @@ def quantity(records: Sequence[dict[str, Any]], q: decl.Quantity) -> Value | Non
   return Value(tuple(float(by_seed[s][0]["value"]) for s in seeds), seeds)
 
 
-def outcome(records: Sequence[dict[str, Any]], check: decl.Check) -> Outcome:
+def outcome(records: Sequence[dict[str, Any]], check: decl.Check, seeds: int) -> Outcome:
+  """The check over seeds 0 to `seeds` - 1; undecided (holds None) while a side lacks one: means
+  over different seeds would compare different draws."""
   left = quantity(records, check.left)
   right = check.right
   right_value = quantity(records, right) if isinstance(right, decl.Quantity) else right
-  if left is None or right_value is None:
-    return Outcome(check, left, None, None)
+  sides = [left, right_value] if isinstance(right, decl.Quantity) else [left]
+  missing = tuple(s for s in range(seeds) if any(v is None or s not in v.seeds for v in sides))
+  if missing:
+    return Outcome(check, left, None, None, missing)
   base = right_value.mean if isinstance(right_value, Value) else float(right_value)
   bound = check.scale * base + check.offset
   holds = left.mean >= bound if check.op == ">=" else left.mean <= bound
@@ -151,16 +194,30 @@ def write(
     seeds: int,
     assignments: tuple[str, ...] = (),
 ) -> Report:
-  """Gathers the results under `root` and writes results.jsonl, report.md and plots.png."""
+  """Gathers the results of seeds 0 to `seeds` - 1 under `root`, adds them to results.jsonl
+  (module docstring) and writes report.md and plots.png of them."""
   root = pathlib.Path(root).absolute()
   planned = plan_lib.plan(repro, assignments)
   records = gather(repro, root, seeds)
-  runner.write_jsonl(root / RESULTS, records)
-  outcomes = tuple(outcome(records, c) for c in repro.checks)
+  kept = merge(read_results(root), records)
+  runner.write_jsonl(root / RESULTS, kept)
+  recorded = tuple(sorted({r["train_seed"] for r in kept}))
+  outcomes = tuple(outcome(records, c, seeds) for c in repro.checks)
   plotted = _plot(repro, records, root / PLOTS)
-  text = _markdown(repro, planned, records, outcomes, seeds, assignments, root, plotted)
+  text = _markdown(repro, planned, records, outcomes, seeds, recorded, assignments, root, plotted)
   runner.write_atomic(root / REPORT, text)
-  return Report(verdict(outcomes), outcomes, tuple(records), root / REPORT)
+  return Report(verdict(outcomes), outcomes, tuple(records), root / REPORT, recorded)
+
+
+def seed_ranges(seeds: Sequence[int]) -> str:
+  """Seeds as ranges: "0-3", "0-1, 5"."""
+  spans: list[list[int]] = []
+  for s in sorted(seeds):
+    if spans and s == spans[-1][1] + 1:
+      spans[-1][1] = s
+    else:
+      spans.append([s, s])
+  return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans) or "none"
 
 
 def _number(x: float) -> str:
@@ -219,11 +276,20 @@ def _markdown(
     records: list[dict[str, Any]],
     outcomes: tuple[Outcome, ...],
     seeds: int,
+    recorded: tuple[int, ...],
     assignments: tuple[str, ...],
     root: pathlib.Path,
     plotted: bool,
 ) -> str:
   held = sum(bool(o.holds) for o in outcomes)
+  covered = seed_ranges(range(seeds))
+  others = sorted(set(recorded) - set(range(seeds)))
+  kept = (
+      f" {RESULTS} also keeps seeds {seed_ranges(others)} of earlier commands, left out here"
+      f" (`--seeds {others[-1] + 1}` reports them too)."
+      if others
+      else ""
+  )
   command = f"mosaics-repro {repro.name} --workdir DIR --seeds {seeds}"
   if assignments:
     command += " --set " + " ".join(assignments)
@@ -233,7 +299,10 @@ def _markdown(
       f"**Claim** ({repro.source}): {repro.claim}",
       "",
       f"**Verdict: {verdict(outcomes)}** ({held} of {len(outcomes)} checks hold; {repro.scale}"
-      f" scale; means ± sample standard deviation over seeds).",
+      f" scale; means ± sample standard deviation over seeds {covered}).",
+      "",
+      f"Seeds: {covered} (`--seeds {seeds}`). A mean is over the seeds in its row's per-seed"
+      f" column; a check holds or fails once each quantity it compares has every seed.{kept}",
       "",
       f"Command: `{command}`",
       "",
@@ -249,7 +318,9 @@ def _markdown(
     offset = "" if c.offset == 0.0 else f" {'+' if c.offset > 0 else '-'} {_number(abs(c.offset))}"
     rule = f"{c.left} {c.op} {scale}{right}{offset}"
     bound = "-" if o.bound is None else f"{c.op} {_number(o.bound)}"
-    holds = {None: "no result yet", True: "yes", False: "**no**"}[o.holds]
+    holds = {True: "yes", False: "**no**"}.get(
+        o.holds, f"no result yet of seed(s) {seed_ranges(o.missing)}"
+    )
     lines.append(f"| {c.description}: {rule} | {o.left or '-'} | {bound} | {holds} |")
   if repro.paper:
     lines += [
@@ -263,7 +334,14 @@ def _markdown(
       ours = "not comparable at this scale"
       if p.ours is not None:
         value = quantity(records, p.ours)
-        ours = f"{value} ({p.ours})" if value is not None else f"no result yet ({p.ours})"
+        ours = f"no result yet ({p.ours})"
+        if value is not None:
+          over = (
+              ""
+              if value.seeds == tuple(range(seeds))
+              else f" over seeds {seed_ranges(value.seeds)}"
+          )
+          ours = f"{value}{over} ({p.ours})"
       lines.append(f"| {p.what} | {_number(p.value)} | {ours} |")
   lines += ["", "## Results", ""]
   values = aggregate(records)

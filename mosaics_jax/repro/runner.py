@@ -69,6 +69,9 @@ def run(
   root = pathlib.Path(root).absolute()
   planned = plan_lib.plan(repro, assignments)
   _check_manifest(root, repro, assignments)
+  for seed in range(seeds):  # A damaged timing file is named before any work, not after it.
+    for p in planned:
+      timing(run_dir(root, p.run.name, seed))
   trained = evaluated = 0
   for seed in range(seeds):
     for p in planned:
@@ -104,6 +107,11 @@ def _check_manifest(root: pathlib.Path, repro: decl.Reproduction, assignments: t
       theirs = json.loads(path.read_text())
     except (ValueError, OSError) as e:
       raise plan_lib.ReproError(f"{path} is unreadable ({e}); use another --workdir") from None
+    if not isinstance(theirs, dict):
+      raise plan_lib.ReproError(
+          f"{path} holds a {type(theirs).__name__}, not this project's manifest (a JSON object);"
+          " use another --workdir"
+      )
     started = any(checkpoints.saved_steps(w) for w in (root / "runs").glob("*"))
     # A command that failed before any run trained (a missing data path) binds nothing.
     if theirs != mine and (started or theirs.get("reproduction") != repro.name):
@@ -199,9 +207,26 @@ def training_records(workdir: pathlib.Path) -> list[dict[str, Any]]:
 
 
 def timing(workdir: pathlib.Path) -> dict[str, float]:
-  """Wall seconds spent on the run so far: train_seconds, eval_seconds."""
+  """Wall seconds spent on the run so far: train_seconds, eval_seconds.
+
+  Raises ReproError naming the file when it is not such a record (the runner writes it whole, so
+  something else changed it): the report's wall times would be wrong, and adding to it would
+  overwrite it.
+  """
   path = workdir / RESULTS_DIR / TIMING
-  return json.loads(path.read_text()) if path.exists() else {}
+  if not path.exists():
+    return {}
+  advice = "delete it (its wall times are lost, no result is) and run the command again"
+  try:
+    spent = json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, ValueError) as e:
+    raise plan_lib.ReproError(f"{path} is unreadable ({e}); {advice}") from None
+  if not isinstance(spent, dict):
+    raise plan_lib.ReproError(f"{path} is not a JSON object of wall seconds; {advice}")
+  for key, value in spent.items():
+    if not results_lib.is_number(value):
+      raise plan_lib.ReproError(f"{path}: {key} is {value!r}, not a number of seconds; {advice}")
+  return spent
 
 
 def _add_seconds(workdir: pathlib.Path, key: str, seconds: float) -> None:

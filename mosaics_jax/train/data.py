@@ -26,8 +26,14 @@ Sources (`DataConfig.source`):
     set is one fixed sequence of each of the regbench_languages training languages, the validation
     set one of each held-out language; seed only orders them. A row is one sequence, cut or padded
     by `regbench_example`.
-  text: a UTF-8 file, tokenised whole in memory ("char", "byte" or "hf").
+  text: a UTF-8 file, tokenised whole in memory ("char", "byte" or "hf"). A training run passes
+    its own tokenizer (`tokenizer=`, the one its workdir keeps from its first start): a "char"
+    vocabulary is then not rebuilt from the file as it is now, and a character outside it is a
+    DataError naming it.
   tokens: a flat binary file of token ids (nanoGPT's .bin), read through a memmap.
+
+`files` names the files a config reads (for a run's record of them), `absolute` makes their paths
+independent of the current directory.
 
 Files are split into train = the first (1 - val_fraction) of the tokens and val = the rest. An
 example is a window of seq_len + 1 tokens inside one split: tokens = window[:-1] and
@@ -86,9 +92,12 @@ def check_state(state: Any, batches: int) -> None:
     )
 
 
-def vocab_size(cfg: DataConfig) -> int:
-  """The number of token ids the data can produce; a model needs at least this vocab_size."""
-  _check_config(cfg)
+def vocab_size(cfg: DataConfig, tokenizer: tokenizers_lib.Tokenizer | None = None) -> int:
+  """The number of token ids the data can produce; a model needs at least this vocab_size.
+
+  `tokenizer`: a text source's tokenizer (default: the one `cfg` describes, `load_tokenizer`).
+  """
+  _check_config(cfg, tokenizer)
   if cfg.source == "synthetic_induction":
     return cfg.task_vocab
   if cfg.source == "synthetic_mqar":
@@ -96,7 +105,7 @@ def vocab_size(cfg: DataConfig) -> int:
   if cfg.source == "regbench":
     return regbench.PAD + 1
   if cfg.source == "text":
-    return load_tokenizer(cfg).vocab_size
+    return (tokenizer or load_tokenizer(cfg)).vocab_size
   return int(_token_file(cfg).max()) + 1
 
 
@@ -117,6 +126,7 @@ def make_iterator(
     process_index: int = 0,
     process_count: int = 1,
     repeat: bool = True,
+    tokenizer: tokenizers_lib.Tokenizer | None = None,
 ) -> grain.DatasetIterator:
   """This process's batches of `batch_size // process_count` examples of `split`.
 
@@ -130,11 +140,17 @@ def make_iterator(
     process_count: the processes sharing each global batch; each reads a disjoint share.
     repeat: True: an endless stream, reshuffled every epoch (training). False: one finite,
       deterministic pass (evaluation), padded with masked rows to whole batches.
+    tokenizer: a text source's tokenizer, of kind `cfg.tokenizer` (a run's own); default: the one
+      `cfg` describes (`load_tokenizer`).
 
   Returns:
     A checkpointable Grain iterator of dicts of [b, t] numpy arrays (the module docstring).
+
+  Raises:
+    DataError: arguments that do not fit, a file that cannot be read, a text that `tokenizer`
+      cannot encode (naming the characters).
   """
-  _check_config(cfg)
+  _check_config(cfg, tokenizer)
   local_batch = _local_batch(batch_size, process_index, process_count)
   if split not in ("train", "val"):
     raise DataError(f"split must be 'train' or 'val', got {split!r}")
@@ -149,7 +165,10 @@ def make_iterator(
     task_seed = seed if split == "train" else SYNTHETIC_VAL_SEED
     ds = ds.random_map(functools.partial(_synthetic_example, cfg=cfg, count=count), seed=task_seed)
   else:
-    examples = _languages(cfg, split) if cfg.source == "regbench" else _windows(cfg, split)
+    if cfg.source == "regbench":
+      examples = _languages(cfg, split)
+    else:
+      examples = _windows(cfg, split, tokenizer)
     ds = grain.MapDataset.range(_epoch_length(examples.count, batch_size, repeat))
     if split == "train" or repeat:
       ds = ds.shuffle(seed)  # Before repeat: a new order every epoch.
@@ -272,8 +291,8 @@ def _languages(cfg: DataConfig, split: Split) -> _Languages:
   return _Languages(automata, split, cfg.seq_len, cfg.regbench_max_string)
 
 
-def _windows(cfg: DataConfig, split: Split) -> _Windows:
-  tokens = _token_file(cfg) if cfg.source == "tokens" else _text_ids(cfg)
+def _windows(cfg: DataConfig, split: Split, tokenizer: tokenizers_lib.Tokenizer | None) -> _Windows:
+  tokens = _token_file(cfg) if cfg.source == "tokens" else _text_ids(cfg, tokenizer)
   begin, end = _split_bounds(cfg, len(tokens), split)
   window = cfg.seq_len + 1
   stride = 1 if split == "train" else cfg.seq_len
@@ -318,9 +337,9 @@ def _local_batch(batch_size: int, process_index: int, process_count: int) -> int
   return batch_size // process_count
 
 
-def _check_config(cfg: DataConfig) -> None:
+def _check_config(cfg: DataConfig, tokenizer: tokenizers_lib.Tokenizer | None = None) -> None:
   """Refuses sources, tokenizers and task sizes that do not go together (the config's own checks
-  cover each field alone)."""
+  cover each field alone), and a `tokenizer` of another kind than `cfg.tokenizer`."""
   if cfg.source == "tokens" and cfg.tokenizer != "none":
     raise DataError(
         f"source 'tokens' reads ids that are already tokenised ({cfg.path}): set"
@@ -330,6 +349,14 @@ def _check_config(cfg: DataConfig) -> None:
     raise DataError(
         f"source 'text' ({cfg.path}) needs data.tokenizer 'char', 'byte' or 'hf',"
         f" got {cfg.tokenizer!r}"
+    )
+  if tokenizer is not None and (
+      cfg.source != "text" or tokenizers_lib.kind(tokenizer) != cfg.tokenizer
+  ):
+    raise DataError(
+        f"the run's tokenizer is {tokenizers_lib.kind(tokenizer)!r}, but the data"
+        f" ({cfg.source!r}, {cfg.path}) has data.tokenizer {cfg.tokenizer!r}: a run keeps the"
+        " tokenizer of its first start; set it back, or start the run over (--restart)"
     )
   if cfg.source == "synthetic_induction" and cfg.task_vocab < 2:
     raise DataError(f"synthetic_induction needs task_vocab >= 2, got {cfg.task_vocab}")
@@ -344,6 +371,29 @@ def _check_config(cfg: DataConfig) -> None:
           f"synthetic_mqar with {cfg.task_pairs} pairs needs seq_len >= {4 * cfg.task_pairs - 1},"
           f" got {cfg.seq_len}"
       )
+
+
+def files(cfg: DataConfig) -> dict[str, str]:
+  """The files of `cfg`, by field: "path" (text and tokens; DataError when it is missing) and an
+  "hf" tokenizer's "tokenizer_path" where it exists (a resumed run reads its own tokenizer, not
+  that file). Empty for generated data."""
+  found = {}
+  if cfg.source in ("text", "tokens"):
+    found["path"] = _existing_path(cfg)
+  if cfg.source == "text" and cfg.tokenizer == "hf" and os.path.isfile(cfg.tokenizer_path or ""):
+    found["tokenizer_path"] = cfg.tokenizer_path
+  return found
+
+
+def absolute(cfg: DataConfig) -> DataConfig:
+  """`cfg` with its file paths absolute, resolved against the current directory (normalised,
+  symbolic links kept), so that a run's config names its files from anywhere."""
+  paths = {
+      field: os.path.abspath(getattr(cfg, field))
+      for field in ("path", "tokenizer_path")
+      if getattr(cfg, field)
+  }
+  return dataclasses.replace(cfg, **paths)
 
 
 def _existing_path(cfg: DataConfig) -> str:
@@ -367,7 +417,7 @@ def _read_text(cfg: DataConfig) -> str:
 
 
 def _tokenizer(cfg: DataConfig, text: str) -> tokenizers_lib.Tokenizer:
-  """The tokenizer of `cfg`; "char" builds its vocabulary from `text`, the whole file."""
+  """The tokenizer `cfg` describes; "char" builds its vocabulary from `text`, the whole file."""
   if cfg.tokenizer == "char":
     return tokenizers_lib.CharTokenizer.from_text(text)
   if cfg.tokenizer == "byte":
@@ -376,12 +426,23 @@ def _tokenizer(cfg: DataConfig, text: str) -> tokenizers_lib.Tokenizer:
     raise DataError(f"tokenizer 'hf' needs data.tokenizer_path, a tokenizer JSON ({cfg.path})")
   if not os.path.isfile(cfg.tokenizer_path):
     raise DataError(f"tokenizer file {cfg.tokenizer_path} does not exist")
-  return tokenizers_lib.HFTokenizer.from_file(cfg.tokenizer_path)
+  try:
+    return tokenizers_lib.HFTokenizer.from_file(cfg.tokenizer_path)
+  except ValueError as e:
+    raise DataError(f"data.tokenizer_path {e}") from None
 
 
-def _text_ids(cfg: DataConfig) -> Int[np.ndarray, " n"]:
+def _text_ids(cfg: DataConfig, tokenizer: tokenizers_lib.Tokenizer | None) -> Int[np.ndarray, " n"]:
   text = _read_text(cfg)
-  return _tokenizer(cfg, text).encode(text)
+  if tokenizer is None:
+    return _tokenizer(cfg, text).encode(text)
+  try:
+    return tokenizer.encode(text)
+  except ValueError as e:  # Only a "char" vocabulary lacks characters.
+    raise DataError(
+        f"text file {cfg.path} does not fit the run's tokenizer: {e}. A run keeps the tokenizer of"
+        " its first start: restore the text, or start the run over (--restart)"
+    ) from None
 
 
 def _token_file(cfg: DataConfig) -> UInt[np.memmap, " n"]:

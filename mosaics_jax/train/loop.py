@@ -4,10 +4,17 @@ Everything random derives from `train.seed`: the parameters, the data order (Gra
 n, the dropout masks and the model's per-step arguments (`step.py`). A run restarted from a
 checkpoint therefore continues bit for bit as if it had never stopped.
 
+What a run reads is part of the run. Its config.json names its data files by absolute paths, and
+`workdir/data.json` (`workdir.record_data`) their sha256: a resume that finds a file changed warns
+with both hashes. A text run's tokenizer is written to `workdir/tokenizer.json` at its first start
+and read back on every resume, never rebuilt from the file as it is now: a "char" vocabulary keeps
+its ids, and a character it lacks is a DataError naming it. `--restart` sets these files aside
+with the rest of the run.
+
 On more than one device the run lives on the mesh of `experiment.mesh` (`step.Placement`). In a
 multi-process run (`mosaics_jax.distributed`) the mesh spans every process's devices: each process
 reads its rows of every global batch, all of them save and restore the checkpoints together, and
-process 0 alone writes metrics, progress and the plot.
+process 0 alone writes metrics, progress, the plot, the tokenizer and the data record.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import os
 import pathlib
 import sys
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -53,8 +61,11 @@ class RunResult:
   stopped_by: preemption_lib.Preemption | None = None
 
 
-def evaluate(experiment, eval_step, params) -> dict[str, float]:
-  """Mean loss over `eval_batches` validation batches, and answer accuracy on synthetic tasks."""
+def evaluate(
+    experiment, eval_step, params, tokenizer: tokenizers.Tokenizer | None = None
+) -> dict[str, float]:
+  """Mean loss over `eval_batches` validation batches, and answer accuracy on synthetic tasks;
+  `tokenizer` is a text run's own (`data.make_iterator`)."""
   cfg = experiment.train
   it = data.make_iterator(
       experiment.data,
@@ -64,6 +75,7 @@ def evaluate(experiment, eval_step, params) -> dict[str, float]:
       process_index=jax.process_index(),
       process_count=jax.process_count(),
       repeat=True,
+      tokenizer=tokenizer,
   )
   totals = {"loss_sum": 0.0, "weight": 0.0, "correct": 0.0, "answers": 0.0}
   for _, batch in zip(range(cfg.eval_batches), it):
@@ -75,8 +87,8 @@ def evaluate(experiment, eval_step, params) -> dict[str, float]:
   return out
 
 
-def _check_vocab(experiment: config_lib.Experiment) -> None:
-  needed = data.vocab_size(experiment.data)
+def _check_vocab(experiment: config_lib.Experiment, tokenizer: tokenizers.Tokenizer | None) -> None:
+  needed = data.vocab_size(experiment.data, tokenizer)
   if needed > experiment.model.vocab_size:
     raise TrainingError(
         f"the data has {needed} token ids but model.vocab_size is"
@@ -158,7 +170,10 @@ def _train(experiment, workdir, progress, init_from, restart, preemption) -> Run
       multihost_utils.sync_global_devices("mosaics_restart")
     if aside is not None:
       print(f"mosaics-train: the previous run's files are in {aside}", file=sys.stderr)
-  _check_vocab(experiment)
+  # Relative paths would name other files from another directory (evaluation, a later resume).
+  experiment = dataclasses.replace(experiment, data=data.absolute(experiment.data))
+  tokenizer, kept = _run_tokenizer(experiment.data, workdir)
+  _check_vocab(experiment, tokenizer)
   _check_memory(experiment)
   ckpt_dir = workdir / checkpoints.CHECKPOINTS_DIR
   # Config checks and saves come after every check of the experiment: config.json is written
@@ -168,8 +183,8 @@ def _train(experiment, workdir, progress, init_from, restart, preemption) -> Run
   placement = step_lib.make_placement(experiment, model, tx)
   ckpts = checkpoints.Checkpoints(ckpt_dir, cfg.keep_checkpoints)
   checkpoints.check_or_save_config(workdir, experiment, has_checkpoints=bool(ckpts.steps()))
-  if lead and experiment.data.source == "text":  # The trained model reads and writes text.
-    tokenizers.save(data.load_tokenizer(experiment.data), workdir)
+  if lead and tokenizer is not None and not kept:  # The trained model reads and writes text.
+    tokenizers.save(tokenizer, workdir)
   train_step = step_lib.make_train_step(experiment, model, tx, placement)
   eval_step = step_lib.make_eval_step(experiment, model, placement)
 
@@ -180,6 +195,7 @@ def _train(experiment, workdir, progress, init_from, restart, preemption) -> Run
       seed=cfg.seed,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
+      tokenizer=tokenizer,
   )
   try:
     restored = ckpts.restore_latest(
@@ -205,6 +221,16 @@ def _train(experiment, workdir, progress, init_from, restart, preemption) -> Run
     last_saved, state, data_state = restored
     train_it.set_state(data_state)
   start = int(state["step"])
+  if lead:
+    kept_file = workdir / tokenizers.TOKENIZER_FILE
+    goes_on = {  # The data file is read as it is now; the tokenizer file not at all.
+        "path": "the run goes on with it as it is now"
+        + (f", tokenised by its own tokenizer {kept_file}" if tokenizer else ""),
+        "tokenizer_path": f"the run goes on with its own tokenizer, {kept_file}",
+    }
+    changed = workdir_lib.record_data(workdir, data.files(experiment.data), start)
+    for field, change in changed.items():
+      warnings.warn(f"{change}: {goes_on[field]}", stacklevel=2)
 
   writer = metrics.MetricsWriter(workdir, resume_step=start) if lead else None
   if writer and restored is None and init_from is not None:
@@ -222,6 +248,7 @@ def _train(experiment, workdir, progress, init_from, restart, preemption) -> Run
           seed=cfg.seed,
           process_index=jax.process_index(),
           process_count=jax.process_count(),
+          tokenizer=tokenizer,
       )
   )
   tokens_per_step = cfg.batch_size * experiment.data.seq_len
@@ -287,7 +314,7 @@ def _train(experiment, workdir, progress, init_from, restart, preemption) -> Run
           writer.write(record["step"], record)
       if step % cfg.eval_every == 0 or step == cfg.steps:
         flush()
-        val = evaluate(experiment, eval_step, state["params"])
+        val = evaluate(experiment, eval_step, state["params"], tokenizer)
         if writer:
           writer.write(step, {"step": step, "split": "val", **val})
       if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -308,9 +335,26 @@ def _train(experiment, workdir, progress, init_from, restart, preemption) -> Run
         step=int(state["step"]), workdir=workdir, val=val, plot=None, stopped_by=stopped_by
     )
   if val is None:  # The run was already complete: report where it stands.
-    val = evaluate(experiment, eval_step, state["params"])
+    val = evaluate(experiment, eval_step, state["params"], tokenizer)
   plot = _plot(workdir) if lead else None
   return RunResult(step=int(state["step"]), workdir=workdir, val=val, plot=plot)
+
+
+def _run_tokenizer(
+    cfg: config_lib.DataConfig, workdir: pathlib.Path
+) -> tuple[tokenizers.Tokenizer | None, bool]:
+  """A text run's tokenizer, and whether it is the one its workdir keeps: a run that has saved a
+  checkpoint reads back the tokenizer of its first start. None for data without one."""
+  if cfg.source != "text":
+    return None, False
+  if checkpoints.saved_steps(workdir):
+    try:
+      kept = tokenizers.load(workdir)
+    except ValueError as e:
+      raise TrainingError(f"{e}: restore it, or start the run over with --restart") from None
+    if kept is not None:  # Runs from before tokenizers were kept have none.
+      return kept, True
+  return data.load_tokenizer(cfg), False
 
 
 def _placed(params: Any, like: Any) -> Any:
