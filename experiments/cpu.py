@@ -13,8 +13,10 @@ from __future__ import annotations
 from mosaics_jax.config import (
     DataConfig,
     Experiment,
+    GPT2Config,
     LlamaConfig,
     MosaicV1Config,
+    MosaicV1LibraryConfig,
     MosaicV2Config,
     TrainConfig,
 )
@@ -71,6 +73,13 @@ EXPERIMENTS = (
         train=_TINY_TRAIN,
     ),
     Experiment(
+        name="mm1-library-tiny",
+        description="2-layer Memory Mosaics v1 as the v1 paper's Library/ builds it, on bytes",
+        model=MosaicV1LibraryConfig(**_TINY, block_size=128, pmem_size=64),
+        data=_TINY_DATA,
+        train=_TINY_TRAIN,
+    ),
+    Experiment(
         name="mm2-tiny",
         description="2-layer Memory Mosaics v2 on bytes: smoke tests",
         model=MosaicV2Config(
@@ -87,6 +96,13 @@ EXPERIMENTS = (
         name="llama-tiny",
         description="2-layer Llama on bytes: smoke tests",
         model=LlamaConfig(**_TINY, ffn_width=192),
+        data=_TINY_DATA,
+        train=_TINY_TRAIN,
+    ),
+    Experiment(
+        name="gpt2-tiny",
+        description="2-layer GPT-2 (nanoGPT's) on bytes: smoke tests",
+        model=GPT2Config(**_TINY, block_size=128),
         data=_TINY_DATA,
         train=_TINY_TRAIN,
     ),
@@ -114,6 +130,13 @@ EXPERIMENTS = (
         name="llama-shakespeare-char",
         description="Llama at nanoGPT's shakespeare_char size",
         model=LlamaConfig(**_CHAR, ffn_width=1024),
+        data=_CHAR_DATA,
+        train=_CHAR_TRAIN,
+    ),
+    Experiment(
+        name="gpt2-shakespeare-char",
+        description="nanoGPT's shakespeare_char GPT-2 (its train.py default: no biases)",
+        model=GPT2Config(**_CHAR, block_size=256, bias=False),
         data=_CHAR_DATA,
         train=_CHAR_TRAIN,
     ),

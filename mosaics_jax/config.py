@@ -1,4 +1,4 @@
-"""Frozen dataclass configs: models of the three families, data, training recipe, experiment.
+"""Frozen dataclass configs: models of every family, data, training recipe, experiment.
 
 Configs are plain data. They never import models, training or data code, so experiment files and
 checkpoints can carry them around freely. Every choice the papers leave open is a field here whose
@@ -171,6 +171,77 @@ class MosaicV1Config(ModelConfig):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class MosaicV1LibraryConfig(ModelConfig):
+  """Memory Mosaics v1 as the official `Library/` package's `StackAssoMem`, the model of the v1
+  paper's BabiStories and RegBench runs (design.md, "v1, Library variant").
+
+  Field names and defaults are `StackAssoMem.__init__`'s; the fields after `attn_only` are values
+  the Library hard-codes. Its `dropout` is ic_dropout (on the memories' attention weights) and
+  hd_dropout (on each memory's output): the shared `dropout` field must stay 0.
+  """
+
+  family: ClassVar[str] = "mm1-library"
+  runtime_fields: ClassVar[tuple[str, ...]] = (
+      *ModelConfig.runtime_fields,
+      "block_size",
+      "ic_dropout",
+      "hd_dropout",
+  )
+
+  block_size: int = 512  # Longest sequence; the Library's masks have this size.
+  v_shift: int = 1  # Values look v_shift steps ahead; queries read pairs s <= t - v_shift.
+  # Key and value feature extractors: a causal Conv1d of the kernel size ("linearconv"), or a
+  # per-head mix of a projection at t and t + shift ("lowrlinearconv", kernel size 2 only).
+  k_fe_type: Literal["linearconv", "lowrlinearconv"] = "linearconv"
+  v_fe_type: Literal["linearconv", "lowrlinearconv"] = "lowrlinearconv"
+  k_kernel_size: int = 1
+  v_kernel_size: int = 2
+  ic_dropout: float = 0.05
+  hd_dropout: float = 0.05
+  bias: bool = False  # Biases in the Linears, convolutions and LayerNorms.
+  pmem_count: int = 1  # Persistent memories per head, averaged.
+  pmem_size: int = 2688  # Key/value pairs per persistent memory and head.
+  pre_ln: bool = True  # False: post-LayerNorm blocks, x = LN(x); x += memory(x).
+  weight_tying: bool = True  # The classifier is the embedding.
+  skip_tokens: int = 0  # The Library drops the first tokens' logits from its loss.
+  attn_only: bool = False  # Blocks without the persistent memory.
+  layer_norm_eps: float = 1e-5
+  exp_scaling: float = 10.0  # Scalar parameters are stored divided by this.
+  kernel_beta_max: float = 5.0  # The key scale's log, exp_scaling * kernel_beta, is clamped here.
+  kernel_beta_init: float = 0.1
+  value_beta_init: float = -0.05
+  leaky_init: tuple[float, float] = (0.5, 5.0)  # linspace range of |b| * exp_scaling over heads.
+
+  def __post_init__(self):
+    super().__post_init__()
+    name = type(self).__name__
+    if self.dropout:
+      raise ConfigError(
+          f"{name}.dropout must be 0, got {self.dropout}: the Library's dropouts are ic_dropout"
+          " and hd_dropout"
+      )
+    for field in ("ic_dropout", "hd_dropout"):
+      if not 0.0 <= getattr(self, field) < 1.0:
+        raise ConfigError(f"{name}.{field} must be in [0, 1), got {getattr(self, field)}")
+    for field in ("block_size", "k_kernel_size", "v_kernel_size", "pmem_count", "pmem_size"):
+      if getattr(self, field) < 1:
+        raise ConfigError(f"{name}.{field} must be >= 1, got {getattr(self, field)}")
+    if self.v_shift < 0:
+      raise ConfigError(f"{name}.v_shift must be >= 0, got {self.v_shift}")
+    for kind in ("k", "v"):
+      fe_type, size = getattr(self, f"{kind}_fe_type"), getattr(self, f"{kind}_kernel_size")
+      if fe_type == "lowrlinearconv" and size != 2:
+        raise ConfigError(
+            f"{name}: {kind}_fe_type 'lowrlinearconv' needs {kind}_kernel_size 2, got {size}"
+        )
+    if self.skip_tokens:
+      raise ConfigError(
+          f"{name}.skip_tokens must be 0, got {self.skip_tokens}: our losses and evaluations"
+          " read every position's logits"
+      )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class MosaicV2Config(ModelConfig):
   """Memory Mosaics v2 (design.md, "v2"): short-term, long-term and persistent (SwiGLU) memories."""
 
@@ -251,8 +322,31 @@ class LlamaConfig(ModelConfig):
   norm_eps: float = 1e-5  # ASSUMED, Llama's.
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPT2Config(ModelConfig):
+  """The Transformer baseline of the v1 paper: nanoGPT's GPT-2 (nanoMosaics' `gpt_model.GPT`).
+
+  Field names follow nanoGPT's `GPTConfig` where one exists: block_size, bias. The MLP is 4 x width
+  wide, as nanoGPT's.
+  """
+
+  family: ClassVar[str] = "gpt2"
+
+  # Rows of the learned position embedding: the longest sequence, which no setting extends.
+  block_size: int = 1024
+  bias: bool = True  # Biases in Linears and LayerNorms, like GPT-2.
+  layer_norm_eps: float = 1e-5
+  init_std: float = 0.02  # Linears and embeddings; c_proj gets init_std / sqrt(2 L).
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.block_size < 1:
+      raise ConfigError(f"GPT2Config.block_size must be >= 1, got {self.block_size}")
+
+
 MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
-    cls.family: cls for cls in (MosaicV1Config, MosaicV2Config, LlamaConfig)
+    cls.family: cls
+    for cls in (MosaicV1Config, MosaicV1LibraryConfig, MosaicV2Config, LlamaConfig, GPT2Config)
 }
 
 

@@ -308,3 +308,10 @@ def test_kernels_times_block_selection_on_unbounded_bands(capsys):
 def test_kernels_names_a_bad_selection(capsys):
   assert bench.main([*KERNELS_ARGS, "--select-blocks", "2", "--select-recent", "0"]) == 2
   assert "recent must be >= 1" in capsys.readouterr().err
+
+
+def test_decode_past_a_length_its_parameters_fix_is_refused(capsys):
+  # GPT-2's position table has block_size rows: no longer cache or baseline exists.
+  args = ["decode", "gpt2-tiny", "--prompt-len", "8", "--new-tokens", "4096", "--bucket", "8"]
+  assert bench.main(args) == 2
+  assert "gpt2-tiny reads at most" in capsys.readouterr().err

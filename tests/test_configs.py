@@ -14,6 +14,7 @@ import kernels_pallas
 from mosaics_jax import config as config_lib, overrides, registry
 from mosaics_jax.analysis import flops
 from mosaics_jax.cli import info
+from mosaics_jax.model import families
 
 # v2 paper Table 2: parameters (B) and forward FLOPs per token (B) at context 256.
 PAPER = {
@@ -157,8 +158,22 @@ def test_info_list_and_table(capsys):
   assert info.main(["--list"]) == 0
   listing = capsys.readouterr().out
   assert "mm2-large-no-ltm" in listing and "mm1-babistories" in listing
+  # Each line gives the experiment's parameter count, as `mosaics-info NAME --json` counts them.
+  info.main(["gpt2-shakespeare-char", "--json"])
+  params = json.loads(capsys.readouterr().out)["params"]
+  line = next(row for row in listing.splitlines() if row.startswith("gpt2-shakespeare-char "))
+  assert line.split()[:3] == ["gpt2-shakespeare-char", "gpt2", f"{params / 1e6:.2f}M"]
   assert info.main(["mm1-tiny"]) == 0
   assert "persistent memory" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "mosaic, transformer",
+    [("mm1-library-regbench", "gpt2-regbench"), ("mm1-library-babistories", "gpt2-babistories")],
+)
+def test_the_v1_baselines_have_the_memory_mosaics_parameter_count(mosaic, transformer):
+  counts = [families.param_count(registry.get(name).model) for name in (mosaic, transformer)]
+  assert abs(counts[1] / counts[0] - 1) < 0.1, counts
 
 
 def test_info_cli_unknown_experiment():

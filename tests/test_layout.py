@@ -150,14 +150,15 @@ def test_configs_and_experiments_import_no_flax_or_orbax():
 
 # A test of a family outside the family's own module (and the configs that define the families).
 _FAMILY_BRANCH = re.compile(
-    r"isinstance\([^)]*(MosaicV1Config|MosaicV2Config|LlamaConfig)|\.family\s*[!=]=|"
+    r"isinstance\([^)]*(MosaicV1Config|MosaicV2Config|LlamaConfig|GPT2Config)|\.family\s*[!=]=|"
     r"family\s+in\s*\(|\[\s*[\w.]*\.family\s*\]"
 )
 
 
 # Outside the family modules, only these may name a family: the PyTorch re-implementation of every
-# family (torch cannot be imported by the models), and nanoMosaics' format, which holds v1 alone.
-_FAMILY_SPECIFIC = {"torch_models.py", "nanomosaics.py"}
+# family (torch cannot be imported by the models), and nanoMosaics' and nanoGPT's formats, which
+# hold v1 alone and GPT-2 alone.
+_FAMILY_SPECIFIC = {"torch_models.py", "nanomosaics.py", "nanogpt.py"}
 
 
 def test_no_family_branches_outside_the_family_modules():

@@ -14,7 +14,7 @@ from mosaics_jax import build_model, config as config_lib, overrides, registry, 
 from mosaics_jax.analysis import memory_plan
 from mosaics_jax.cli import info
 
-FAMILIES = ("mm1-tiny", "mm2-tiny", "llama-tiny")
+FAMILIES = ("mm1-tiny", "mm2-tiny", "llama-tiny", "gpt2-tiny")
 MESH_222 = {"data": 2, "fsdp": 2, "tensor": 2}
 
 

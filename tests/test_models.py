@@ -22,6 +22,7 @@ CONFIGS = {
         **TINY, ffn_width=48, short_term_window=6, long_term_delay=3, long_term_delay_range=(2, 5)
     ),
     "llama": config_lib.LlamaConfig(**TINY, ffn_width=48),
+    "gpt2": config_lib.GPT2Config(**TINY, block_size=64),
 }
 T = 23  # Not a multiple of anything.
 
@@ -84,6 +85,7 @@ def test_packed_documents_equal_separate_runs(family):
         "llama",
         pytest.param("mm1", marks=pytest.mark.slow),
         pytest.param("mm2", marks=pytest.mark.slow),
+        pytest.param("gpt2", marks=pytest.mark.slow),
     ],
 )
 def test_remat_gives_same_logits_and_gradients(name):

@@ -35,6 +35,7 @@ CONFIGS = {
         **TINY, ffn_width=48, short_term_window=6, long_term_memory=False
     ),
     "llama": config_lib.LlamaConfig(**TINY, ffn_width=48),
+    "gpt2": config_lib.GPT2Config(**TINY, block_size=64),
 }
 T = 37  # Not a multiple of anything.
 TOKENS = np.random.default_rng(0).integers(0, TINY["vocab_size"], (2, T))
@@ -263,5 +264,3 @@ def test_formats(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     port_cli.main(["from-torch", "--format", "keras", "in.pt", str(tmp_path)])
   assert e.value.code == 2 and "invalid choice: 'keras'" in capsys.readouterr().err
-  assert port_cli.main(["from-torch", "--format", "library", "in.pt", str(tmp_path)]) == 2
-  assert "Library/ (StackAssoMem)" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import pathlib
 import re
 import shutil
 import struct
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -370,8 +371,22 @@ def test_a_malformed_tokenizer_is_one_named_error(capsys, source, tmp_path):
     ids=["not-a-pickle", "truncated-zip", "empty"],
 )
 def test_a_corrupt_torch_checkpoint_is_one_named_error(capsys, tmp_path, content, match):
+  pytest.importorskip("torch")
   checkpoint = tmp_path / "ckpt.pt"
   checkpoint.write_bytes(content)
   code, err = _port(capsys, "from-torch", "--format", "nanomosaics", checkpoint, tmp_path / "out")
   _one_line_error(code, err, f"{checkpoint} {match}")
   assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["from-torch", "to-torch"])
+def test_the_torch_commands_without_torch_say_so_in_one_line(
+    capsys, source, tmp_path, monkeypatch, command
+):
+  monkeypatch.setitem(sys.modules, "torch", None)  # What `import torch` meets where it is absent.
+  paths = {
+      "from-torch": (tmp_path / "in.pt", tmp_path / "out"),
+      "to-torch": (source, tmp_path / "o.pt"),
+  }
+  code, err = _port(capsys, command, "--format", "nanomosaics", *paths[command])
+  _one_line_error(code, err, f"{command} needs PyTorch, which is not installed: pip install torch")

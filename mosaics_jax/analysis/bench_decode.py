@@ -69,11 +69,20 @@ def measure(
   """Prefill `prompt_len` random tokens per row, then decode `new_tokens` greedily; with `rerun`,
   time the full re-run too."""
   cfg = experiment.model
+  max_len = prompt_len + new_tokens
+  longest = families.of(cfg).max_length(cfg)
+  if longest is not None and max_len > longest:
+    # v1's block_size is a mask's length, GPT-2's the rows of its position table (parameters).
+    longer = dataclasses.replace(cfg, block_size=max_len)
+    if families.param_shapes(longer) != families.param_shapes(cfg):
+      raise ValueError(
+          f"{experiment.name} reads at most {longest} tokens (its parameters fix the length):"
+          f" prompt {prompt_len} + new tokens {new_tokens} = {max_len}"
+      )
   model = families.build_model(cfg)
   rng = np.random.default_rng(0)
   prompts = rng.integers(0, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
   params = model.init(jax.random.key(0), jnp.asarray(prompts[:, :8]))["params"]
-  max_len = prompt_len + new_tokens
   generator = generate_lib.Generator(model)
 
   def stream():
@@ -97,7 +106,7 @@ def measure(
   # The full re-run of the official code: one forward of the whole context per new token. v1's
   # block_size bounds its training context, not this measurement: the baseline gets the length.
   full_cfg = cfg
-  if families.of(cfg).max_length(cfg) is not None:
+  if longest is not None:
     full_cfg = dataclasses.replace(cfg, block_size=max_len)
   full = families.build_model(full_cfg)
   forward = jax.jit(lambda tokens: full.apply({"params": params}, tokens)[:, -1])

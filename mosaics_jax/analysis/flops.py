@@ -77,7 +77,10 @@ def count(config: config_lib.ModelConfig, context: int = 256) -> Report:
     name = _component(keys, family.labels)
     size = int(np.prod(leaf.shape))
     params[name] = params.get(name, 0) + size
-    if keys[-1] in _MATMUL_LEAVES or (family.tied_embedding and keys[-1] == "embedding"):
+    # A tied embedding is the classifier's matmul too; a position embedding (gpt2's wpe) is a
+    # lookup only.
+    tied = family.tied_embedding and keys[-1] == "embedding" and keys[0] != "wpe"
+    if keys[-1] in _MATMUL_LEAVES or tied:
       flops[name] = flops.get(name, 0.0) + 2.0 * size
 
   paper_extra, exact_extra = {}, {}

@@ -247,15 +247,18 @@ def main(argv: list[str] | None = None) -> int:
       experiment = common.experiment(args.experiment, args.set)
     except config_lib.ConfigError as e:
       return common.fail("mosaics-bench", e)
-    report = bench_decode.measure(
-        experiment,
-        batch=args.batch,
-        prompt_len=args.prompt_len,
-        new_tokens=args.new_tokens,
-        bucket=args.bucket,
-        repeats=args.repeats,
-        rerun=not args.no_rerun,
-    )
+    try:
+      report = bench_decode.measure(
+          experiment,
+          batch=args.batch,
+          prompt_len=args.prompt_len,
+          new_tokens=args.new_tokens,
+          bucket=args.bucket,
+          repeats=args.repeats,
+          rerun=not args.no_rerun,
+      )
+    except ValueError as e:
+      return common.fail("mosaics-bench", e)
     print(bench_decode.format_report(report))
     _write_json(args.json, [report])
   elif args.command == "train":

@@ -22,6 +22,7 @@ import sys
 from mosaics_jax import config as config_lib, overrides, registry
 from mosaics_jax.analysis import aot, flops, memory_plan
 from mosaics_jax.cli import common
+from mosaics_jax.model import families
 
 # The paper's context of FLOP counts.
 FLOP_CONTEXT = 256
@@ -84,16 +85,20 @@ def zoo_table(context: int = FLOP_CONTEXT) -> str:
 
 def _list(as_json: bool) -> str:
   experiments = registry.all_experiments()
+  params = {name: families.param_count(e.model) for name, e in experiments.items()}
   if as_json:
     return json.dumps(
         {
-            name: {"family": e.model.family, "description": e.description}
+            name: {"family": e.model.family, "params": params[name], "description": e.description}
             for name, e in experiments.items()
         }
     )
   width = max(map(len, experiments))
+  family_width = max(len(e.model.family) for e in experiments.values())
   return "\n".join(
-      f"{name:<{width}}  {e.model.family:<5}  {e.description}" for name, e in experiments.items()
+      f"{name:<{width}}  {e.model.family:<{family_width}}  {_billions(params[name]):>7}"
+      f"  {e.description}"
+      for name, e in experiments.items()
   )
 
 

@@ -2,6 +2,10 @@
 
     mosaics-port from-torch --format nanomosaics ckpt.pt exported/   # nanoMosaics -> export
     mosaics-port to-torch --format nanomosaics runs/mm1 ckpt.pt      # -> nanoMosaics' train.py
+    mosaics-port from-torch --format nanogpt ckpt.pt exported/       # nanoGPT (GPT-2) -> export
+    mosaics-port to-torch --format nanogpt runs/gpt2 ckpt.pt         # -> nanoGPT's train.py
+    mosaics-port from-torch --format library ckpt.pt exported/       # the v1 paper's Library/
+    mosaics-port to-torch --format library runs/lib ckpt.pt          # -> StackAssoMem's state
     mosaics-port to-safetensors runs/mm2 torch-dir/                  # -> mosaics_jax.torch_models
     mosaics-port from-safetensors torch-dir/ exported/               # and back
 
@@ -21,19 +25,18 @@ import pickle
 import sys
 
 from mosaics_jax.cli import common
-from mosaics_jax.port import layout, nanomosaics, pretrained
+from mosaics_jax.port import layout, library, nanogpt, nanomosaics, pretrained
 
-FORMATS = ("nanomosaics", "library")
-
-# Why Library/ checkpoints are refused: its StackAssoMem is a different v1, not a relabelling.
-_LIBRARY = (
-    "--format library is not supported: the official Library/ (StackAssoMem) model computes a"
-    " different function from nanoMosaics' MemoryMosaic, which our mm1 reproduces. Its leaky"
-    " average is multiplied by (1 - lambda), its key scale is clamped at 5 instead of"
-    " log(65535), its features are normalised without eps, and its key and value extractors"
-    " may be convolutions (kernel sizes > 1); no renaming of its tensors gives our logits."
-    " Use --format nanomosaics (nanoMosaics/train.py checkpoints)."
-)
+# Each PyTorch code base: its checkpoint reader and writer, and what the writer's file holds.
+_CODE_BASES = {
+    "nanomosaics": (
+        nanomosaics.from_nanomosaics,
+        nanomosaics.to_nanomosaics,
+        "nanoMosaics MemoryMosaic",
+    ),
+    "nanogpt": (nanogpt.from_nanogpt, nanogpt.to_nanogpt, "nanoGPT GPT"),
+    "library": (library.from_library, library.to_library, "Library StackAssoMem"),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
   ):
     p = sub.add_parser(name, help=what)
     if name.endswith("torch"):
-      p.add_argument("--format", required=True, choices=FORMATS, help="the PyTorch code base")
+      p.add_argument(
+          "--format", required=True, choices=sorted(_CODE_BASES), help="the PyTorch code base"
+      )
     p.add_argument("source", metavar=source)
     p.add_argument("out", metavar=out)
     p.add_argument(
@@ -88,7 +93,8 @@ def _from_torch(args) -> str:
     ) from None
   if not isinstance(checkpoint, dict):
     raise layout.PortError(f"{args.source} holds a {type(checkpoint).__name__}, not a dict")
-  nano = nanomosaics.from_nanomosaics(checkpoint, allow_nonfinite=args.allow_nonfinite)
+  read = _CODE_BASES[args.format][0]
+  nano = read(checkpoint, allow_nonfinite=args.allow_nonfinite)
   pretrained.save_exported(args.out, nano.config, nano.params, step=nano.iter_num, force=args.force)
   return f"wrote {args.out} ({nano.config.family}, step {nano.iter_num})"
 
@@ -104,9 +110,10 @@ def _to_torch(args) -> str:
   import torch  # pylint: disable=import-outside-toplevel
 
   model = pretrained.load(args.source, allow_nonfinite=args.allow_nonfinite)
-  checkpoint = nanomosaics.to_nanomosaics(model.config, model.params, iter_num=model.step or 0)
+  _, write, what = _CODE_BASES[args.format]
+  checkpoint = write(model.config, model.params, iter_num=model.step or 0)
   pretrained.write_file(args.out, lambda partial: torch.save(checkpoint, partial))
-  return f"wrote {args.out} (nanoMosaics MemoryMosaic, iter_num {checkpoint['iter_num']})"
+  return f"wrote {args.out} ({what}, iter_num {checkpoint['iter_num']})"
 
 
 def _export(args, layout: str) -> str:
@@ -126,8 +133,6 @@ def _export(args, layout: str) -> str:
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
-    if getattr(args, "format", None) == "library":
-      raise layout.PortError(_LIBRARY)
     # Before any work: a refused output is said at once.
     file = args.command == "to-torch"
     pretrained.check_output(args.out, source=args.source, force=args.force, file=file)
@@ -142,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
   # OSError: a file that cannot be read or written (permissions, a full disk), named in it.
   except (*common.READ_ERRORS, OSError) as e:
     return common.fail("mosaics-port", e)
+  except ImportError as e:
+    if e.name != "torch":
+      raise
+    return common.fail(
+        "mosaics-port", f"{args.command} needs PyTorch, which is not installed: pip install torch"
+    )
   print(message)
   return 0
 

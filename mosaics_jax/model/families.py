@@ -1,6 +1,6 @@
 """The model families of the zoo by name, and what every caller does with one: build a model.
 
-family = families.of(config)               # mm1.FAMILY, mm2.FAMILY or llama.FAMILY
+family = families.of(config)               # mm1.FAMILY, mm2.FAMILY, llama.FAMILY, ...
 model = families.build_model(config)       # a Flax Linen module
 shapes = families.param_shapes(config)     # the params pytree as ShapeDtypeStructs
 """
@@ -15,9 +15,11 @@ import jax
 import jax.numpy as jnp
 
 from mosaics_jax import config as config_lib
-from mosaics_jax.model import family as family_lib, llama, lm, mm1, mm2
+from mosaics_jax.model import family as family_lib, gpt2, llama, lm, mm1, mm1_library, mm2
 
-FAMILIES: dict[str, family_lib.Family] = {f.name: f for f in (mm1.FAMILY, mm2.FAMILY, llama.FAMILY)}
+FAMILIES: dict[str, family_lib.Family] = {
+    f.name: f for f in (mm1.FAMILY, mm1_library.FAMILY, mm2.FAMILY, llama.FAMILY, gpt2.FAMILY)
+}
 
 
 def get(name: str) -> family_lib.Family:

@@ -4,8 +4,8 @@
     model = family.build(config)
     family.bands(config)         # {"short_term": Band(1, 255), "long_term": Band(64, None)}
 
-A family object (`mm1.FAMILY`, `mm2.FAMILY`, `llama.FAMILY`) holds its config class and Flax
-module, and answers every question that depends on the family:
+A family object (`mm1.FAMILY`, `mm2.FAMILY`, `llama.FAMILY`, `gpt2.FAMILY`) holds its config class
+and Flax module, and answers every question that depends on the family:
 
 - `bands`: the memories (or attention) of each layer and the band each reads. This is the one table
   of bands: the model builds its memories from it, and FLOP counts and memory plans read it.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import flax.linen as nn
 import flax.struct
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float, Int, Shaped
 
 import kernels_pallas
 from kernels_pallas import scans
@@ -81,7 +81,8 @@ def _per_head_dense(features: int, bias: bool, init, dtype, name: str) -> nn.Den
 class LeakyAverage(nn.Module):
   """v1 leaky average kbar_t = k_t + lambda * kbar_{t-1}, lambda = exp(-|b| * exp_scaling).
 
-  The parameter `leaky_key_beta` is nanoMosaics' b, stored divided by exp_scaling.
+  The parameter `leaky_key_beta` is nanoMosaics' b, stored divided by exp_scaling. With
+  `unit_gain`, k_t enters as (1 - lambda) k_t, as the Library's.
   """
 
   num_heads: int
@@ -89,6 +90,7 @@ class LeakyAverage(nn.Module):
   init_range: tuple[float, float]
   scan_impl: str
   scan_chunk_size: int
+  unit_gain: bool = False
 
   @nn.compact
   def __call__(
@@ -104,9 +106,10 @@ class LeakyAverage(nn.Module):
         self.num_heads,
     )
     decay = jnp.exp(-jnp.abs(b) * self.exp_scaling)
+    k = k.astype(jnp.float32)
     return kernels_pallas.linear_scan(
         decay,
-        k.astype(jnp.float32),
+        k * (1 - decay)[:, None] if self.unit_gain else k,
         reset=reset,
         initial=initial,
         impl=self.scan_impl,
@@ -263,3 +266,97 @@ class ConvValueExtractor(nn.Module):
     alpha = jnp.exp(jnp.minimum(jnp.abs(theta), self.scale_max))
     raw = layers.split_heads(v, self.num_heads).astype(jnp.float32)
     return raw, ValueMix(gamma, alpha, self.eps)
+
+
+def shifted(
+    x: Shaped[Array, "b t ..."], offset: int, segment_ids: Int[Array, "b t"] | None
+) -> Shaped[Array, "b t ..."]:
+  """x_{t+offset}, zero outside the sequence and outside the document of t."""
+  length = x.shape[1]
+  if abs(offset) >= length:
+    return jnp.zeros_like(x)
+  pad = jnp.zeros_like(x[:, : abs(offset)])
+  if offset >= 0:
+    moved = jnp.concatenate([x[:, offset:], pad], axis=1)
+  else:
+    moved = jnp.concatenate([pad, x[:, : length + offset]], axis=1)
+  if segment_ids is None or offset == 0:
+    return moved
+  inside = shifted(jnp.ones_like(segment_ids, bool), offset, None)
+  same_doc = inside & (shifted(segment_ids, offset, None) == segment_ids)
+  return jnp.where(same_doc.reshape(same_doc.shape + (1,) * (x.ndim - 2)), moved, 0)
+
+
+class CausalConv(nn.Module):
+  """y_t = sum_j x_{t+j-left} W_j + b over j < kernel_size, within t's document: PyTorch's
+  `Conv1d` after `ZeroPad1d((left, kernel_size - 1 - left))` on a single document."""
+
+  features: int
+  kernel_size: int
+  left: int  # Taps before t; negative: the window starts after t.
+  bias: bool
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self, x: Float[Array, "b t m"], segment_ids: Int[Array, "b t"] | None
+  ) -> Float[Array, "b t n"]:
+    fan_in = x.shape[-1] * self.kernel_size
+    kernel = self.param(
+        "kernel",
+        layers.logical(nn.initializers.normal(fan_in**-0.5), "taps", "embed", "heads"),
+        (self.kernel_size, x.shape[-1], self.features),
+    )
+    taps = [shifted(x, j - self.left, segment_ids) for j in range(self.kernel_size)]
+    y = jnp.einsum("jbtm,jmn->btn", jnp.stack(taps).astype(self.dtype), kernel.astype(self.dtype))
+    if self.bias:
+      b = self.param("bias", _per_head(nn.initializers.zeros_init()), (self.features,))
+      y = y + b.astype(self.dtype)
+    return y
+
+
+class LibraryFeatureExtractor(nn.Module):
+  """The Library's `FeatureExtractor`: per-head features of x looking `shift` steps ahead, float32.
+
+  "linearconv": a causal convolution whose window ends at t + shift; "lowrlinearconv":
+  (1 - c) * W x_{t+shift} + c * W x_t, c per head. `normalize` makes them unit vectors, without
+  eps (0 stays 0, where the Library gives NaN); `scale` (per head) multiplies them.
+  """
+
+  fe_type: str
+  shift: int
+  kernel_size: int
+  num_heads: int
+  bias: bool
+  normalize: bool
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self,
+      x: Float[Array, "b t m"],
+      segment_ids: Int[Array, "b t"] | None,
+      scale: Float[Array, " h"] | None = None,
+  ) -> tuple[Float[Array, "b t h d"], Float[Array, "b t h d"] | None, ValueMix | None]:
+    """(the features; for normalised "lowrlinearconv" features, W x and the `ValueMix` that makes
+    them of it, else None, None)."""
+    width = x.shape[-1]
+    scale = jnp.ones((self.num_heads,)) if scale is None else scale
+    if self.fe_type == "linearconv":
+      left = self.kernel_size - 1 - self.shift
+      y = CausalConv(width, self.kernel_size, left, self.bias, self.dtype, name="conv")(
+          x, segment_ids
+      )
+      y = layers.split_heads(y, self.num_heads).astype(jnp.float32)
+      y = l2_normalize(y, 0.0) if self.normalize else y
+      return y * scale[:, None], None, None
+    z = _per_head_dense(
+        width, self.bias, nn.initializers.normal(width**-0.5), self.dtype, "linear"
+    )(x)
+    z = layers.split_heads(z, self.num_heads).astype(jnp.float32)
+    c = self.param("coef", _per_head(nn.initializers.uniform(1.0)), (self.num_heads,))
+    if self.normalize:
+      mix = ValueMix(c, scale, 0.0)
+      return mix(z, shifted(z, self.shift, segment_ids)), z, mix
+    y = shifted(z, self.shift, segment_ids) * (1 - c[:, None]) + z * c[:, None]
+    return y * scale[:, None], None, None

@@ -80,8 +80,11 @@ def _norm_init(init: nn.initializers.Initializer) -> nn.initializers.Initializer
   return layers.logical(init, "norm")
 
 
-def layer_norm(cfg: config_lib.MosaicV1Config, name: str) -> nn.LayerNorm:
-  """v1's LayerNorm (GPT-2's, biases if cfg.bias)."""
+def layer_norm(
+    cfg: config_lib.MosaicV1Config | config_lib.MosaicV1LibraryConfig | config_lib.GPT2Config,
+    name: str,
+) -> nn.LayerNorm:
+  """The LayerNorm of v1 (nanoMosaics' and the Library's) and GPT-2 (biases if cfg.bias)."""
   return nn.LayerNorm(
       cfg.layer_norm_eps,
       use_bias=cfg.bias,

@@ -7,13 +7,12 @@ gives the dict that nanoMosaics' `train.py` saves and resumes from. Tensor names
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
 
 from mosaics_jax import config as config_lib
-from mosaics_jax.port import layout
+from mosaics_jax.port import layout, nanogpt
 
 # MemoryMosaicConfig field -> MosaicV1Config field. nanoMosaics' train.py writes all of these.
 _NANO_ARGS = {
@@ -75,57 +74,12 @@ def model_args(config: config_lib.ModelConfig) -> dict[str, Any]:
   return {theirs: getattr(config, ours) for theirs, ours in _NANO_ARGS.items()}
 
 
-@dataclasses.dataclass(frozen=True)
-class NanoCheckpoint:
-  """What a nanoMosaics checkpoint holds that a Flax model needs."""
-
-  config: config_lib.MosaicV1Config
-  params: layout.Params
-  iter_num: int | None
-  best_val_loss: float | None
-
-
 def from_nanomosaics(
     checkpoint: Mapping[str, Any], *, allow_nonfinite: bool = False
-) -> NanoCheckpoint:
+) -> nanogpt.Checkpoint:
   """Reads the dict of a nanoMosaics `ckpt.pt` (torch tensors) into our config and params; NaN
   or infinite weights are refused by name unless `allow_nonfinite` (`layout.as_float32`)."""
-  for key in ("model", "model_args"):
-    if key not in checkpoint:
-      raise layout.PortError(
-          f"not a nanoMosaics checkpoint: no {key!r} entry (it has {sorted(checkpoint)})"
-      )
-  config = config_from_model_args(checkpoint["model_args"])
-  state = checkpoint["model"]
-  if not isinstance(state, Mapping):
-    raise layout.PortError(f"the checkpoint's model entry is a {type(state).__name__}, not a dict")
-  not_tensors = sorted(f"{n}: {type(x).__name__}" for n, x in state.items() if not _is_tensor(x))
-  if not_tensors:
-    raise layout.PortError(
-        f"the checkpoint's model holds values that are not tensors: {not_tensors}"
-    )
-  # torch gives no numpy bfloat16: through float32 and back (exact), so that `as_float32` says the
-  # cast; other dtypes keep theirs, to be converted or named.
-  bfloat16 = layout.FLOAT_DTYPES["BF16"]
-  state = {
-      n: x.detach().float().numpy().astype(bfloat16)
-      if str(x.dtype) == "torch.bfloat16"
-      else x.detach().numpy()
-      for n, x in state.items()
-  }
-  params = layout.from_torch(config, state, allow_nonfinite=allow_nonfinite)
-  best = checkpoint.get("best_val_loss")
-  return NanoCheckpoint(
-      config=config,
-      params=params,
-      iter_num=checkpoint.get("iter_num"),
-      best_val_loss=None if best is None else float(best),
-  )
-
-
-def _is_tensor(x: Any) -> bool:
-  """Whether `x` is a torch tensor (torch is imported only where a checkpoint is)."""
-  return all(hasattr(x, attribute) for attribute in ("detach", "is_floating_point", "numpy"))
+  return nanogpt.read_checkpoint(checkpoint, config_from_model_args, "nanoMosaics", allow_nonfinite)
 
 
 def to_nanomosaics(

@@ -1,4 +1,4 @@
-"""PyTorch implementations of the three families, for weights exported by `mosaics_jax.port`.
+"""PyTorch implementations of the families, for weights exported by `mosaics_jax.port`.
 
 Written from the equations of docs/design.md, for inference in float32 (no dropout, no caches).
 They give the JAX models' logits to float rounding on the same weights:
@@ -9,12 +9,16 @@ They give the JAX models' logits to float rounding on the same weights:
   `load_state_dict(strict=True)`, here and into the official `MemoryMosaic`.
 - `MosaicV2` and `Llama`: module names mirror the Flax ones, so the state dict is exactly the
   tensors of `mosaics-port to-safetensors` (names in `mosaics_jax.port.layout`).
+- `GPT2`: nanoGPT's module and tensor names (`transformer.wte`, `transformer.h.{i}.attn.c_attn`,
+  the tied `lm_head`), so that its state dict loads into nanoGPT's `GPT` with
+  `load_state_dict(strict=True)`.
 
     model = torch_models.from_directory("exported/")   # config.json + model.safetensors
     logits = model(torch.as_tensor(tokens))             # [batch, seq, vocab]
 
 Every forward takes int64 `tokens` [batch, seq] and optional `segment_ids` of the same shape
-(packed documents: nothing crosses a document boundary; RoPE restarts in each document).
+(packed documents: nothing crosses a document boundary; RoPE and GPT-2's positions restart in each
+document).
 
 Shapes: b = batch, h = heads, t = query time, s = key time, d = head dim.
 """
@@ -455,11 +459,97 @@ class Llama(nn.Module):
     return self.classifier(self.final_norm(x))
 
 
-MODELS: dict[str, type[nn.Module]] = {"mm1": MemoryMosaic, "mm2": MosaicV2, "llama": Llama}
+# GPT-2 (nanoGPT names) ---------------------------------------------------------------------------
+
+
+class _GPT2Attention(nn.Module):
+  """Causal multi-head attention inside each document, q, k, v from one c_attn."""
+
+  def __init__(self, cfg: config_lib.GPT2Config):
+    super().__init__()
+    self.cfg = cfg
+    self.c_attn = nn.Linear(cfg.width, 3 * cfg.width, bias=cfg.bias)
+    self.c_proj = nn.Linear(cfg.width, cfg.width, bias=cfg.bias)
+
+  def forward(self, x, segment_ids):
+    cfg, t = self.cfg, x.shape[1]
+    q, k, v = (_split_heads(z, cfg.num_heads) for z in self.c_attn(x).split(cfg.width, dim=2))
+    visible = _band(t, 0, None) & _same_document(segment_ids, t)
+    return self.c_proj(_merge_heads(_retrieve(q * cfg.head_dim**-0.5, k, v, visible)))
+
+
+class _GPT2Block(nn.Module):
+
+  def __init__(self, cfg: config_lib.GPT2Config):
+    super().__init__()
+    norm = lambda: nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps, bias=cfg.bias)
+    self.ln_1 = norm()
+    self.attn = _GPT2Attention(cfg)
+    self.ln_2 = norm()
+    self.mlp = nn.ModuleDict(
+        dict(
+            c_fc=nn.Linear(cfg.width, 4 * cfg.width, bias=cfg.bias),
+            c_proj=nn.Linear(4 * cfg.width, cfg.width, bias=cfg.bias),
+        )
+    )
+
+  def forward(self, x, segment_ids):
+    x = x + self.attn(self.ln_1(x), segment_ids)
+    return x + self.mlp.c_proj(F.gelu(self.mlp.c_fc(self.ln_2(x))))
+
+
+class GPT2(nn.Module):
+  """GPT-2 under nanoGPT's names, position embeddings at document positions; the LM head is tied
+  to `transformer.wte`."""
+
+  def __init__(self, config: config_lib.GPT2Config):
+    super().__init__()
+    self.config = config
+    self.transformer = nn.ModuleDict(
+        dict(
+            wte=nn.Embedding(config.vocab_size, config.width),
+            wpe=nn.Embedding(config.block_size, config.width),
+            h=nn.ModuleList([_GPT2Block(config) for _ in range(config.num_layers)]),
+            ln_f=nn.LayerNorm(config.width, eps=config.layer_norm_eps, bias=config.bias),
+        )
+    )
+    self.lm_head = nn.Linear(config.width, config.vocab_size, bias=False)
+    self.lm_head.weight = self.transformer.wte.weight
+
+  def forward(self, tokens: torch.Tensor, segment_ids: torch.Tensor | None = None):
+    t = tokens.shape[1]
+    if t > self.config.block_size:
+      raise ValueError(f"sequence length {t} exceeds block_size {self.config.block_size}")
+    positions = _document_positions(segment_ids, t)
+    x = self.transformer.wte(tokens) + self.transformer.wpe(positions)
+    for block in self.transformer.h:
+      x = block(x, segment_ids)
+    return self.lm_head(self.transformer.ln_f(x))
+
+
+MODELS: dict[str, type[nn.Module]] = {
+    "mm1": MemoryMosaic,
+    "mm2": MosaicV2,
+    "llama": Llama,
+    "gpt2": GPT2,
+}
 
 
 def build(config: config_lib.ModelConfig) -> nn.Module:
-  """The PyTorch module of a model config, in float32 and eval mode, its weights all zero."""
+  """The PyTorch module of a model config, in float32 and eval mode, its weights all zero.
+
+  Raises ValueError for mm1-library, whose PyTorch model is the official `StackAssoMem` itself
+  (`mosaics-port to-torch --format library`).
+  """
+  if config.family not in MODELS:
+    raise ValueError(
+        f"no PyTorch version of the {config.family} family here; known: {sorted(MODELS)}"
+        + (
+            " (use `mosaics-port to-torch --format library`)"
+            if config.family == "mm1-library"
+            else ""
+        )
+    )
   return MODELS[config.family](config).eval()
 
 
