@@ -27,7 +27,7 @@ import test_decode  # noqa: E402 - its decoding helpers
 import kernels_pallas  # noqa: E402
 from mosaics_jax import config as config_lib, registry  # noqa: E402
 from mosaics_jax.inference import generate as generate_lib  # noqa: E402
-from mosaics_jax.model import families, mm1_library  # noqa: E402
+from mosaics_jax.model import families, layers  # noqa: E402
 from mosaics_jax.port import layout, library  # noqa: E402
 
 OFFICIAL = pathlib.Path(__file__).resolve().parents[2] / "shared" / "official" / "Library"
@@ -195,14 +195,17 @@ def test_packed_documents_equal_separate_runs(case):
   np.testing.assert_allclose(packed, np.concatenate([first, second], axis=1), atol=TOLERANCE)
 
 
-def test_dropout_on_attention_weights_reads_the_same_pairs():
-  """The dense retrieval that takes ic_dropout equals the kernels' retrieval without it."""
-  k, v = jax.random.normal(jax.random.key(0), (2, 2, 12, 3, 8))
+@pytest.mark.parametrize("lo, hi", [(0, None), (1, None), (2, None), (0, 3), (1, 1)])
+def test_dropout_on_attention_weights_reads_the_same_pairs(lo, hi):
+  """The dense retrieval that takes ic_dropout (and GPT-2's attn_dropout) equals the kernels'
+  retrieval without it, band and documents included."""
+  q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 12, 3, 8))
   segment_ids = jnp.asarray([[0] * 5 + [1] * 7, [0] * 12])
-  for lo in (0, 1, 2):
-    dense = mm1_library._dropped_retrieval(k, v, lo, segment_ids, lambda w: w)
-    fused = kernels_pallas.retrieve(k, k, v, lo=lo, segment_ids=segment_ids, impl="reference")
-    np.testing.assert_allclose(dense, fused, atol=1e-6)
+  dense = layers.dropped_retrieve(
+      q, k, v, lo=lo, hi=hi, segment_ids=segment_ids, dropout=lambda w: w
+  )
+  fused = kernels_pallas.retrieve(q, k, v, lo=lo, hi=hi, segment_ids=segment_ids, impl="reference")
+  np.testing.assert_allclose(dense, fused, atol=1e-6)
 
 
 def test_training_applies_both_dropouts():

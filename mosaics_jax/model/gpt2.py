@@ -68,18 +68,25 @@ class CausalSelfAttention(layers.PlainInit):
       x: Float[Array, "b t m"],
       segment_ids: Int[Array, "b t"] | None,
       lo: int,
+      deterministic: bool = True,
       *,
       cache: cache_lib.MemoryCache | None = None,
       chunk: cache_lib.Chunk | None = None,
   ):
-    """y [b, t, m]; with a cache, (y, the cache after the chunk)."""
+    """y [b, t, m]; with a cache, (y, the cache after the chunk). Training with dropout drops
+    attention weights as nanoGPT's attn_dropout does, through the dense retrieval."""
     cfg = self.config
     qkv = _dense(cfg, 3 * cfg.width, cfg.init_std, ("embed", "heads"), "c_attn")(x)
     q, k, v = (layers.split_heads(z, cfg.num_heads) for z in jnp.split(qkv, 3, axis=-1))
     q = q * jnp.asarray(cfg.head_dim**-0.5, q.dtype)
     q, k, v = (layers.constrain(z, *family.HEADS) for z in (q, k, v))
     retrieve = functools.partial(layers.retrieve, impl=cfg.retrieve_impl)
-    if cache is None:
+    if cache is None and not deterministic and cfg.dropout:
+      dropout = nn.Dropout(cfg.dropout, deterministic=False)
+      y = layers.dropped_retrieve(
+          q, k, v, lo=lo, hi=self.hi, segment_ids=segment_ids, dropout=dropout
+      )
+    elif cache is None:
       y = retrieve(q, k, v, lo=lo, hi=self.hi, segment_ids=segment_ids)
     else:
       y, cache = cache_lib.step(q, k, v, cache, chunk, family.Band(lo, self.hi), retrieve)
@@ -114,9 +121,9 @@ class GPT2Block(nn.Module):
     attend = CausalSelfAttention(cfg, hi=band.hi, name=name)
     h = lm.layer_norm(cfg, "ln_1")(x)
     if cache is None:
-      y = attend(h, segment_ids, band.lo)
+      y = attend(h, segment_ids, band.lo, deterministic)
     else:
-      y, new_cache = attend(h, None, band.lo, cache=cache[name], chunk=chunk)
+      y, new_cache = attend(h, None, band.lo, deterministic, cache=cache[name], chunk=chunk)
     x = x + drop(y)
     x = x + drop(MLP(cfg, name="mlp")(lm.layer_norm(cfg, "ln_2")(x)))
     return x if cache is None else (x, {name: new_cache})
@@ -219,10 +226,15 @@ class GPT2Family(family.Family):
 
   def layer_activations(self, config, b, t) -> list[family.Activation]:
     c = family.itemsize(config)
-    return [
+    kept = [
         family.Activation.heads(config, b, t, c, 4),  # q, k, v; the attention output.
         family.Activation.mlp(4 * config.width, b, t, c, 2),  # c_fc's output, its GELU.
     ]
+    if config.dropout:
+      # Training with dropout retrieves densely: the weights and the dropped weights.
+      shape = (b, config.num_heads, t, t)
+      kept.append(family.Activation(("batch", "heads", None, None), shape, 4, 2))
+    return kept
 
   # nanoGPT's names: a `transformer.` prefix, layers as `h.{i}`.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -21,6 +22,7 @@ from jax.sharding import PartitionSpec
 from jaxtyping import Array, Float, Int
 
 import kernels_pallas
+from kernels_pallas import bands as bands_lib
 
 
 def logical(init: nn.initializers.Initializer, *names: str) -> nn.initializers.Initializer:
@@ -31,6 +33,28 @@ def logical(init: nn.initializers.Initializer, *names: str) -> nn.initializers.I
 def constrain(x: Any, *names: str | None) -> Any:
   """x sharded as its logical axis names say; a no-op outside `nn.logical_axis_rules`."""
   return nn.with_logical_constraint(x, names)
+
+
+def dropped_retrieve(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b t h d"],
+    v: Float[Array, "b t h e"],
+    *,
+    lo: int,
+    hi: int | None,
+    segment_ids: Int[Array, "b t"] | None,
+    dropout: Callable[[jax.Array], jax.Array],
+) -> Float[Array, "b t h e"]:
+  """`retrieve` with `dropout` on its attention weights, densely (O(t^2)): what the Library's
+  ic_dropout and nanoGPT's attn_dropout do in training. A query with no pair reads nothing."""
+  scores = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k.astype(jnp.float32))
+  time = jnp.arange(k.shape[1])
+  mask = bands_lib.band_mask(time[:, None], time[None, :], lo, hi)[None, None]
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+  weights = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+  weights = jnp.where(mask.any(-1, keepdims=True), weights, 0.0)
+  return jnp.einsum("bhts,bshe->bthe", dropout(weights), v.astype(jnp.float32)).astype(v.dtype)
 
 
 def retrieve(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import math
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -30,7 +30,6 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 import kernels_pallas
-from kernels_pallas import bands as bands_lib
 from mosaics_jax import config as config_lib
 from mosaics_jax.model import cache as cache_lib, family, features, layers, lm
 
@@ -137,27 +136,10 @@ class ContextMemory(layers.PlainInit):
     if dropout is None:
       y = retrieve(k, k, v, lo=cfg.v_shift, hi=None, segment_ids=segment_ids)
     else:
-      y = _dropped_retrieval(k, v, cfg.v_shift, segment_ids, dropout)
+      y = layers.dropped_retrieve(
+          k, k, v, lo=cfg.v_shift, hi=None, segment_ids=segment_ids, dropout=dropout
+      )
     return _c_proj(cfg, y, deterministic)
-
-
-def _dropped_retrieval(
-    k: Float[Array, "b t h d"],
-    v: Float[Array, "b t h d"],
-    lo: int,
-    segment_ids: Int[Array, "b t"] | None,
-    dropout: Callable[[jax.Array], jax.Array],
-) -> Float[Array, "b t h d"]:
-  """The retrieval with dropout on its attention weights, densely (O(t^2)): training only."""
-  scores = jnp.einsum("bthd,bshd->bhts", k.astype(jnp.float32), k.astype(jnp.float32))
-  time = jnp.arange(k.shape[1])
-  mask = bands_lib.band_mask(time[:, None], time[None, :], lo, None)[None, None]
-  if segment_ids is not None:
-    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-  weights = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
-  # A query with no pair (t < lo) reads nothing, as the Library's zeroed rows.
-  weights = jnp.where(mask.any(-1, keepdims=True), weights, 0.0)
-  return jnp.einsum("bhts,bshd->bthd", dropout(weights), v.astype(jnp.float32)).astype(v.dtype)
 
 
 class Pmem(nn.Module):
