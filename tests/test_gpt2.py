@@ -175,6 +175,7 @@ def test_packed_documents_equal_separate_runs():
     np.testing.assert_allclose(packed[:, start:end], alone, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow  # The default suite decodes token by token (greedy generation).
 def test_decoding_in_chunks_equals_the_full_forward():
   """Through the decode cache, chunk by chunk, positions continue the cache's and restart in each
   document: the logits are the full forward's."""
