@@ -161,6 +161,7 @@ class GPT2(lm.LanguageModel):
         name="wpe",
     )
     if cache is None:
+      chunk = None
       positions = kernels_pallas.document_positions(segment_ids, tokens.shape[1])
       positions = jnp.broadcast_to(positions, tokens.shape)
     else:
@@ -170,17 +171,9 @@ class GPT2(lm.LanguageModel):
       positions = jnp.minimum(chunk.doc_positions, cfg.block_size - 1)
     x = nn.Dropout(cfg.dropout, deterministic=deterministic)(wte(tokens) + wpe(positions))
     x = lm.residual(x)
-    if cache is None:
-      block = lm.maybe_remat(GPT2Block, cfg.remat)
-      for i in range(cfg.num_layers):
-        x = lm.residual(block(cfg, name=_layer(i))(x, segment_ids, deterministic))
-    else:
-      layer_caches = {}
-      for i in range(cfg.num_layers):
-        x, layer_caches[_layer(i)] = GPT2Block(cfg, name=_layer(i))(
-            x, None, deterministic, cache=cache.layers[_layer(i)], chunk=chunk
-        )
-        x = lm.residual(x)
+    x, layer_caches = lm.stack(
+        cfg, GPT2Block, x, segment_ids, deterministic, cache, chunk, name=_layer
+    )
     x = lm.layer_norm(cfg, "ln_f")(x)
     out = lm.logits(wte.attend(x))
     if cache is None:

@@ -17,6 +17,8 @@ Axis legend: b = batch, t = time, m = model width, v = vocabulary.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -171,6 +173,39 @@ def maybe_remat(block: type[nn.Module], remat: bool) -> type[nn.Module]:
   return nn.remat(block, static_argnums=(deterministic,))
 
 
+def stack(
+    cfg: config_lib.ModelConfig,
+    block: type[nn.Module],
+    x: Float[Array, "b t m"],
+    segment_ids: Int[Array, "b t"] | None,
+    deterministic: bool,
+    cache: cache_lib.Cache | None = None,
+    chunk: cache_lib.Chunk | None = None,
+    *,
+    name: Callable[[int], str] | None = None,
+    indexed: bool = False,
+    block_args: tuple = (),
+) -> tuple[Float[Array, "b t m"], dict[str, Any] | None]:
+  """The `num_layers` blocks of a decoder, each output under the residual constraint: layer i is
+  `block(cfg, i if indexed, name=name(i))`, called as (x, segment_ids, *block_args,
+  deterministic), rematerialised as cfg.remat says, and with `cache=` and `chunk=` when decoding.
+  Returns x and, with a cache, each layer's cache after the chunk by layer name (else None)."""
+  name = name or layer_name
+  if cache is None:
+    block = maybe_remat(block, cfg.remat)
+  layer_caches = None if cache is None else {}
+  for i in range(cfg.num_layers):
+    layer = block(cfg, *((i,) if indexed else ()), name=name(i))
+    if cache is None:
+      x = residual(layer(x, segment_ids, *block_args, deterministic))
+    else:
+      x, layer_caches[name(i)] = layer(
+          x, None, *block_args, deterministic, cache=cache.layers[name(i)], chunk=chunk
+      )
+      x = residual(x)
+  return x, layer_caches
+
+
 def untied_decoder(
     cfg: config_lib.MosaicV2Config | config_lib.LlamaConfig,
     tokens: Int[Array, "b t"],
@@ -189,19 +224,12 @@ def untied_decoder(
   init = layers.truncated_normal(layers.depth_scaled_std(cfg.width, 0))
   x = embed(cfg, init, "embed")(tokens)
   x = residual(nn.Dropout(cfg.dropout, deterministic=deterministic)(x))
-  if cache is None:
-    block = maybe_remat(block, cfg.remat)
-    for i in range(cfg.num_layers):
-      x = residual(block(cfg, i, name=layer_name(i))(x, segment_ids, *block_args, deterministic))
-  else:
-    chunk = cache_lib.chunk_of(cache, segment_ids, lengths, tokens.shape[1])
-    layer_caches = {}
-    for i in range(cfg.num_layers):
-      name = layer_name(i)
-      x, layer_caches[name] = block(cfg, i, name=name)(
-          x, None, *block_args, deterministic, cache=cache.layers[name], chunk=chunk
-      )
-      x = residual(x)
+  chunk = (
+      None if cache is None else cache_lib.chunk_of(cache, segment_ids, lengths, tokens.shape[1])
+  )
+  x, layer_caches = stack(
+      cfg, block, x, segment_ids, deterministic, cache, chunk, indexed=True, block_args=block_args
+  )
   x = rms_norm(cfg, "final_norm")(x)
   out = logits(classifier(cfg, init)(x))
   if cache is None:

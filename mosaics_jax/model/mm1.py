@@ -80,18 +80,12 @@ class MosaicV1(lm.LanguageModel):
     tokens, segment_ids = lm.check_inputs(tokens, segment_ids, cfg.block_size)
     wte = lm.embed(cfg, nn.initializers.normal(cfg.init_std), "wte")
     x = lm.residual(nn.Dropout(cfg.dropout, deterministic=deterministic)(wte(tokens)))
-    if cache is None:
-      block = lm.maybe_remat(MosaicV1Block, cfg.remat)
-      for i in range(cfg.num_layers):
-        x = lm.residual(block(cfg, name=_layer(i))(x, segment_ids, deterministic))
-    else:
-      chunk = cache_lib.chunk_of(cache, segment_ids, lengths, tokens.shape[1])
-      layer_caches = {}
-      for i in range(cfg.num_layers):
-        x, layer_caches[_layer(i)] = MosaicV1Block(cfg, name=_layer(i))(
-            x, None, deterministic, cache=cache.layers[_layer(i)], chunk=chunk
-        )
-        x = lm.residual(x)
+    chunk = (
+        None if cache is None else cache_lib.chunk_of(cache, segment_ids, lengths, tokens.shape[1])
+    )
+    x, layer_caches = lm.stack(
+        cfg, MosaicV1Block, x, segment_ids, deterministic, cache, chunk, name=_layer
+    )
     x = lm.layer_norm(cfg, "ln_f")(x)
     out = lm.logits(wte.attend(x))
     if cache is None:

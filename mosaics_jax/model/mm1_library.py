@@ -246,19 +246,10 @@ class MosaicV1Library(lm.LanguageModel):
     # The Library initialises the tied weight last, as the head.
     emb = lm.embed(cfg, head_init if cfg.weight_tying else nn.initializers.normal(1.0), "emb")
     x = lm.residual(emb(tokens))
-    if cache is None:
-      block = lm.maybe_remat(Block, cfg.remat)
-      for i in range(cfg.num_layers):
-        x = lm.residual(block(cfg, name=lm.layer_name(i))(x, segment_ids, deterministic))
-    else:
-      chunk = cache_lib.chunk_of(cache, segment_ids, lengths, tokens.shape[1])
-      layer_caches = {}
-      for i in range(cfg.num_layers):
-        name = lm.layer_name(i)
-        x, layer_caches[name] = Block(cfg, name=name)(
-            x, None, deterministic, cache=cache.layers[name], chunk=chunk
-        )
-        x = lm.residual(x)
+    chunk = (
+        None if cache is None else cache_lib.chunk_of(cache, segment_ids, lengths, tokens.shape[1])
+    )
+    x, layer_caches = lm.stack(cfg, Block, x, segment_ids, deterministic, cache, chunk)
     x = lm.layer_norm(cfg, "ln_out")(x)
     if cfg.weight_tying:
       out = emb.attend(x)
