@@ -13,8 +13,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from mosaics_jax import config as config_lib
 from mosaics_jax.model import mm1_library
 from mosaics_jax.port import layout, nanogpt
@@ -82,19 +80,9 @@ def config_from_model_args(model_args: Mapping[str, Any]) -> config_lib.MosaicV1
 def model_args(config: config_lib.ModelConfig) -> dict[str, Any]:
   """StackAssoMem's constructor arguments of a config; PortError if the Library cannot express
   it."""
-  if not isinstance(config, config_lib.MosaicV1LibraryConfig):
-    raise layout.PortError(
-        f"the library format holds Library Memory Mosaics (mm1-library) models, this one is"
-        f" {config.family}: use `mosaics-port to-safetensors`"
-    )
-  differing = {
-      field: getattr(config, field)
-      for field, value in _FIXED.items()
-      if not np.allclose(getattr(config, field), value, rtol=1e-9, atol=0)
-  }
-  if differing:
-    raise layout.PortError(f"StackAssoMem hard-codes these fields to other values: {differing}")
-  return {theirs: getattr(config, ours) for theirs, ours in _ARGS.items()}
+  return nanogpt.export_args(
+      config, "library", "mm1-library", "Library Memory Mosaics", "StackAssoMem", _FIXED, _ARGS
+  )
 
 
 def from_library(

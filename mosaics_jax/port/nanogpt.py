@@ -8,9 +8,10 @@ the dict that train.py saves and resumes from. Tensor names and layouts are
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
+
+import numpy as np
 
 from mosaics_jax import config as config_lib
 from mosaics_jax.port import layout
@@ -52,19 +53,35 @@ def config_from_model_args(model_args: Mapping[str, Any]) -> config_lib.GPT2Conf
 
 def model_args(config: config_lib.ModelConfig) -> dict[str, Any]:
   """nanoGPT's `model_args` of a GPT2Config; PortError if nanoGPT cannot express it."""
-  if config.family != "gpt2":
+  return export_args(config, "nanogpt", "gpt2", "GPT-2", "nanoGPT", _NANO_FIXED, _NANO_ARGS)
+
+
+def export_args(
+    config: config_lib.ModelConfig,
+    format_name: str,
+    family: str,
+    described: str,
+    code: str,
+    fixed: Mapping[str, Any],
+    args: Mapping[str, str],
+) -> dict[str, Any]:
+  """The constructor arguments (`args`: their name -> our field) of `config` for the `code` base,
+  whose `format_name` holds `family` models (`described` in words). PortError for a model of
+  another family, or a field that `code` hard-codes (`fixed`) to another value."""
+  if config.family != family:
     raise layout.PortError(
-        f"the nanogpt format holds GPT-2 (gpt2) models, this one is {config.family}: use"
+        f"the {format_name} format holds {described} ({family}) models, this one is"
+        f" {config.family}: use"
         " `mosaics-port to-safetensors`"
     )
   differing = {
-      f: getattr(config, f)
-      for f, v in _NANO_FIXED.items()
-      if not math.isclose(getattr(config, f), v)
+      field: getattr(config, field)
+      for field, value in fixed.items()
+      if not np.allclose(getattr(config, field), value, rtol=1e-9, atol=0)
   }
   if differing:
-    raise layout.PortError(f"nanoGPT hard-codes these fields to other values: {differing}")
-  return {theirs: getattr(config, ours) for theirs, ours in _NANO_ARGS.items()}
+    raise layout.PortError(f"{code} hard-codes these fields to other values: {differing}")
+  return {theirs: getattr(config, ours) for theirs, ours in args.items()}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,19 +59,9 @@ def config_from_model_args(model_args: Mapping[str, Any]) -> config_lib.MosaicV1
 
 def model_args(config: config_lib.ModelConfig) -> dict[str, Any]:
   """nanoMosaics' `model_args` of a MosaicV1Config; PortError if nanoMosaics cannot express it."""
-  if config.family != "mm1":
-    raise layout.PortError(
-        f"the nanomosaics format holds Memory Mosaics v1 (mm1) models, this one is"
-        f" {config.family}: use `mosaics-port to-safetensors`"
-    )
-  differing = {
-      f: getattr(config, f)
-      for f, v in _NANO_FIXED.items()
-      if not math.isclose(getattr(config, f), v)
-  }
-  if differing:
-    raise layout.PortError(f"nanoMosaics hard-codes these fields to other values: {differing}")
-  return {theirs: getattr(config, ours) for theirs, ours in _NANO_ARGS.items()}
+  return nanogpt.export_args(
+      config, "nanomosaics", "mm1", "Memory Mosaics v1", "nanoMosaics", _NANO_FIXED, _NANO_ARGS
+  )
 
 
 def from_nanomosaics(
