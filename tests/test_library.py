@@ -206,6 +206,30 @@ def test_dropout_on_attention_weights_reads_the_same_pairs(lo, hi):
   )
   fused = kernels_pallas.retrieve(q, k, v, lo=lo, hi=hi, segment_ids=segment_ids, impl="reference")
   np.testing.assert_allclose(dense, fused, atol=1e-6)
+  # And its gradients, which training takes.
+  cotangent = jax.random.normal(jax.random.key(1), dense.shape)
+
+  def loss(retrieval):
+    return lambda q, k, v: jnp.sum(retrieval(q, k, v) * cotangent)
+
+  dense_grads = jax.grad(
+      loss(
+          lambda q, k, v: layers.dropped_retrieve(
+              q, k, v, lo=lo, hi=hi, segment_ids=segment_ids, dropout=lambda w: w
+          )
+      ),
+      argnums=(0, 1, 2),
+  )(q, k, v)
+  reference_grads = jax.grad(
+      loss(
+          lambda q, k, v: kernels_pallas.retrieve(
+              q, k, v, lo=lo, hi=hi, segment_ids=segment_ids, impl="reference"
+          )
+      ),
+      argnums=(0, 1, 2),
+  )(q, k, v)
+  for got, want in zip(dense_grads, reference_grads):
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_training_applies_both_dropouts():
