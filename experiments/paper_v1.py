@@ -8,13 +8,19 @@ paper's own, the Library's `StackAssoMem`, as that script builds it.
 
 RegBench: the Library model at the size of the official `ICLL/configs/experiment/dfa/mm.yaml`
 (width 128, 8 heads, 2 layers, pmem_size 448, block 1000, dropouts 0.05, lr 5e-4, weight decay
-0.1, gradient clip 1.0, 100 training languages).
+0.1, gradient clip 1.0, 100 training languages), trained by seq_icl's protocol
+(`configs/experiment/dfa/base.yaml`): 200 epochs of the 100 training sequences at batch 32 (625
+steps of whole batches), cosine decay to 0.1 lr after a linear warm-up over the first tenth. Each
+sequence is its own row, padded to 1000; batches are cut after their longest sequence
+(`data.trim_padding`), which changes no loss or gradient.
 
 The Transformer baselines are nanoGPT's GPT-2 (`gpt2-babistories`, `gpt2-regbench`) at the Memory
 Mosaics' parameter counts, within 5% (`tests/test_configs.py` checks 10%).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from mosaics_jax.config import (
     DataConfig,
@@ -49,9 +55,26 @@ _REGBENCH_DATA = DataConfig(
     name="RegBench",
     seq_len=1000,  # ASSUMED: mm.yaml's block_size, "set to 1000 for the safety reason".
     regbench_languages=100,  # mm.yaml's dataset.num_examples.
+    trim_padding=128,
 )
-# ASSUMED: batch, steps and warm-up are not in mm.yaml (its base config is not published).
-_REGBENCH_TRAIN = TrainConfig(learning_rate=5e-4, weight_decay=0.1, grad_clip=1.0)
+# seq_icl's dfa/base.yaml at the commit of ICLL's README era (max_epochs 200; a later commit has
+# 400): 200 epochs x 100 sequences / batch 32 = 625 steps. seq_icl counts an epoch's last, short
+# batch of 4 as a step (800 steps of fewer rows); whole batches keep every step's loss a mean over
+# 32 sequences, with the same sequences seen. warmup_t is a tenth of the steps.
+_REGBENCH_TRAIN = TrainConfig(
+    batch_size=32,
+    steps=625,
+    learning_rate=5e-4,
+    warmup_steps=63,
+    min_lr_ratio=0.1,
+    b1=0.9,
+    b2=0.999,  # ASSUMED: PyTorch's AdamW default (seq_icl's optimizer config sets no betas).
+    weight_decay=0.1,
+    grad_clip=1.0,
+    eval_every=125,
+    eval_batches=4,
+    checkpoint_every=25,  # About three minutes of this CPU: a stopped run loses little.
+)
 
 EXPERIMENTS = (
     Experiment(
@@ -141,6 +164,7 @@ EXPERIMENTS = (
             dropout=0.05,
         ),
         data=_REGBENCH_DATA,
-        train=_REGBENCH_TRAIN,
+        # seq_icl's learning rate of the Transformer on RegBench, a value of its sweep.
+        train=dataclasses.replace(_REGBENCH_TRAIN, learning_rate=2.5e-4),
     ),
 )

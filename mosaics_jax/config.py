@@ -379,11 +379,17 @@ class DataConfig(_Typed):
   # with rng.integers(1, max_len_per_example = 50), so 49).
   regbench_languages: int = 5000
   regbench_max_string: int = 49
+  # Cut each batch after its last target that counts, rounded up to a multiple of this many
+  # positions (0: never); rows padded to seq_len (RegBench's) then cost what they hold
+  # (design.md, "Trimmed batches"). One process only: processes' batches must agree on a length.
+  trim_padding: int = 0
 
   def __post_init__(self):
     super().__post_init__()
     if self.seq_len < 2:
       raise ConfigError(f"data.seq_len must be >= 2, got {self.seq_len}")
+    if self.trim_padding < 0:
+      raise ConfigError(f"data.trim_padding must be >= 0, got {self.trim_padding}")
     for name in ("regbench_languages", "regbench_max_string"):
       if getattr(self, name) < 1:
         raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")

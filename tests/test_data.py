@@ -9,7 +9,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from mosaics_jax import tokenizers
+from mosaics_jax import regbench, tokenizers
 from mosaics_jax.config import DataConfig
 from mosaics_jax.train import data
 
@@ -113,6 +113,40 @@ def test_processes_read_disjoint_shares_of_the_global_batch(any_source):
 def test_batch_size_must_split_evenly_over_processes():
   with pytest.raises(data.DataError, match="batch_size 6 must be a positive multiple of"):
     data.make_iterator(SYNTHETIC["mqar"], split="train", batch_size=6, seed=0, process_count=4)
+
+
+def test_trim_padding_cuts_batches_after_their_last_counted_target():
+  """Every batch keeps its counted targets and ends at the next multiple of trim_padding; what
+  it cuts is padding that no mask counts."""
+  cfg = DataConfig(source="regbench", seq_len=200, regbench_languages=40, regbench_max_string=6)
+  whole = _take(cfg, 6, batch_size=3)
+  cut = _take(dataclasses.replace(cfg, trim_padding=16), 6, batch_size=3)
+  lengths = set()
+  for full, trimmed in zip(whole, cut, strict=True):
+    counted = np.flatnonzero(full["loss_mask"].any(0))
+    length = trimmed["tokens"].shape[1]
+    assert length % 16 == 0 and length - 16 <= counted[-1] < length
+    lengths.add(length)
+    for name in FIELDS:
+      np.testing.assert_array_equal(trimmed[name], full[name][:, :length])
+      assert not full[name][:, length:].any() or name in ("tokens", "targets")
+    assert (full["tokens"][:, length:] == regbench.PAD).all()
+  assert len(lengths) > 1  # Rows of 10-19 strings of 1-6 letters: batches of several lengths.
+
+
+def test_trim_batch_bounds():
+  zeros = np.zeros((2, 50), np.float32)
+  padding = {"tokens": zeros.astype(np.int32), "loss_mask": zeros, "answer_mask": zeros}
+  assert data.trim_batch(padding, 16)["tokens"].shape == (2, 16)  # Nothing counted: one multiple.
+  answer = dict(padding, answer_mask=zeros.copy())
+  answer["answer_mask"][1, 49] = 1  # The answer mask counts too; never past the batch's end.
+  assert data.trim_batch(answer, 16)["tokens"].shape == (2, 50)
+
+
+def test_trim_padding_refuses_several_processes():
+  cfg = DataConfig(source="regbench", seq_len=64, regbench_languages=40, trim_padding=16)
+  with pytest.raises(data.DataError, match="trim_padding=16 .* 2 processes"):
+    data.make_iterator(cfg, split="train", batch_size=4, seed=0, process_count=2)
 
 
 @pytest.mark.parametrize("task_vocab", [64, 6], ids=["distinct", "repeated"])

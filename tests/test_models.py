@@ -9,11 +9,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import kernels_pallas
 from mosaics_jax import build_model, config as config_lib, overrides
 from mosaics_jax.model import features, memories
+from mosaics_jax.train import data
 
 TINY = dict(vocab_size=50, num_layers=2, width=32, num_heads=4)
 CONFIGS = {
@@ -121,6 +123,46 @@ def test_dropout_only_when_not_deterministic(family):
       {"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(1)}
   )
   assert not np.allclose(a, c)
+
+
+# The RegBench runs' families by default (test_causal covers every family's premise).
+@pytest.mark.parametrize(
+    "name",
+    [
+        "gpt2",
+        "mm1-library",
+        *(pytest.param(n, marks=pytest.mark.slow) for n in ("llama", "mm1", "mm2")),
+    ],
+)
+def test_batches_cut_after_their_targets_give_the_same_loss_and_gradients(name):
+  """`data.trim_batch`'s premise: padding after every counted target changes neither the loss nor
+  its gradients, so a batch cut there trains as the whole one."""
+  cfg = CONFIGS.get(name) or config_lib.MosaicV1LibraryConfig(**TINY, block_size=64, pmem_size=16)
+  model, params = _init(cfg)
+  tokens = _tokens(7, batch=3, length=40)
+  lengths = np.array([[17], [9], [21]])  # Counted targets per row: at most 21 of 40.
+  mask = (np.arange(40) < lengths).astype(np.float32)
+  batch = {
+      "tokens": tokens,
+      "targets": jnp.roll(tokens, -1, axis=1),
+      "segment_ids": jnp.zeros_like(tokens),
+      "loss_mask": mask,
+      "answer_mask": np.zeros_like(mask),
+  }
+
+  def loss(params, batch):
+    logits = model.apply({"params": params}, batch["tokens"], batch["segment_ids"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    return jnp.sum(ce * batch["loss_mask"])
+
+  cut = data.trim_batch(jax.device_get(batch), multiple=8)
+  assert cut["tokens"].shape == (3, 24)
+  grad_fn = jax.jit(jax.value_and_grad(loss))
+  whole, whole_grads = grad_fn(params, batch)
+  trimmed, trimmed_grads = grad_fn(params, cut)
+  np.testing.assert_allclose(trimmed, whole, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(trimmed_grads), jax.tree.leaves(whole_grads), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_gradients_are_finite_with_empty_rows(family):

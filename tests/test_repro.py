@@ -195,7 +195,9 @@ def test_bad_declarations_are_named(bad, error):
   assert error in str(e.value)
 
 
-@pytest.mark.parametrize("name", ["regbench", pytest.param("v2-table-12", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "name", ["regbench-short", pytest.param("v2-table-12", marks=pytest.mark.slow)]
+)
 def test_dry_run_flops_are_mosaics_info_counts(name, capsys):
   planned = _planned(name)
   for p in planned:
@@ -269,7 +271,10 @@ def test_a_corrupt_results_file_is_named_and_left_as_it_is(tmp_path):
 
 
 def test_a_key_set_twice_is_refused(capsys):
-  assert repro_cli.main(["regbench", "--dry-run", "--set", "train.steps=5", "train.steps=6"]) == 2
+  assert (
+      repro_cli.main(["regbench-short", "--dry-run", "--set", "train.steps=5", "train.steps=6"])
+      == 2
+  )
   assert "--set gives train.steps more than once" in capsys.readouterr().err
 
 

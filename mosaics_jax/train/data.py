@@ -1,7 +1,8 @@
 """Grain input pipelines: synthetic recall tasks, tokenised text files and token files.
 
 Every source yields the same batches, dicts of numpy arrays of shape [b, t] with
-b = batch_size // process_count (this process's share of the global batch) and t = seq_len:
+b = batch_size // process_count (this process's share of the global batch) and t = seq_len, or
+less with `data.trim_padding` (`trim_batch`):
 
   tokens       int32    the inputs.
   targets      int32    the next tokens.
@@ -156,6 +157,11 @@ def make_iterator(
     raise DataError(f"split must be 'train' or 'val', got {split!r}")
   if not 0 <= seed < 2**32:
     raise DataError(f"seed must be in [0, 2**32), got {seed}")
+  if cfg.trim_padding and process_count > 1:
+    raise DataError(
+        f"data.trim_padding={cfg.trim_padding} cuts each process's batch to its own length, but"
+        f" the {process_count} processes' batches must have one length: set data.trim_padding=0"
+    )
   if cfg.source in ("synthetic_induction", "synthetic_mqar"):
     count = SYNTHETIC_SEQUENCES[split]
     ds = grain.MapDataset.range(_epoch_length(count, batch_size, repeat))
@@ -178,8 +184,24 @@ def make_iterator(
   # Batch before sharding: local batch k * P + p is this process's rows of global batch k. Both
   # are lazy, so only this process's examples are made.
   ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
+  if cfg.trim_padding:
+    ds = ds.map(functools.partial(trim_batch, multiple=cfg.trim_padding))
   # Examples are cut from memory or a memmap: a few threads and batches of read-ahead suffice.
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)))
+
+
+def trim_batch(batch: Example, multiple: int) -> Example:
+  """The batch's first columns up to its last target that `loss_mask` or `answer_mask` counts,
+  rounded up to a multiple of `multiple` (at least one multiple, at most the batch's length).
+
+  The models are causal, so the logits of the positions kept, and the loss and its gradients, are
+  those of the whole batch (tests/test_data.py checks it for every family): the columns cut hold
+  only padding.
+  """
+  counted = np.flatnonzero((batch["loss_mask"] > 0).any(0) | (batch["answer_mask"] > 0).any(0))
+  end = int(counted[-1]) + 1 if len(counted) else 1
+  length = min(-(-end // multiple) * multiple, batch["tokens"].shape[-1])
+  return {name: x[..., :length] for name, x in batch.items()}
 
 
 def regbench_example(sequence: Integer[np.ndarray, " m"], seq_len: int) -> Example:
