@@ -2,6 +2,7 @@
 
 mosaics-plot runs/mm2-tiny runs/llama-tiny -o loss.png [--log-y] [--title T] [--smooth 0.9]
 mosaics-plot results.jsonl -o eval.png    # mosaics-eval --out: metric against length or position
+mosaics-plot --regbench repro/regbench-paper repro/regbench-paper-500 -o regbench.png
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ def _parser() -> argparse.ArgumentParser:
   )
   parser.add_argument(
       "-o", "--output", required=True, metavar="FILE", help="image file (.png, .pdf, .svg)"
+  )
+  parser.add_argument(
+      "--regbench",
+      action="store_true",
+      help="DIRs are regbench-paper reproductions: the v1 paper's figure, accuracy and L1"
+      " against training languages, ours beside the paper's",
   )
   parser.add_argument("--log-y", action="store_true", help="logarithmic loss axis")
   parser.add_argument("--title", help="figure title")
@@ -46,20 +53,23 @@ def main(argv: list[str] | None = None) -> int:
   try:
     # matplotlib is the optional `plots` extra: without it only this command fails.
     from mosaics_jax.eval import plots as eval_plots, results as results_lib
+    from mosaics_jax.repro import figures
     from mosaics_jax.train import plots
   except ImportError as e:
     return common.fail(
         "mosaics-plot", f"{e}; install the plots extra: pip install 'mosaics-jax[plots]'", 1
     )
   try:
-    if results:
+    if args.regbench:
+      path = figures.regbench(args.dirs, args.output)
+    elif results:
       records = [r for f in results for r in results_lib.read_jsonl(f)]
       path = eval_plots.plot_results(records, args.output, title=args.title)
     else:
       path = plots.plot_runs(
           args.dirs, args.output, log_y=args.log_y, title=args.title, smoothing=args.smooth
       )
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError) as e:  # ReproError is a ValueError.
     return common.fail("mosaics-plot", e)
   print(path)
   return 0
