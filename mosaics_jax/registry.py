@@ -50,3 +50,10 @@ def all_reproductions() -> dict[str, Any]:
 def get_reproduction(name: str) -> Any:
   """The reproduction called `name`; an unknown name is an error that suggests close names."""
   return _named(all_reproductions(), name, "reproduction", "mosaics-repro --list")
+
+
+def all_moons_experiments() -> dict[str, Any]:
+  """Every three-moons experiment (`mosaics_jax.config.MoonsExperiment`, trained by
+  `mosaics_jax.train.moons`) declared by a module of `experiments` (`EXPERIMENTS_MOONS`), by
+  name."""
+  return _declared("EXPERIMENTS_MOONS", "moons experiment")

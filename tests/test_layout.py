@@ -36,11 +36,13 @@ ALLOWED = {
         "mosaics_jax.checkpoints",
         "mosaics_jax.tokenizers",
         "mosaics_jax.regbench",
+        "mosaics_jax.moons",
         "mosaics_jax.synthetic",
         "kernels_pallas",
     ),
     "mosaics_jax.tokenizers": (),
     "mosaics_jax.regbench": (),
+    "mosaics_jax.moons": (),
     "mosaics_jax.synthetic": (),
     # Inference needs no optimizer: it never imports training.
     "mosaics_jax.inference": ("mosaics_jax.config", "mosaics_jax.model", "mosaics_jax.sharding"),
@@ -63,6 +65,7 @@ ALLOWED = {
         "mosaics_jax.sharding",
         "mosaics_jax.tokenizers",
         "mosaics_jax.regbench",
+        "mosaics_jax.moons",
         "mosaics_jax.synthetic",
     ),
     "mosaics_jax.analysis": (

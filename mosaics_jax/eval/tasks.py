@@ -16,6 +16,7 @@ from mosaics_jax.eval import (
     generation,
     harness as harness_lib,
     icl,
+    moons,
     perplexity,
     recall,
     regbench,
@@ -89,6 +90,13 @@ TASKS: dict[str, Task] = {
         " demonstrations per class: exact match and likelihood accuracy",
         icl.Settings,
         icl.run,
+    ),
+    moons.NAME: Task(
+        moons.NAME,
+        "a three-moons run's held-out error by observed steps, and which moon each head predicts"
+        " (`mosaics-repro three-moons` runs it)",
+        moons.Settings,
+        moons.run_harness,
     ),
 }
 

@@ -25,6 +25,8 @@ ACCELERATOR_UTILISATION = 0.4
 # Parameter counts of an `equal_params` group agree within this fraction of the largest.
 EQUAL_PARAMS_TOLERANCE = 0.1
 # Settings a quantity may select besides a task's own: the rows' (training step, length, ...).
+# The task that evaluates three-moons runs (`mosaics_jax.eval.moons`), and no other run.
+MOONS_TASK = "moons"
 ROW_KEYS = ("step", "last", "length", "position_start", "position_end", "shots", "variant")
 
 
@@ -37,7 +39,7 @@ class PlannedRun:
   """A run of the plan: its experiment (declared overrides and the command's applied) and cost."""
 
   run: decl.Run
-  experiment: config_lib.Experiment
+  experiment: config_lib.Experiment | config_lib.MoonsExperiment
   params: int
   flops_per_token: float  # Forward, at the training context (mosaics-info's convention).
   tokens: int  # steps x batch x context.
@@ -69,6 +71,35 @@ def task_settings(evaluation: decl.Evaluation, task_assignments: tuple[str, ...]
   return tasks_lib.settings([evaluation.task], (*evaluation.settings, *mine))[evaluation.task]
 
 
+def experiment(
+    name: str, assignments: tuple[str, ...]
+) -> config_lib.Experiment | config_lib.MoonsExperiment:
+  """The experiment called `name` (a language model's, or a three-moons one's) with the KEY=VALUE
+  `assignments` applied (`overrides.apply`)."""
+  moons = registry.all_moons_experiments()
+  if name not in moons:
+    return overrides.apply(registry.get(name), assignments)
+  found = moons[name]
+  for assignment in assignments:
+    key, sep, text = assignment.partition("=")
+    if not sep:
+      raise config_lib.ConfigError(f"--set takes KEY=VALUE, got {assignment!r}")
+    try:
+      found = overrides.override(
+          found, key, overrides.parse_value(text, overrides.field_hint(found, key))
+      )
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(f"{assignment}: {e}") from None
+  return found
+
+
+def _moons_flops(e: config_lib.MoonsExperiment) -> float:
+  """Forward FLOPs per step of a context memory: its matrices, then scores and weighted sums
+  over half the block on average."""
+  width = e.model.n_head * e.model.h_dim
+  return 2.0 * e.model.params + 2.0 * 2 * width * e.data.seq_len / 2
+
+
 def plan(repro: decl.Reproduction, assignments: tuple[str, ...] = ()) -> list[PlannedRun]:
   """Every run of `repro` with `assignments` (the command's --set) applied after its own
   overrides, validated (`validate`); assignments to an evaluated task's settings are checked."""
@@ -87,12 +118,15 @@ def plan(repro: decl.Reproduction, assignments: tuple[str, ...] = ()) -> list[Pl
   out = []
   for run in repro.runs:
     try:
-      experiment = overrides.apply(registry.get(run.experiment), (*run.overrides, *assignments))
+      found = experiment(run.experiment, (*run.overrides, *assignments))
     except config_lib.ConfigError as e:
       raise ReproError(f"{repro.name}: run {run.name}: {e}") from None
-    report = flops.count(experiment.model, experiment.data.seq_len)
-    tokens = experiment.train.steps * experiment.train.batch_size * experiment.data.seq_len
-    out.append(PlannedRun(run, experiment, report.params, report.flops_per_token, tokens))
+    tokens = found.train.steps * found.train.batch_size * found.data.seq_len
+    if isinstance(found, config_lib.MoonsExperiment):
+      out.append(PlannedRun(run, found, found.model.params, _moons_flops(found), tokens))
+      continue
+    report = flops.count(found.model, found.data.seq_len)
+    out.append(PlannedRun(run, found, report.params, report.flops_per_token, tokens))
   _check_equal_params(repro, {p.run.name: p.params for p in out})
   models = {p.run.name: p.experiment.model for p in out}
   for p in out:
@@ -121,12 +155,13 @@ def validate(repro: decl.Reproduction) -> None:
     raise ReproError(f"{where}: runs need distinct names, got {names}")
   for i, run in enumerate(repro.runs):
     try:
-      experiment = overrides.apply(registry.get(run.experiment), run.overrides)
+      found = experiment(run.experiment, run.overrides)
     except config_lib.ConfigError as e:
       raise ReproError(f"{where}: run {run.name}: {e}") from None
-    if experiment.init_from is not None and run.init_from is None:
+    init_from = getattr(found, "init_from", None)  # A moons experiment fine-tunes nothing.
+    if init_from is not None and run.init_from is None:
       raise ReproError(
-          f"{where}: run {run.name}: {run.experiment} fine-tunes {experiment.init_from}; declare"
+          f"{where}: run {run.name}: {run.experiment} fine-tunes {init_from}; declare"
           " the run it starts from with init_from"
       )
     if run.init_from is not None and run.init_from not in names[:i]:
@@ -148,7 +183,15 @@ def validate(repro: decl.Reproduction) -> None:
         raise ReproError(f"{where}: evaluation {evaluation.name}: {e}") from None
     for run in repro.runs:
       if run.name in (evaluation.runs or names):
-        _check_model_overrides(where, evaluation, registry.get(run.experiment).model)
+        found = experiment(run.experiment, ())
+        moons = isinstance(found, config_lib.MoonsExperiment)
+        if moons != (evaluation.task == MOONS_TASK) and evaluation.task != decl.TRAINING:
+          raise ReproError(
+              f"{where}: evaluation {evaluation.name} ({evaluation.task}) of run {run.name}: the"
+              f" {MOONS_TASK} task evaluates three-moons runs, and they no other task"
+          )
+        if not moons:
+          _check_model_overrides(where, evaluation, found.model)
   quantities = [c.left for c in repro.checks]
   quantities += [c.right for c in repro.checks if isinstance(c.right, decl.Quantity)]
   quantities += [p.ours for p in repro.paper if p.ours is not None]

@@ -22,12 +22,13 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from mosaics_jax.eval import results as results_lib
+from mosaics_jax.eval import moons as eval_moons, results as results_lib
 from mosaics_jax.repro import declaration as decl, plan as plan_lib, runner
 
 RESULTS = "results.jsonl"
 REPORT = "report.md"
 PLOTS = "plots.png"
+MOONS_PLOT = "moons.png"  # The three moons' figure (`eval.moons.plot`), with plots.png.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +204,10 @@ def write(
   runner.write_jsonl(root / RESULTS, kept)
   recorded = tuple(sorted({r["train_seed"] for r in kept}))
   outcomes = tuple(outcome(records, c, seeds) for c in repro.checks)
-  plotted = _plot(repro, records, root / PLOTS)
+  plotted = [PLOTS] if _plot(repro, records, root / PLOTS) else []
+  if plotted and any(e.task == plan_lib.MOONS_TASK for e in repro.evaluations):
+    eval_moons.plot(records, root / MOONS_PLOT)
+    plotted.append(MOONS_PLOT)
   text = _markdown(repro, planned, records, outcomes, seeds, recorded, assignments, root, plotted)
   runner.write_atomic(root / REPORT, text)
   return Report(verdict(outcomes), outcomes, tuple(records), root / REPORT, recorded)
@@ -279,7 +283,7 @@ def _markdown(
     recorded: tuple[int, ...],
     assignments: tuple[str, ...],
     root: pathlib.Path,
-    plotted: bool,
+    plotted: list[str],
 ) -> str:
   held = sum(bool(o.holds) for o in outcomes)
   covered = seed_ranges(range(seeds))
@@ -368,7 +372,7 @@ def _markdown(
       )
     lines.append("")
   if plotted:
-    lines += ["## Plots", "", f"![{repro.name}]({PLOTS})", ""]
+    lines += ["## Plots", "", *(f"![{repro.name}]({name})" for name in plotted), ""]
   lines += [
       "## Runs",
       "",

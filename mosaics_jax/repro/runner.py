@@ -24,10 +24,15 @@ from collections.abc import Callable
 from typing import Any
 
 from mosaics_jax import checkpoints, config as config_lib, overrides
-from mosaics_jax.eval import harness as harness_lib, results as results_lib, tasks as tasks_lib
+from mosaics_jax.eval import (
+    harness as harness_lib,
+    moons as eval_moons,
+    results as results_lib,
+    tasks as tasks_lib,
+)
 from mosaics_jax.port import pretrained
 from mosaics_jax.repro import declaration as decl, plan as plan_lib
-from mosaics_jax.train import loop, metrics, preemption as preemption_lib
+from mosaics_jax.train import loop, metrics, moons as train_moons, preemption as preemption_lib
 
 MANIFEST = "reproduction.json"
 RESULTS_DIR = "repro"
@@ -81,6 +86,13 @@ def run(
         continue
       log(f"training {p.run.name} seed {seed} ({experiment.name}) in {workdir}")
       start = time.perf_counter()
+      if isinstance(
+          experiment, config_lib.MoonsExperiment
+      ):  # Resumes from its checkpoints; it takes no signals (Ctrl-C: the last one).
+        train_moons.train(experiment, workdir)
+        _add_seconds(workdir, "train_seconds", time.perf_counter() - start)
+        trained += 1
+        continue
       result = loop.train(
           experiment,
           workdir,
@@ -94,7 +106,7 @@ def run(
   _, task_assignments = plan_lib.split_assignments(repro, assignments)
   for seed in range(seeds):
     for p in planned:
-      evaluated += _evaluate(repro, root, p.run, seed, task_assignments, progress, log)
+      evaluated += _evaluate(repro, root, p, seed, task_assignments, progress, log)
   return Progress(trained, evaluated, None)
 
 
@@ -125,7 +137,9 @@ def _check_manifest(root: pathlib.Path, repro: decl.Reproduction, assignments: t
   write_json(path, mine)
 
 
-def _finished(workdir: pathlib.Path, experiment: config_lib.Experiment) -> bool:
+def _finished(
+    workdir: pathlib.Path, experiment: config_lib.Experiment | config_lib.MoonsExperiment
+) -> bool:
   steps = checkpoints.saved_steps(workdir)
   return bool(steps) and steps[-1] >= experiment.train.steps
 
@@ -143,13 +157,14 @@ def _init_from(
 def _evaluate(
     repro: decl.Reproduction,
     root: pathlib.Path,
-    run: decl.Run,
+    planned: plan_lib.PlannedRun,
     seed: int,
     task_assignments: tuple[str, ...],
     progress: bool,
     log: Callable[[str], None],
 ) -> int:
-  """Runs the evaluations of `run` (seed `seed`) that have no results file yet; their count."""
+  """Runs the evaluations of a run (seed `seed`) that have no results file yet; their count."""
+  run = planned.run
   workdir = run_dir(root, run.name, seed)
   harnesses: dict[tuple[str, ...], harness_lib.Harness] = {}  # By evaluation-only overrides.
   done = 0
@@ -161,6 +176,11 @@ def _evaluate(
     start = time.perf_counter()
     if evaluation.task == decl.TRAINING:
       records = training_records(workdir)
+    elif evaluation.task == plan_lib.MOONS_TASK:
+      settings = plan_lib.task_settings(evaluation, task_assignments)
+      experiment = overrides.override(planned.experiment, "train.seed", seed)
+      found, model = eval_moons.run(experiment, workdir, settings)
+      records = [results_lib.record(r, model=model, seed=0) for r in found]
     else:
       if evaluation.model not in harnesses:
         harnesses[evaluation.model] = harness_lib.Harness.load(
