@@ -156,7 +156,7 @@ def test_mosaics_train_refuses_a_seed_outside_32_bits_before_writing(tmp_path, c
 @pytest.mark.parametrize("seed", ["-1", "5"])
 def test_mosaics_repro_refuses_a_train_seed(capsys, seed):
   # Its runs' seeds are 0 .. --seeds - 1: another one would be replaced without a word.
-  assert repro_cli.main(["regbench", "--dry-run", "--set", f"train.seed={seed}"]) == 2
+  assert repro_cli.main(["regbench-short", "--dry-run", "--set", f"train.seed={seed}"]) == 2
   error = _one_line_error(capsys.readouterr().err, "mosaics-repro")
   assert "--set train.seed: a reproduction sets each run's seed itself" in error
 

@@ -2,7 +2,7 @@
 
     mosaics-repro --list
     mosaics-repro induction --workdir repro/induction              # trains, evaluates, reports
-    mosaics-repro regbench --workdir repro/regbench --seeds 3
+    mosaics-repro regbench-short --workdir repro/regbench-short --seeds 3
     mosaics-repro v2-table-12 --workdir gs://.../t12 --dry-run      # the plan and its cost
     mosaics-repro v2-table-3 --workdir DIR --set data.path=tokens.bin
 
