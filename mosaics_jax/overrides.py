@@ -50,18 +50,24 @@ def resize(
 
 
 def apply(experiment: config_lib.Experiment, assignments: Iterable[str]) -> config_lib.Experiment:
-  """`experiment` with every "KEY=VALUE" of `assignments` applied in order, then its sequence
-  lengths checked (`Experiment.check_lengths`)."""
+  """`experiment` with every "KEY=VALUE" of `assignments` applied in order (`assign`), then its
+  sequence lengths checked (`Experiment.check_lengths`)."""
+  experiment = assign(experiment, assignments)
+  experiment.check_lengths()
+  return experiment
+
+
+def assign(config: Any, assignments: Iterable[str]) -> Any:
+  """The config dataclass `config` with every "KEY=VALUE" of `assignments` applied in order."""
   for assignment in assignments:
     key, sep, text = assignment.partition("=")
     if not sep:
       raise config_lib.ConfigError(f"--set takes KEY=VALUE, got {assignment!r}")
     try:
-      experiment = override(experiment, key, parse_value(text, field_hint(experiment, key)))
+      config = override(config, key, parse_value(text, field_hint(config, key)))
     except config_lib.ConfigError as e:
       raise config_lib.ConfigError(f"{assignment}: {e}") from None
-  experiment.check_lengths()
-  return experiment
+  return config
 
 
 def parse_value(text: str, hint: Any) -> Any:

@@ -79,18 +79,7 @@ def experiment(
   moons = registry.all_moons_experiments()
   if name not in moons:
     return overrides.apply(registry.get(name), assignments)
-  found = moons[name]
-  for assignment in assignments:
-    key, sep, text = assignment.partition("=")
-    if not sep:
-      raise config_lib.ConfigError(f"--set takes KEY=VALUE, got {assignment!r}")
-    try:
-      found = overrides.override(
-          found, key, overrides.parse_value(text, overrides.field_hint(found, key))
-      )
-    except config_lib.ConfigError as e:
-      raise config_lib.ConfigError(f"{assignment}: {e}") from None
-  return found
+  return overrides.assign(moons[name], assignments)
 
 
 def _moons_flops(e: config_lib.MoonsExperiment) -> float:

@@ -14,7 +14,6 @@ Axis legend: b = batch, t = time, f = features.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 
@@ -90,16 +89,7 @@ def train(experiment: config_lib.MoonsExperiment, workdir: str | os.PathLike) ->
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   manager = checkpoints.Checkpoints(workdir / checkpoints.CHECKPOINTS_DIR, keep=2)
-  config_path = workdir / checkpoints.CONFIG_FILE
-  mine = config_lib.to_dict(experiment)
-  if manager.steps() and config_path.exists():
-    theirs = json.loads(config_path.read_text(encoding="utf-8"))
-    if theirs.get("model") != mine["model"]:
-      raise checkpoints.CheckpointError(
-          f"{workdir} holds a run of another model ({theirs.get('model')}, not"
-          f" {mine['model']}); use another workdir"
-      )
-  config_path.write_text(json.dumps(mine, indent=2) + "\n", encoding="utf-8")
+  checkpoints.check_or_save_config(workdir, experiment, has_checkpoints=bool(manager.steps()))
   state = init_state(experiment)
   restored = manager.restore_latest(state)
   start = 0 if restored is None else restored[0]
