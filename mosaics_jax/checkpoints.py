@@ -274,7 +274,10 @@ def _first_mismatch(saved: Any, template: Any) -> str | None:
 
 
 def check_or_save_config(
-    workdir: pathlib.Path, experiment: config_lib.Experiment, *, has_checkpoints: bool
+    workdir: pathlib.Path,
+    experiment: config_lib.Experiment | config_lib.MoonsExperiment,
+    *,
+    has_checkpoints: bool,
 ) -> None:
   """Saves the resolved config in workdir; refuses a workdir that holds another model's run.
 
