@@ -187,6 +187,36 @@ _Q = decl.Quantity(run="mm1", evaluation="synthetic", metric="accuracy")
             "not an earlier run",
         ),
         (_with(accelerator="tpu-v9"), "unknown accelerator"),
+        (
+            _with(checks=(dataclasses.replace(TINY.checks[0], precondition=True),)),
+            "the claim needs one of its own",
+        ),
+        (_with(sweep=decl.Sweep(runs=("gpt",), values=(1e-3, 3e-3))), "unknown runs ['gpt']"),
+        (_with(sweep=decl.Sweep(runs=("mm1",), values=(1e-3, 1e-3))), "2 or more distinct"),
+        (_with(sweep=decl.Sweep(runs=("mm1",), values=(1e-3, 3e-3), seed=1)), "report's seeds"),
+        (
+            _with(
+                sweep=decl.Sweep(runs=("mm1",), values=(1e-3, 3e-3), overrides=("train.seed=5",))
+            ),
+            "its own",
+        ),
+        (
+            _with(sweep=decl.Sweep(runs=("mm1",), values=(1e-3, 3e-3), key="train.lerning_rate")),
+            "did you mean learning_rate",
+        ),
+        (
+            _with(
+                runs=(
+                    decl.Run(name="a", experiment="mm2-small"),
+                    decl.Run(name="b", experiment="mm2-small-32k", init_from="a"),
+                ),
+                checks=(),
+                paper=(),
+                equal_params=(),
+                sweep=decl.Sweep(runs=("b",), values=(1e-3, 3e-3)),
+            ),
+            "a three-moons run or a fine-tune",
+        ),
     ],
 )
 def test_bad_declarations_are_named(bad, error):
@@ -257,6 +287,78 @@ def test_the_report_averages_the_runs_results_and_decides(tmp_path):
   runner.results_path(tmp_path, repro, "llama", 0, "synthetic").unlink()
   runner.results_path(tmp_path, repro, "llama", 1, "synthetic").unlink()
   assert report_lib.write(repro, tmp_path, seeds=2).verdict == "incomplete"
+
+
+def test_a_failed_precondition_makes_the_verdict_inconclusive(tmp_path):
+  at = lambda run, n: decl.Quantity(
+      run=run, evaluation="synthetic", metric="accuracy", where=(("length", n),)
+  )
+  learnt = decl.Check(
+      description="llama learnt at 64", left=at("llama", 64), op=">=", right=0.9, precondition=True
+  )
+  repro = _with(evaluations=TINY.evaluations[1:], checks=(learnt, *TINY.checks))
+  values = {"mm1": [{64: 1.0, 128: 0.9}], "llama": [{64: 0.5, 128: 0.1}]}
+  _fake_results(tmp_path, repro, values)
+  report = report_lib.write(repro, tmp_path, seeds=1)
+  # The claim's check holds, but the baseline never learnt: the experiment cannot answer.
+  assert report.verdict == "inconclusive (precondition failed: llama learnt at 64)"
+  text = report.path.read_text()
+  assert "1 of 1 checks hold, 0 of 1 preconditions" in text
+  preconditions, checks = text.split("## Preconditions")[1].split("## Checks")
+  assert "llama learnt at 64" in preconditions and "mm1 ahead at 128" not in preconditions
+  assert "mm1 ahead at 128" in checks.split("##")[0]
+  # Once it holds, the claim's checks decide; a failed precondition decides even while a
+  # claim's quantity has no result yet.
+  values["llama"][0][64] = 0.95
+  _fake_results(tmp_path, repro, values)
+  assert report_lib.write(repro, tmp_path, seeds=1).verdict == "reproduced"
+  values["llama"][0][128] = 0.95
+  _fake_results(tmp_path, repro, values)
+  assert report_lib.write(repro, tmp_path, seeds=1).verdict == "not reproduced"
+  values["llama"][0][64] = 0.5
+  _fake_results(tmp_path, repro, values)
+  runner.results_path(tmp_path, repro, "mm1", 0, "synthetic").unlink()
+  assert report_lib.write(repro, tmp_path, seeds=1).verdict.startswith("inconclusive")
+
+
+def _sweep_result(run, value, loss, diverged=None):
+  return {"run": run, "value": value, "val_loss": loss, "diverged": diverged, "seconds": 1.0}
+
+
+def test_the_sweep_chooses_the_lowest_final_validation_loss_of_each_run():
+  repro = _with(sweep=decl.Sweep(runs=("mm1", "llama"), values=(1e-3, 3e-3, 1e-2)))
+  results = [
+      _sweep_result("mm1", 1e-3, 2.0),
+      _sweep_result("mm1", 3e-3, 1.5),
+      _sweep_result("mm1", 1e-2, None, diverged="stopped at step 3"),
+      _sweep_result("llama", 1e-3, 1.2),
+      _sweep_result("llama", 3e-3, float("nan")),
+      _sweep_result("llama", 1e-2, 1.9),
+  ]
+  assert runner.chosen_values(repro, results) == {"mm1": 3e-3, "llama": 1e-3}
+  unfinished = [*results[:5], _sweep_result("llama", 1e-2, None)]
+  with pytest.raises(plan_lib.ReproError, match="neither finished nor diverged"):
+    runner.chosen_values(repro, unfinished)
+  diverged = [r if r["run"] == "mm1" else {**r, "val_loss": None, "diverged": "x"} for r in results]
+  with pytest.raises(plan_lib.ReproError, match="every value of the sweep of llama"):
+    runner.chosen_values(repro, diverged)
+
+
+def test_the_sweep_is_planned_apart_from_the_seeds(capsys):
+  sweep = decl.Sweep(runs=("llama",), values=(1e-3, 3e-3), overrides=("train.steps=4",))
+  repro = _with(sweep=sweep)
+  planned = plan_lib.plan(repro)
+  swept = plan_lib.sweep_plan(repro, planned)
+  assert [(p.run.name, p.swept) for p in swept] == [("llama", 1e-3), ("llama", 3e-3)]
+  for p in swept:
+    assert p.experiment.train.learning_rate == p.swept
+    assert p.experiment.train.seed == sweep.seed and p.experiment.train.steps == 4
+  with pytest.raises(plan_lib.ReproError, match="the reproduction's sweep chooses it"):
+    plan_lib.plan(repro, ("train.learning_rate=0.1",))
+  text = plan_lib.format_plan(repro, planned, 2, 1e9)
+  assert "| llama (sweep train.learning_rate=0.003) |" in text
+  total = 2 * sum(p.train_flops for p in planned) + sum(p.train_flops for p in swept)
+  assert f"and the sweep's 2 training(s): {total:.3g} training FLOPs" in text
 
 
 def test_a_corrupt_results_file_is_named_and_left_as_it_is(tmp_path):
@@ -356,3 +458,37 @@ def test_a_tiny_reproduction_trains_resumes_evaluates_and_reports(tmp_path, monk
   assert "trained 0 run(s), ran 0 evaluation(s)" in capsys.readouterr().out
   assert (tmp_path / report_lib.RESULTS).read_text() == before
   assert (tmp_path / report_lib.PLOTS).exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_trains_first_skips_a_diverged_value_and_trains_the_seeds_at_its_choice(
+    tmp_path, monkeypatch, capsys
+):
+  last = decl.Quantity(
+      run="mm1", evaluation=decl.TRAINING, metric="val_loss", where=(("last", True),)
+  )
+  repro = _with(
+      name="tiny-sweep",
+      runs=TINY.runs[:1],
+      evaluations=TINY.evaluations[:1],
+      checks=(decl.Check(description="finite", left=last, op="<=", right=1e9),),
+      paper=(),
+      equal_params=(),
+      sweep=decl.Sweep(runs=("mm1",), values=(3e-3, 1e30)),  # 1e30 overflows float32 at once.
+  )
+  monkeypatch.setattr(registry, "all_reproductions", lambda: {"tiny-sweep": repro})
+  command = ["tiny-sweep", "--workdir", str(tmp_path), "--seeds", "1", "--no-progress"]
+  assert repro_cli.main(command) == 0
+  assert "trained 2 run(s)" in capsys.readouterr().out  # The finite value, then seed 0.
+  diverged = runner.sweep_dir(tmp_path, "mm1", 1e30) / runner.RESULTS_DIR / runner.DIVERGED
+  assert "the loss is nan" in json.loads(diverged.read_text())["error"]
+  swept = json.loads((tmp_path / runner.SWEEP).read_text())
+  assert [(r["value"], r["chosen"]) for r in swept] == [(3e-3, True), (1e30, False)]
+  own = metrics.read_metrics(runner.sweep_dir(tmp_path, "mm1", 3e-3))
+  assert swept[0]["val_loss"] == [r["loss"] for r in own if r.get("split") == "val"][-1]
+  seed_config = json.loads((runner.run_dir(tmp_path, "mm1", 0) / "config.json").read_text())
+  assert seed_config["train"]["learning_rate"] == 3e-3 and seed_config["train"]["seed"] == 0
+  text = (tmp_path / report_lib.REPORT).read_text()
+  assert "## Sweep of train.learning_rate" in text and "| mm1 | 1.000e+30 | diverged |" in text
+  assert repro_cli.main(command) == 0
+  assert "trained 0 run(s)" in capsys.readouterr().out

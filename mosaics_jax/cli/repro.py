@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     return progress.stopped_by.exit_code
   print(
-      f"{repro.name}: {report.verdict} ({sum(bool(o.holds) for o in report.outcomes)} of"
-      f" {len(report.outcomes)} checks hold); trained {progress.trained} run(s), ran"
+      f"{repro.name}: {report.verdict} ({report_lib.held(report.outcomes)}); trained"
+      f" {progress.trained} run(s), ran"
       f" {progress.evaluated} evaluation(s)\n  report:  {report.path} (seeds"
       f" {report_lib.seed_ranges(range(seeds))})\n  results:"
       f" {report.path.parent / report_lib.RESULTS} (seeds"

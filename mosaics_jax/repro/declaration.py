@@ -81,7 +81,11 @@ class Quantity:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Check:
-  """Holds when `left op scale * right + offset` (right a Quantity or a number)."""
+  """Holds when `left op scale * right + offset` (right a Quantity or a number).
+
+  A precondition says that the experiment can answer the claim (a baseline learnt the task, a
+  task is off its ceiling): when one fails, the verdict is "inconclusive", not "not reproduced".
+  """
 
   description: str
   left: Quantity
@@ -89,6 +93,21 @@ class Check:
   right: Quantity | float
   scale: float = 1.0
   offset: float = 0.0
+  precondition: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Sweep:
+  """A hyperparameter chosen per run before its seeds train: each run of `runs` trains once at
+  each of `values` (seed `seed`, with `overrides` after the run's own), and its seeds then train at
+  the value of the lowest final validation loss on the training distribution (`val_loss` of
+  metrics.jsonl), never on an evaluation of the claim."""
+
+  runs: tuple[str, ...]
+  values: tuple[float, ...]
+  key: str = "train.learning_rate"
+  seed: int = 1000  # Apart from the report's seeds 0 to N - 1.
+  overrides: tuple[str, ...] = ()  # KEY=VALUE of the sweep's trainings only (e.g. fewer steps).
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -111,6 +130,7 @@ class Reproduction:
   runs: tuple[Run, ...]
   evaluations: tuple[Evaluation, ...]
   checks: tuple[Check, ...] = ()
+  sweep: Sweep | None = None
   paper: tuple[PaperNumber, ...] = ()
   seeds: int = 2  # Seeds of every run for the report.
   # Groups of runs compared at equal size: their parameter counts agree within 10%.

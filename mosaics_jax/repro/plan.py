@@ -43,6 +43,7 @@ class PlannedRun:
   params: int
   flops_per_token: float  # Forward, at the training context (mosaics-info's convention).
   tokens: int  # steps x batch x context.
+  swept: float | None = None  # The sweep's value this training tries (`sweep_plan`).
 
   @property
   def train_flops(self) -> float:
@@ -97,6 +98,8 @@ def plan(repro: decl.Reproduction, assignments: tuple[str, ...] = ()) -> list[Pl
     raise ReproError(
         "--set train.seed: a reproduction sets each run's seed itself (0 to --seeds - 1)"
     )
+  if repro.sweep is not None and any(a.partition("=")[0] == repro.sweep.key for a in assignments):
+    raise ReproError(f"--set {repro.sweep.key}: the reproduction's sweep chooses it")
   assignments, task_assignments = split_assignments(repro, assignments)
   for evaluation in repro.evaluations:
     if evaluation.task != decl.TRAINING:
@@ -110,12 +113,7 @@ def plan(repro: decl.Reproduction, assignments: tuple[str, ...] = ()) -> list[Pl
       found = experiment(run.experiment, (*run.overrides, *assignments))
     except config_lib.ConfigError as e:
       raise ReproError(f"{repro.name}: run {run.name}: {e}") from None
-    tokens = found.train.steps * found.train.batch_size * found.data.seq_len
-    if isinstance(found, config_lib.MoonsExperiment):
-      out.append(PlannedRun(run, found, found.model.params, _moons_flops(found), tokens))
-      continue
-    report = flops.count(found.model, found.data.seq_len)
-    out.append(PlannedRun(run, found, report.params, report.flops_per_token, tokens))
+    out.append(_planned(run, found))
   _check_equal_params(repro, {p.run.name: p.params for p in out})
   models = {p.run.name: p.experiment.model for p in out}
   for p in out:
@@ -126,6 +124,34 @@ def plan(repro: decl.Reproduction, assignments: tuple[str, ...] = ()) -> list[Pl
             f"{repro.name}: run {p.run.name} fine-tunes {p.run.init_from}, another model: "
             + ", ".join(differing)
         )
+  return out
+
+
+def _planned(
+    run: decl.Run,
+    found: config_lib.Experiment | config_lib.MoonsExperiment,
+    swept: float | None = None,
+) -> PlannedRun:
+  tokens = found.train.steps * found.train.batch_size * found.data.seq_len
+  if isinstance(found, config_lib.MoonsExperiment):
+    return PlannedRun(run, found, found.model.params, _moons_flops(found), tokens, swept)
+  report = flops.count(found.model, found.data.seq_len)
+  return PlannedRun(run, found, report.params, report.flops_per_token, tokens, swept)
+
+
+def sweep_plan(repro: decl.Reproduction, planned: list[PlannedRun]) -> list[PlannedRun]:
+  """The sweep's trainings (`decl.Sweep`): each swept run of `planned` at each value, at the
+  sweep's seed and with its overrides; none without a sweep."""
+  sweep = repro.sweep
+  if sweep is None:
+    return []
+  out = []
+  for p in planned:
+    if p.run.name in sweep.runs:
+      base = overrides.override(p.experiment, "train.seed", sweep.seed)
+      base = overrides.apply(base, sweep.overrides)
+      for value in sweep.values:
+        out.append(_planned(p.run, overrides.override(base, sweep.key, value), value))
   return out
 
 
@@ -181,11 +207,44 @@ def validate(repro: decl.Reproduction) -> None:
           )
         if not moons:
           _check_model_overrides(where, evaluation, found.model)
+  if repro.checks and all(c.precondition for c in repro.checks):
+    raise ReproError(f"{where}: every check is a precondition; the claim needs one of its own")
+  if repro.sweep is not None:
+    _check_sweep(where, repro, names)
   quantities = [c.left for c in repro.checks]
   quantities += [c.right for c in repro.checks if isinstance(c.right, decl.Quantity)]
   quantities += [p.ours for p in repro.paper if p.ours is not None]
   for quantity in quantities:
     _check_quantity(where, quantity, names, evaluations)
+
+
+def _check_sweep(where: str, repro: decl.Reproduction, names: list[str]) -> None:
+  sweep = repro.sweep
+  unknown = sorted(set(sweep.runs) - set(names))
+  if unknown or not sweep.runs:
+    raise ReproError(f"{where}: the sweep names unknown runs {unknown or 'none'}")
+  if len(set(sweep.values)) != len(sweep.values) or len(sweep.values) < 2:
+    raise ReproError(f"{where}: the sweep needs 2 or more distinct values, got {sweep.values}")
+  if sweep.seed < repro.seeds:
+    raise ReproError(
+        f"{where}: the sweep's seed {sweep.seed} is one of the report's seeds (0 to"
+        f" {repro.seeds - 1}); the chosen value would be tested on its own training"
+    )
+  if any(a.partition("=")[0] in ("train.seed", sweep.key) for a in sweep.overrides):
+    raise ReproError(f"{where}: the sweep's overrides set train.seed or {sweep.key}, its own")
+  for run in repro.runs:
+    if run.name not in sweep.runs:
+      continue
+    found = experiment(run.experiment, run.overrides)
+    if isinstance(found, config_lib.MoonsExperiment) or run.init_from is not None:
+      raise ReproError(
+          f"{where}: the sweep's run {run.name} is a three-moons run or a fine-tune; it sweeps"
+          " language models trained from scratch"
+      )
+    try:
+      overrides.apply(found, (*sweep.overrides, f"{sweep.key}={sweep.values[0]}"))
+    except config_lib.ConfigError as e:
+      raise ReproError(f"{where}: the sweep: {e}") from None
 
 
 def _check_model_overrides(where: str, evaluation: decl.Evaluation, model: Any) -> None:
@@ -254,20 +313,25 @@ def format_plan(
       f" FLOPs | hours here | {chip} chip-hours |",
       "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
-  for p in planned:
+  swept = sweep_plan(repro, planned)
+  for p in [*planned, *swept]:
+    name = p.run.name if p.swept is None else f"{p.run.name} (sweep {repro.sweep.key}={p.swept})"
     lines.append(
-        f"| {p.run.name} | {p.run.experiment} | {' '.join(p.run.overrides) or '-'} |"
+        f"| {name} | {p.run.experiment} | {' '.join(p.run.overrides) or '-'} |"
         f" {p.params:,} | {p.experiment.data.seq_len} | {p.experiment.train.steps} |"
         f" {p.tokens:.3g} | {p.flops_per_token:.4g} | {p.train_flops:.3g} |"
         f" {p.host_hours(matmul_flops_per_second):.3g} | {p.chip_hours(chip):.3g} |"
     )
-  flops_total = seeds * sum(p.train_flops for p in planned)
-  host = seeds * sum(p.host_hours(matmul_flops_per_second) for p in planned)
-  chips = seeds * sum(p.chip_hours(chip) for p in planned)
+  # The report's seeds train every run; the sweep trains each of its rows once.
+  counted = [*(p for p in planned for _ in range(seeds)), *swept]
+  flops_total = sum(p.train_flops for p in counted)
+  host = sum(p.host_hours(matmul_flops_per_second) for p in counted)
+  chips = sum(p.chip_hours(chip) for p in counted)
+  sweep = f" and the sweep's {len(swept)} training(s)" if swept else ""
   lines += [
       "",
-      f"total over {seeds} seed(s): {flops_total:.3g} training FLOPs; about {host:.3g} hours on"
-      f" this machine (its matmul rate {matmul_flops_per_second / 1e9:.1f} GFLOP/s at"
+      f"total over {seeds} seed(s){sweep}: {flops_total:.3g} training FLOPs; about {host:.3g}"
+      f" hours on this machine (its matmul rate {matmul_flops_per_second / 1e9:.1f} GFLOP/s at"
       f" {HOST_UTILISATION:.0%} utilisation), {chips:.3g} {chip} chip-hours (peak"
       f" {decl.ACCELERATORS[chip] / 1e12:.0f} TFLOP/s at {ACCELERATOR_UTILISATION:.0%});"
       " evaluations not included.",

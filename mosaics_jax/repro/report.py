@@ -4,8 +4,9 @@ checks and of the paper's numbers averaged over seeds, the verdict, plots and wa
 
 The report is of the seeds of the command (`--seeds N`: 0 to N - 1), and says which: a table's
 mean is over the seeds in its row's per-seed column, and a check holds or fails once each of its
-sides has every one of them. The verdict is "reproduced" when every check holds, "not reproduced"
-when one fails, and "incomplete" while a check waits for a result.
+sides has every one of them. The verdict is "inconclusive" when a precondition fails (the
+experiment cannot answer: it names the precondition), else "reproduced" when every check of the
+claim holds, "not reproduced" when one fails, and "incomplete" while a check waits for a result.
 
 DIR/results.jsonl keeps every result ever gathered: a command replaces the records of the runs,
 seeds and evaluations it gathers (an evaluation's records together, as its file is written whole)
@@ -84,7 +85,12 @@ def gather(repro: decl.Reproduction, root: pathlib.Path, seeds: int) -> list[dic
         if path.exists():
           for record in _read_records(path):
             out.append(
-                {"run": run.name, "train_seed": seed, "evaluation": evaluation.name, **record}
+                {
+                    "run": run.name,
+                    "train_seed": seed,
+                    "evaluation": evaluation.name,
+                    **record,
+                }
             )
   return out
 
@@ -183,9 +189,22 @@ def outcome(records: Sequence[dict[str, Any]], check: decl.Check, seeds: int) ->
 
 
 def verdict(outcomes: Sequence[Outcome]) -> str:
+  failed = [o.check.description for o in outcomes if o.check.precondition and o.holds is False]
+  if failed:
+    return f"inconclusive (precondition failed: {'; '.join(failed)})"
   if any(o.holds is None for o in outcomes) or not outcomes:
     return "incomplete"
   return "reproduced" if all(o.holds for o in outcomes) else "not reproduced"
+
+
+def held(outcomes: Sequence[Outcome]) -> str:
+  """How many checks of the claim hold, and how many preconditions: "2 of 3 checks hold"."""
+  claims = [o for o in outcomes if not o.check.precondition]
+  text = f"{sum(bool(o.holds) for o in claims)} of {len(claims)} checks hold"
+  preconditions = [o for o in outcomes if o.check.precondition]
+  if preconditions:
+    text += f", {sum(bool(o.holds) for o in preconditions)} of {len(preconditions)} preconditions"
+  return text
 
 
 def write(
@@ -285,7 +304,6 @@ def _markdown(
     root: pathlib.Path,
     plotted: list[str],
 ) -> str:
-  held = sum(bool(o.holds) for o in outcomes)
   covered = seed_ranges(range(seeds))
   others = sorted(set(recorded) - set(range(seeds)))
   kept = (
@@ -302,30 +320,27 @@ def _markdown(
       "",
       f"**Claim** ({repro.source}): {repro.claim}",
       "",
-      f"**Verdict: {verdict(outcomes)}** ({held} of {len(outcomes)} checks hold; {repro.scale}"
+      f"**Verdict: {verdict(outcomes)}** ({held(outcomes)}; {repro.scale}"
       f" scale; means ± sample standard deviation over seeds {covered}).",
       "",
       f"Seeds: {covered} (`--seeds {seeds}`). A mean is over the seeds in its row's per-seed"
       f" column; a check holds or fails once each quantity it compares has every seed.{kept}",
       "",
       f"Command: `{command}`",
-      "",
-      "## Checks",
-      "",
-      "| check | ours | bound | holds |",
-      "|---|---:|---:|---|",
   ]
-  for o in outcomes:
-    c = o.check
-    right = c.right if isinstance(c.right, decl.Quantity) else _number(c.right)
-    scale = "" if c.scale == 1.0 else f"{_number(c.scale)} × "
-    offset = "" if c.offset == 0.0 else f" {'+' if c.offset > 0 else '-'} {_number(abs(c.offset))}"
-    rule = f"{c.left} {c.op} {scale}{right}{offset}"
-    bound = "-" if o.bound is None else f"{c.op} {_number(o.bound)}"
-    holds = {True: "yes", False: "**no**"}.get(
-        o.holds, f"no result yet of seed(s) {seed_ranges(o.missing)}"
-    )
-    lines.append(f"| {c.description}: {rule} | {o.left or '-'} | {bound} | {holds} |")
+  preconditions = [o for o in outcomes if o.check.precondition]
+  if preconditions:
+    lines += [
+        "",
+        "## Preconditions",
+        "",
+        "The experiment can answer the claim only when these hold.",
+        "",
+        *_check_table(preconditions),
+    ]
+  lines += ["", "## Checks", "", *_check_table([o for o in outcomes if not o.check.precondition])]
+  if repro.sweep is not None:
+    lines += ["", *_sweep_table(repro, planned, root)]
   if repro.paper:
     lines += [
         "",
@@ -362,7 +377,10 @@ def _markdown(
     if not rows:
       lines += ["no results yet", ""]
       continue
-    lines += ["| run | metric | setting | mean | std | per seed |", "|---|---|---|---:|---:|---|"]
+    lines += [
+        "| run | metric | setting | mean | std | per seed |",
+        "|---|---|---|---:|---:|---|",
+    ]
     for (run, _, _, metric, settings), value in rows:
       setting = ", ".join(f"{k}={v}" for k, v in json.loads(settings).items()) or "-"
       per_seed = ", ".join(f"{s}: {_number(v)}" for s, v in zip(value.seeds, value.values))
@@ -392,10 +410,59 @@ def _markdown(
         f"| {p.run.name} | {p.run.experiment} | {' '.join(p.run.overrides) or '-'} |"
         f" {p.params:,} | {p.tokens:,} | {len(done)} | {per(train)} | {per(evals)} |"
     )
-  lines += ["", f"Wall time of training and evaluation, all seeds: {total / 60:.1f} min.", ""]
+  if repro.sweep is not None:
+    total += sum(r["seconds"] for r in runner.sweep_results(repro, root, planned))
+  lines += [
+      "",
+      f"Wall time of training and evaluation, all seeds (and the sweep): {total / 60:.1f} min.",
+      "",
+  ]
   if repro.notes:
     lines += ["## Notes", "", repro.notes, ""]
   return "\n".join(lines)
+
+
+def _check_table(outcomes: Sequence[Outcome]) -> list[str]:
+  lines = ["| check | ours | bound | holds |", "|---|---:|---:|---|"]
+  for o in outcomes:
+    c = o.check
+    right = c.right if isinstance(c.right, decl.Quantity) else _number(c.right)
+    scale = "" if c.scale == 1.0 else f"{_number(c.scale)} × "
+    offset = "" if c.offset == 0.0 else f" {'+' if c.offset > 0 else '-'} {_number(abs(c.offset))}"
+    rule = f"{c.left} {c.op} {scale}{right}{offset}"
+    bound = "-" if o.bound is None else f"{c.op} {_number(o.bound)}"
+    holds = {True: "yes", False: "**no**"}.get(
+        o.holds, f"no result yet of seed(s) {seed_ranges(o.missing)}"
+    )
+    lines.append(f"| {c.description}: {rule} | {o.left or '-'} | {bound} | {holds} |")
+  return lines
+
+
+def _sweep_table(
+    repro: decl.Reproduction, planned: list[plan_lib.PlannedRun], root: pathlib.Path
+) -> list[str]:
+  """The sweep's trainings: final validation loss, divergence, the choice."""
+  sweep = repro.sweep
+  extra = f", with {' '.join(sweep.overrides)}" if sweep.overrides else ""
+  lines = [
+      f"## Sweep of {sweep.key}",
+      "",
+      f"Each run trained once per value (seed {sweep.seed}{extra}); its seeds train at the value"
+      " of the lowest final validation loss on the training distribution (`val_loss`), chosen"
+      " before any evaluation of the claim.",
+      "",
+      f"| run | {sweep.key} | final val loss | train min | chosen |",
+      "|---|---:|---:|---:|---|",
+  ]
+  results = runner.sweep_results(repro, root, planned)
+  chosen = runner.chosen_values(repro, results)
+  for r in results:
+    loss = "diverged" if r["diverged"] else _number(r["val_loss"])
+    mark = "**yes**" if chosen[r["run"]] == r["value"] else ""
+    lines.append(
+        f"| {r['run']} | {_number(r['value'])} | {loss} | {_number(r['seconds'] / 60)} | {mark} |"
+    )
+  return lines
 
 
 def _is_last(records: list[dict[str, Any]], key: tuple) -> bool:

@@ -5,6 +5,8 @@ evaluated, and writes the report.
     DIR/runs/<run>-seed<k>/                  a training workdir (mosaics_jax.load reads it)
     DIR/runs/<run>-seed<k>/repro/<name>/<eval>.jsonl  its results of one evaluation
     DIR/runs/<run>-seed<k>/repro/timing.json  wall seconds of its training and evaluations
+    DIR/sweep/<run>-<value>/                 a training of the sweep (`decl.Sweep`), first
+    DIR/sweep.json                           the sweep's final validation losses and choices
     DIR/results.jsonl, DIR/report.md, DIR/plots.png   (`report`)
 
 Every step is resumable: a run resumes from its newest checkpoint (`train.loop`), a finished run
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import tempfile
@@ -37,6 +40,10 @@ from mosaics_jax.train import loop, metrics, moons as train_moons, preemption as
 MANIFEST = "reproduction.json"
 RESULTS_DIR = "repro"
 TIMING = "timing.json"
+SWEEP = "sweep.json"
+DIVERGED = (
+    "diverged.json"  # In a sweep training's RESULTS_DIR: why it stopped (loop.DivergedError).
+)
 
 
 def run_dir(root: pathlib.Path, run: str, seed: int) -> pathlib.Path:
@@ -49,6 +56,10 @@ def results_path(
   """Where a run's results of one evaluation of `repro` are: apart from other reproductions', so
   that a run linked into several directories keeps each one's evaluations."""
   return run_dir(root, run, seed) / RESULTS_DIR / repro.name / f"{evaluation}.jsonl"
+
+
+def sweep_dir(root: pathlib.Path, run: str, value: float) -> pathlib.Path:
+  return root / "sweep" / f"{run}-{value!r}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,10 +89,39 @@ def run(
     for p in planned:
       timing(run_dir(root, p.run.name, seed))
   trained = evaluated = 0
+  chosen: dict[str, float] = {}
+  if repro.sweep is not None:
+    if seeds > repro.sweep.seed:
+      raise plan_lib.ReproError(
+          f"--seeds {seeds} includes the sweep's seed {repro.sweep.seed}: its choice would be"
+          " tested on its own training"
+      )
+    for p in plan_lib.sweep_plan(repro, planned):
+      workdir = sweep_dir(root, p.run.name, p.swept)
+      if _finished(workdir, p.experiment) or (workdir / RESULTS_DIR / DIVERGED).exists():
+        continue
+      log(f"sweep: training {p.run.name} at {repro.sweep.key}={p.swept} in {workdir}")
+      start = time.perf_counter()
+      try:
+        result = loop.train(p.experiment, workdir, progress=progress)
+      except loop.DivergedError as e:  # A value too high for the run: the sweep goes on.
+        write_json(workdir / RESULTS_DIR / DIVERGED, {"error": str(e)})
+        log(f"sweep: {p.run.name} at {repro.sweep.key}={p.swept} diverged: {e}")
+        continue
+      finally:
+        _add_seconds(workdir, "train_seconds", time.perf_counter() - start)
+      trained += 1
+      if result.stopped_by is not None:
+        return Progress(trained, evaluated, result.stopped_by, workdir)
+    results = sweep_results(repro, root, planned)
+    chosen = chosen_values(repro, results)
+    write_json(root / SWEEP, [{**r, "chosen": chosen[r["run"]] == r["value"]} for r in results])
   for seed in range(seeds):
     for p in planned:
       workdir = run_dir(root, p.run.name, seed)
       experiment = overrides.override(p.experiment, "train.seed", seed)
+      if p.run.name in chosen:
+        experiment = overrides.override(experiment, repro.sweep.key, chosen[p.run.name])
       if _finished(workdir, experiment):
         continue
       log(f"training {p.run.name} seed {seed} ({experiment.name}) in {workdir}")
@@ -108,6 +148,56 @@ def run(
     for p in planned:
       evaluated += _evaluate(repro, root, p, seed, task_assignments, progress, log)
   return Progress(trained, evaluated, None)
+
+
+def sweep_results(
+    repro: decl.Reproduction, root: pathlib.Path, planned: list[plan_lib.PlannedRun]
+) -> list[dict[str, Any]]:
+  """Each training of the sweep as {"run", "value", "val_loss", "diverged", "seconds"}: the final
+  validation loss once it finished (else None), and why it diverged (else None)."""
+  out = []
+  for p in plan_lib.sweep_plan(repro, planned):
+    workdir = sweep_dir(root, p.run.name, p.swept)
+    diverged = workdir / RESULTS_DIR / DIVERGED
+    loss = None
+    if _finished(workdir, p.experiment):
+      losses = [r for r in training_records(workdir) if r["metric"] == "val_loss"]
+      loss = next((r["value"] for r in losses if r["settings"]["last"]), None)
+    out.append(
+        {
+            "run": p.run.name,
+            "value": p.swept,
+            "val_loss": loss,
+            "diverged": json.loads(diverged.read_text())["error"] if diverged.exists() else None,
+            "seconds": timing(workdir).get("train_seconds", 0.0),
+        }
+    )
+  return out
+
+
+def chosen_values(repro: decl.Reproduction, results: list[dict[str, Any]]) -> dict[str, float]:
+  """Each swept run's value of the lowest final validation loss among `sweep_results`. Raises
+  ReproError when a training is neither finished nor diverged, or every value of a run diverged."""
+  for r in results:
+    if r["val_loss"] is None and r["diverged"] is None:
+      raise plan_lib.ReproError(
+          f"the sweep's training of {r['run']} at {repro.sweep.key}={r['value']} has neither"
+          " finished nor diverged: run the command again"
+      )
+  chosen = {}
+  for run in repro.sweep.runs:
+    finite = [
+        r
+        for r in results
+        if r["run"] == run and r["val_loss"] is not None and math.isfinite(r["val_loss"])
+    ]
+    if not finite:
+      raise plan_lib.ReproError(
+          f"every value of the sweep of {run} ({repro.sweep.key}: {repro.sweep.values}) diverged;"
+          " declare lower ones"
+      )
+    chosen[run] = min(finite, key=lambda r: r["val_loss"])["value"]
+  return chosen
 
 
 def _check_manifest(root: pathlib.Path, repro: decl.Reproduction, assignments: tuple[str, ...]):

@@ -49,6 +49,10 @@ class TrainingError(RuntimeError):
   """A run that cannot start or cannot go on; the message says why and what was kept."""
 
 
+class DivergedError(TrainingError):
+  """A run stopped at a non-finite loss or update (a learning rate too high, bad data)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class RunResult:
   """Where a finished or stopped run stands."""
@@ -256,7 +260,7 @@ def _train(experiment, workdir, progress, init_from, restart, preemption) -> Run
   val = None
   clock, clock_step = time.perf_counter(), start
 
-  def diverged(step: int, what: str) -> TrainingError:
+  def diverged(step: int, what: str) -> DivergedError:
     ckpts.wait()
     if last_saved:
       kept = (
@@ -265,7 +269,7 @@ def _train(experiment, workdir, progress, init_from, restart, preemption) -> Run
       )
     else:
       kept = "No checkpoint was saved before it"
-    return TrainingError(
+    return DivergedError(
         f"stopped at step {step}: {what}. {kept}. Lower train.learning_rate or check the data."
     )
 
