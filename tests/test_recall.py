@@ -89,6 +89,8 @@ def test_copy_scores_the_passage_and_its_copy(tmp_path):
   assert found["loss_copy", 40] == pytest.approx(losses[:, 20:].mean(), rel=1e-5)
   right = log_probs.argmax(-1) == targets
   assert found["accuracy_copy", 40] == pytest.approx(right[:, 20:].mean())
+  gain = losses[:, :19].mean() - losses[:, 20:].mean()
+  assert found["retrieval_gain", 40] == pytest.approx(gain, rel=1e-4, abs=1e-6)
 
 
 def test_what_a_recall_task_lacks_is_named(tmp_path):

@@ -244,9 +244,10 @@ def test_dry_run_flops_are_mosaics_info_counts(name, capsys):
 
 
 def _fake_results(root, repro, values):
-  """Writes evaluation files as the runner does: values[run][seed][length] of `synthetic`."""
+  """Writes evaluation files as the runner does: values[run][k][length] of `synthetic`, of the
+  k-th seed of `repro`."""
   for run, by_seed in values.items():
-    for seed, by_length in enumerate(by_seed):
+    for seed, by_length in zip(repro.train_seeds(len(by_seed)), by_seed):
       records = [
           {
               "task": "synthetic",
@@ -287,6 +288,25 @@ def test_the_report_averages_the_runs_results_and_decides(tmp_path):
   runner.results_path(tmp_path, repro, "llama", 0, "synthetic").unlink()
   runner.results_path(tmp_path, repro, "llama", 1, "synthetic").unlink()
   assert report_lib.write(repro, tmp_path, seeds=2).verdict == "incomplete"
+
+
+def test_a_redesign_reports_its_own_fresh_seeds(tmp_path):
+  old = _with(evaluations=TINY.evaluations[1:])
+  _fake_results(tmp_path, old, {"mm1": [{64: 1.0, 128: 0.9}], "llama": [{64: 0.5, 128: 0.1}]})
+  fresh = dataclasses.replace(old, first_seed=10)
+  # The old seed 0 holds no result of the redesign: its check waits for seeds 10 and 11.
+  report = report_lib.write(fresh, tmp_path, seeds=2)
+  assert report.verdict == "incomplete" and report.outcomes[0].missing == (10, 11)
+  values = {"mm1": [{64: 1.0, 128: 0.2}] * 2, "llama": [{64: 0.5, 128: 0.6}] * 2}
+  _fake_results(tmp_path, fresh, values)
+  assert runner.results_path(tmp_path, fresh, "mm1", 11, "synthetic").exists()
+  report = report_lib.write(fresh, tmp_path, seeds=2)
+  assert report.verdict == "not reproduced" and report.outcomes[0].left.seeds == (10, 11)
+  assert "over seeds 10-11" in report.path.read_text()
+  with pytest.raises(plan_lib.ReproError, match=r"one of the report's seeds \[10, 11\]"):
+    plan_lib.plan(
+        dataclasses.replace(fresh, sweep=decl.Sweep(runs=("mm1",), values=(1, 2), seed=11))
+    )
 
 
 def test_a_failed_precondition_makes_the_verdict_inconclusive(tmp_path):

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
       f"{repro.name}: {report.verdict} ({report_lib.held(report.outcomes)}); trained"
       f" {progress.trained} run(s), ran"
       f" {progress.evaluated} evaluation(s)\n  report:  {report.path} (seeds"
-      f" {report_lib.seed_ranges(range(seeds))})\n  results:"
+      f" {report_lib.seed_ranges(repro.train_seeds(seeds))})\n  results:"
       f" {report.path.parent / report_lib.RESULTS} (seeds"
       f" {report_lib.seed_ranges(report.recorded)})"
   )

@@ -10,7 +10,9 @@ of answers whose greedy next token is right, and `loss`, the mean loss on the an
 passage again: the copy is predictable only by looking back length // 2 tokens, so it measures
 retrieval from long context on natural text (the "repeated tokens" test of induction heads).
 Per length: `loss_first` (the passage read the first time), `loss_copy` and `accuracy_copy`
-(greedy next token) on the copy, whose first token is excluded (nothing announces the repeat).
+(greedy next token) on the copy, whose first token is excluded (nothing announces the repeat), and
+`retrieval_gain` = loss_first - loss_copy: what reading the passage before is worth, in nats per
+token (accuracy also counts what the language model predicts without looking back).
 
 Axis legend: r = rows, t = targets, v = vocabulary.
 """
@@ -190,9 +192,11 @@ def run_copy(harness: harness_lib.Harness, settings: CopySettings) -> list[resul
     # (target half - 1, the copy's first token, is unpredictable).
     first, copy = slice(0, half - 1), slice(half, 2 * half - 1)
     row = {"length": 2 * half}
+    loss_first, loss_copy = float(losses[:, first].mean()), float(losses[:, copy].mean())
     out += [
-        results_lib.Result(COPY, "loss_first", float(losses[:, first].mean()), count, row, fields),
-        results_lib.Result(COPY, "loss_copy", float(losses[:, copy].mean()), count, row, fields),
+        results_lib.Result(COPY, "loss_first", loss_first, count, row, fields),
+        results_lib.Result(COPY, "loss_copy", loss_copy, count, row, fields),
         results_lib.Result(COPY, "accuracy_copy", float(right[:, copy].mean()), count, row, fields),
+        results_lib.Result(COPY, "retrieval_gain", loss_first - loss_copy, count, row, fields),
     ]
   return out

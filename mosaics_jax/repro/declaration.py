@@ -133,8 +133,15 @@ class Reproduction:
   sweep: Sweep | None = None
   paper: tuple[PaperNumber, ...] = ()
   seeds: int = 2  # Seeds of every run for the report.
+  # The first train.seed: a redesigned reproduction trains fresh seeds (first_seed, first_seed +
+  # 1, ...), not those its predecessor's results were seen on.
+  first_seed: int = 0
   # Groups of runs compared at equal size: their parameter counts agree within 10%.
   equal_params: tuple[tuple[str, ...], ...] = ()
   # How the scale differs from the paper's, and how the hyperparameters were chosen.
   notes: str = ""
   accelerator: str = "tpu-v5p"  # The dry-run's chip-hours are of this chip.
+
+  def train_seeds(self, count: int) -> range:
+    """The train.seed of each of `count` seeds."""
+    return range(self.first_seed, self.first_seed + count)

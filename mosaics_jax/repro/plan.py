@@ -159,6 +159,8 @@ def validate(repro: decl.Reproduction) -> None:
   """ReproError naming the first problem: an unknown experiment, override, task, setting or
   accelerator, a quantity of nothing evaluated, a run fine-tuned from a later one."""
   where = f"reproduction {repro.name}"
+  if repro.first_seed < 0:
+    raise ReproError(f"{where}: first_seed must be >= 0, got {repro.first_seed}")
   if repro.seeds < 1:
     raise ReproError(f"{where}: seeds must be >= 1, got {repro.seeds}")
   if repro.accelerator not in decl.ACCELERATORS:
@@ -225,10 +227,11 @@ def _check_sweep(where: str, repro: decl.Reproduction, names: list[str]) -> None
     raise ReproError(f"{where}: the sweep names unknown runs {unknown or 'none'}")
   if len(set(sweep.values)) != len(sweep.values) or len(sweep.values) < 2:
     raise ReproError(f"{where}: the sweep needs 2 or more distinct values, got {sweep.values}")
-  if sweep.seed < repro.seeds:
+  if sweep.seed in repro.train_seeds(repro.seeds):
     raise ReproError(
-        f"{where}: the sweep's seed {sweep.seed} is one of the report's seeds (0 to"
-        f" {repro.seeds - 1}); the chosen value would be tested on its own training"
+        f"{where}: the sweep's seed {sweep.seed} is one of the report's seeds"
+        f" {list(repro.train_seeds(repro.seeds))}; the chosen value would be tested on its own"
+        " training"
     )
   if any(a.partition("=")[0] in ("train.seed", sweep.key) for a in sweep.overrides):
     raise ReproError(f"{where}: the sweep's overrides set train.seed or {sweep.key}, its own")

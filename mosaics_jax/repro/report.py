@@ -2,9 +2,10 @@
 checks and of the paper's numbers averaged over seeds, the verdict, plots and wall times
 (DIR/report.md, DIR/plots.png).
 
-The report is of the seeds of the command (`--seeds N`: 0 to N - 1), and says which: a table's
-mean is over the seeds in its row's per-seed column, and a check holds or fails once each of its
-sides has every one of them. The verdict is "inconclusive" when a precondition fails (the
+The report is of the seeds of the command (`--seeds N`: train.seed first_seed to first_seed +
+N - 1, first_seed 0 unless the reproduction is a redesign on fresh seeds), and says which: a
+table's mean is over the seeds in its row's per-seed column, and a check holds or fails once each
+of its sides has every one of them. The verdict is "inconclusive" when a precondition fails (the
 experiment cannot answer: it names the precondition), else "reproduced" when every check of the
 claim holds, "not reproduced" when one fails, and "incomplete" while a check waits for a result.
 
@@ -78,7 +79,7 @@ def gather(repro: decl.Reproduction, root: pathlib.Path, seeds: int) -> list[dic
   """Every result record of every run, seed and evaluation found under `root`, tagged with `run`,
   `train_seed` and `evaluation`."""
   out = []
-  for seed in range(seeds):
+  for seed in repro.train_seeds(seeds):
     for run in repro.runs:
       for evaluation in repro.evaluations:
         path = runner.results_path(root, repro, run.name, seed, evaluation.name)
@@ -172,14 +173,14 @@ def quantity(records: Sequence[dict[str, Any]], q: decl.Quantity) -> Value | Non
   return Value(tuple(float(by_seed[s][0]["value"]) for s in seeds), seeds)
 
 
-def outcome(records: Sequence[dict[str, Any]], check: decl.Check, seeds: int) -> Outcome:
-  """The check over seeds 0 to `seeds` - 1; undecided (holds None) while a side lacks one: means
+def outcome(records: Sequence[dict[str, Any]], check: decl.Check, seeds: Sequence[int]) -> Outcome:
+  """The check over the train seeds `seeds`; undecided (holds None) while a side lacks one: means
   over different seeds would compare different draws."""
   left = quantity(records, check.left)
   right = check.right
   right_value = quantity(records, right) if isinstance(right, decl.Quantity) else right
   sides = [left, right_value] if isinstance(right, decl.Quantity) else [left]
-  missing = tuple(s for s in range(seeds) if any(v is None or s not in v.seeds for v in sides))
+  missing = tuple(s for s in seeds if any(v is None or s not in v.seeds for v in sides))
   if missing:
     return Outcome(check, left, None, None, missing)
   base = right_value.mean if isinstance(right_value, Value) else float(right_value)
@@ -214,15 +215,15 @@ def write(
     seeds: int,
     assignments: tuple[str, ...] = (),
 ) -> Report:
-  """Gathers the results of seeds 0 to `seeds` - 1 under `root`, adds them to results.jsonl
-  (module docstring) and writes report.md and plots.png of them."""
+  """Gathers the results of `seeds` seeds (`Reproduction.train_seeds`) under `root`, adds them to
+  results.jsonl (module docstring) and writes report.md and plots.png of them."""
   root = pathlib.Path(root).absolute()
   planned = plan_lib.plan(repro, assignments)
   records = gather(repro, root, seeds)
   kept = merge(read_results(root), records)
   runner.write_jsonl(root / RESULTS, kept)
   recorded = tuple(sorted({r["train_seed"] for r in kept}))
-  outcomes = tuple(outcome(records, c, seeds) for c in repro.checks)
+  outcomes = tuple(outcome(records, c, repro.train_seeds(seeds)) for c in repro.checks)
   plotted = [PLOTS] if _plot(repro, records, root / PLOTS) else []
   if plotted and any(e.task == plan_lib.MOONS_TASK for e in repro.evaluations):
     eval_moons.plot(records, root / MOONS_PLOT)
@@ -304,11 +305,12 @@ def _markdown(
     root: pathlib.Path,
     plotted: list[str],
 ) -> str:
-  covered = seed_ranges(range(seeds))
-  others = sorted(set(recorded) - set(range(seeds)))
+  mine = repro.train_seeds(seeds)
+  covered = seed_ranges(mine)
+  others = sorted(set(recorded) - set(mine))
   kept = (
       f" {RESULTS} also keeps seeds {seed_ranges(others)} of earlier commands, left out here"
-      f" (`--seeds {others[-1] + 1}` reports them too)."
+      f" (`--seeds {others[-1] + 1 - repro.first_seed}` reports them too)."
       if others
       else ""
   )
@@ -355,11 +357,7 @@ def _markdown(
         value = quantity(records, p.ours)
         ours = f"no result yet ({p.ours})"
         if value is not None:
-          over = (
-              ""
-              if value.seeds == tuple(range(seeds))
-              else f" over seeds {seed_ranges(value.seeds)}"
-          )
+          over = "" if value.seeds == tuple(mine) else f" over seeds {seed_ranges(value.seeds)}"
           ours = f"{value}{over} ({p.ours})"
       lines.append(f"| {p.what} | {_number(p.value)} | {ours} |")
   lines += ["", "## Results", ""]
@@ -400,7 +398,7 @@ def _markdown(
   ]
   total = 0.0
   for p in planned:
-    spent = [runner.timing(runner.run_dir(root, p.run.name, s)) for s in range(seeds)]
+    spent = [runner.timing(runner.run_dir(root, p.run.name, s)) for s in repro.train_seeds(seeds)]
     done = [t for t in spent if t]
     train = [t.get("train_seconds", 0.0) for t in done]
     evals = [t.get("eval_seconds", 0.0) for t in done]

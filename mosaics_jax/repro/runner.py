@@ -85,13 +85,15 @@ def run(
   root = pathlib.Path(root).absolute()
   planned = plan_lib.plan(repro, assignments)
   _check_manifest(root, repro, assignments)
-  for seed in range(seeds):  # A damaged timing file is named before any work, not after it.
+  for seed in repro.train_seeds(
+      seeds
+  ):  # A damaged timing file is named before any work, not after it.
     for p in planned:
       timing(run_dir(root, p.run.name, seed))
   trained = evaluated = 0
   chosen: dict[str, float] = {}
   if repro.sweep is not None:
-    if seeds > repro.sweep.seed:
+    if repro.sweep.seed in repro.train_seeds(seeds):
       raise plan_lib.ReproError(
           f"--seeds {seeds} includes the sweep's seed {repro.sweep.seed}: its choice would be"
           " tested on its own training"
@@ -116,7 +118,7 @@ def run(
     results = sweep_results(repro, root, planned)
     chosen = chosen_values(repro, results)
     write_json(root / SWEEP, [{**r, "chosen": chosen[r["run"]] == r["value"]} for r in results])
-  for seed in range(seeds):
+  for seed in repro.train_seeds(seeds):
     for p in planned:
       workdir = run_dir(root, p.run.name, seed)
       experiment = overrides.override(p.experiment, "train.seed", seed)
@@ -144,7 +146,7 @@ def run(
       if result.stopped_by is not None:
         return Progress(trained, evaluated, result.stopped_by, workdir)
   _, task_assignments = plan_lib.split_assignments(repro, assignments)
-  for seed in range(seeds):
+  for seed in repro.train_seeds(seeds):
     for p in planned:
       evaluated += _evaluate(repro, root, p, seed, task_assignments, progress, log)
   return Progress(trained, evaluated, None)
