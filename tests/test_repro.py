@@ -364,6 +364,17 @@ def test_the_sweep_chooses_the_lowest_final_validation_loss_of_each_run():
     runner.chosen_values(repro, diverged)
 
 
+def test_a_report_written_before_the_sweep_ends_shows_it_unfinished(tmp_path):
+  # As after a command stopped (SIGTERM) during the sweep: the report is written all the same.
+  repro = _with(
+      evaluations=TINY.evaluations[1:], sweep=decl.Sweep(runs=("mm1",), values=(1e-3, 3e-3))
+  )
+  report = report_lib.write(repro, tmp_path, seeds=1)
+  assert report.verdict == "incomplete"
+  text = report.path.read_text()
+  assert "| mm1 | 0.001 | not trained yet |" in text and "**yes**" not in text
+
+
 def test_the_sweep_is_planned_apart_from_the_seeds(capsys):
   sweep = decl.Sweep(runs=("llama",), values=(1e-3, 3e-3), overrides=("train.steps=4",))
   repro = _with(sweep=sweep)

@@ -453,10 +453,14 @@ def _sweep_table(
       "|---|---:|---:|---:|---|",
   ]
   results = runner.sweep_results(repro, root, planned)
-  chosen = runner.chosen_values(repro, results)
+  # A command stopped during the sweep reports it as far as it went, with no choice yet.
+  done = all(r["val_loss"] is not None or r["diverged"] for r in results)
+  chosen = runner.chosen_values(repro, results) if done else {}
   for r in results:
-    loss = "diverged" if r["diverged"] else _number(r["val_loss"])
-    mark = "**yes**" if chosen[r["run"]] == r["value"] else ""
+    loss = "diverged" if r["diverged"] else "not trained yet"
+    if r["val_loss"] is not None:
+      loss = _number(r["val_loss"])
+    mark = "**yes**" if chosen.get(r["run"]) == r["value"] else ""
     lines.append(
         f"| {r['run']} | {_number(r['value'])} | {loss} | {_number(r['seconds'] / 60)} | {mark} |"
     )
