@@ -64,6 +64,26 @@ _RECALL_TRAIN = TrainConfig(
     checkpoint_every=250,
 )
 
+# Few-shot classification learnt in context (the icl-shots reproduction): bursty sequences of 4
+# training classes in icl_classification's format, in bytes; evaluated on the synthetic dataset's
+# held-out classes. icl_classification's prompts of 4 classes (with the answer) take 480 bytes at 1
+# shot, 740 at 2, 1260 at 4, 2300 at 8 and 4380 at 16: the context holds 8 shots, and 16 is length
+# extrapolation. About 4 minutes on 2 idle CPU cores (a step about 3.5 s).
+_ICL = dict(vocab_size=256, num_layers=2, width=128, num_heads=4)
+_ICL_DATA = DataConfig(
+    source="icl_bursty", name="bursty few-shot classification", tokenizer="byte", seq_len=2304
+)
+_ICL_TRAIN = TrainConfig(
+    batch_size=4,
+    steps=48,
+    learning_rate=3e-3,
+    warmup_steps=6,
+    log_every=4,
+    eval_every=16,
+    eval_batches=4,
+    checkpoint_every=48,
+)
+
 EXPERIMENTS = (
     Experiment(
         name="mm1-tiny",
@@ -208,5 +228,25 @@ EXPERIMENTS = (
         model=LlamaConfig(vocab_size=65, num_layers=2, width=128, num_heads=4, ffn_width=480),
         data=_CHAR_DATA,
         train=_SMALL_CHAR_TRAIN,
+    ),
+    Experiment(
+        name="mm2-icl-cpu",
+        description="2-layer v2 trained on bursty few-shot classification in bytes (icl-shots)",
+        model=MosaicV2Config(
+            **_ICL,
+            ffn_width=384,
+            short_term_window=64,
+            long_term_delay=16,
+            long_term_delay_range=(16, 64),
+        ),
+        data=_ICL_DATA,
+        train=_ICL_TRAIN,
+    ),
+    Experiment(
+        name="llama-icl-cpu",
+        description="2-layer Llama trained on bursty few-shot classification in bytes (icl-shots)",
+        model=LlamaConfig(**_ICL, ffn_width=480),  # mm2-icl-cpu's parameter count.
+        data=_ICL_DATA,
+        train=_ICL_TRAIN,
     ),
 )

@@ -452,10 +452,12 @@ class DataConfig(_Typed):
 
   # synthetic_induction: "... a b ... a -> b"; synthetic_mqar: multi-query associative recall;
   # regbench: strings of random regular languages, learnt in context (`mosaics_jax.regbench`);
-  # text: a UTF-8 file and a tokenizer; tokens: a flat binary file of token ids (nanoGPT's .bin).
-  source: Literal["synthetic_induction", "synthetic_mqar", "regbench", "text", "tokens"] = (
-      "synthetic_induction"
-  )
+  # text: a UTF-8 file and a tokenizer; tokens: a flat binary file of token ids (nanoGPT's .bin);
+  # icl_bursty: bursty few-shot classification text in icl_classification's format, in bytes
+  # (`mosaics_jax.icl_data`).
+  source: Literal[
+      "synthetic_induction", "synthetic_mqar", "regbench", "text", "tokens", "icl_bursty"
+  ] = "synthetic_induction"
   name: str = ""  # Human-readable dataset name, e.g. "BabiStories".
   path: str | None = None  # The text or token file.
   # For text: "char" (the file's distinct characters), "byte" (256 ids), or "hf" (a Hugging Face
@@ -475,6 +477,15 @@ class DataConfig(_Typed):
   # with rng.integers(1, max_len_per_example = 50), so 49).
   regbench_languages: int = 5000
   regbench_max_string: int = 49
+  # icl_bursty: the training classes (made-up words, none of the evaluation's), the classes of a
+  # sequence (the evaluation's num_classes=4), and the share of sequences whose labels are
+  # anonymous names (class_00, ...) by a permutation drawn per sequence, the others' the classes'
+  # names. ASSUMED: a pool too large to learn by heart in a CPU budget, so that labelling a class
+  # takes the sequence's examples (Chan et al. 2022: many rare classes favour in-context learning);
+  # half the sequences anonymous, as the evaluation scores both kinds.
+  icl_pool: int = 1024
+  icl_ways: int = 4
+  icl_anonymous: float = 0.5
   # Cut each batch after its last target that counts, rounded up to a multiple of this many
   # positions (0: never); rows padded to seq_len (RegBench's) then cost what they hold
   # (design.md, "Trimmed batches"). One process only: processes' batches must agree on a length.
@@ -491,6 +502,13 @@ class DataConfig(_Typed):
         raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
     if not 0.0 < self.val_fraction < 1.0:
       raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+    if not 2 <= self.icl_ways <= self.icl_pool:
+      raise ConfigError(
+          f"data.icl_ways must be in [2, data.icl_pool], got {self.icl_ways} and icl_pool"
+          f" {self.icl_pool}"
+      )
+    if not 0.0 <= self.icl_anonymous <= 1.0:
+      raise ConfigError(f"data.icl_anonymous must be in [0, 1], got {self.icl_anonymous}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

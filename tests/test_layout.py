@@ -38,12 +38,14 @@ ALLOWED = {
         "mosaics_jax.regbench",
         "mosaics_jax.moons",
         "mosaics_jax.synthetic",
+        "mosaics_jax.icl_data",
         "kernels_pallas",
     ),
     "mosaics_jax.tokenizers": (),
     "mosaics_jax.regbench": (),
     "mosaics_jax.moons": (),
     "mosaics_jax.synthetic": (),
+    "mosaics_jax.icl_data": (),
     # Inference needs no optimizer: it never imports training.
     "mosaics_jax.inference": ("mosaics_jax.config", "mosaics_jax.model", "mosaics_jax.sharding"),
     "mosaics_jax.port": (
@@ -67,6 +69,7 @@ ALLOWED = {
         "mosaics_jax.regbench",
         "mosaics_jax.moons",
         "mosaics_jax.synthetic",
+        "mosaics_jax.icl_data",
     ),
     "mosaics_jax.analysis": (
         "mosaics_jax.config",

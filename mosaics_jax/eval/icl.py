@@ -74,10 +74,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import math
 import pathlib
 import re
-import string
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -85,34 +83,37 @@ from typing import Any, Literal
 import numpy as np
 from jaxtyping import Float
 
-from mosaics_jax import config as config_lib
+from mosaics_jax import config as config_lib, icl_data
 from mosaics_jax.eval import harness as harness_lib, prompts, results as results_lib
+from mosaics_jax.icl_data import VARIANTS, Example, Format
 
 NAME = "icl_classification"
 
 # LongICLBench's instruction lines (`format_discovery_prompt` of banking77_infer.py,
 # goemotion_infer.py and tacred_infer.py, with " The examples are as follows: " appended as there)
-# and their example lines; synthetic's follows Banking77's.
-_FOLLOWS = " The examples are as follows: "
-_EXACT = " The predict answer must come from the demonstration examples with the exact format."
+# and their example lines; synthetic's (`icl_data`, which training reads too) follows Banking77's.
 BANKING77_INSTRUCTION = (
-    "Given a customer service query, please predict the intent of the query." + _EXACT + _FOLLOWS
+    "Given a customer service query, please predict the intent of the query."
+    + icl_data.EXACT
+    + icl_data.FOLLOWS
 )
 BANKING77_TEMPLATE = "service query: {text}\nintent category: {label}"
 GOEMOTIONS_INSTRUCTION = (
-    "Given a comment, please predict the emotion category of this comment." + _EXACT + _FOLLOWS
+    "Given a comment, please predict the emotion category of this comment."
+    + icl_data.EXACT
+    + icl_data.FOLLOWS
 )
 GOEMOTIONS_TEMPLATE = "comment: {text}\nemotion category: {label}"
 TACRED_INSTRUCTION = (
     "Given a sentence and a pair of subject and object entities within the sentence, please"
-    " predict the relation between the given entities." + _FOLLOWS
+    " predict the relation between the given entities." + icl_data.FOLLOWS
 )
 TACRED_TEMPLATE = (
     "sentence: {text}\nthe subject is {subject} and the object is {object}\nthe relation between"
     " the two entities is: {label}"
 )
-SYNTHETIC_INSTRUCTION = "Given a text, please predict its category." + _EXACT + _FOLLOWS
-SYNTHETIC_TEMPLATE = "text: {text}\ncategory: {label}"
+SYNTHETIC_INSTRUCTION = icl_data.SYNTHETIC_INSTRUCTION
+SYNTHETIC_TEMPLATE = icl_data.SYNTHETIC_TEMPLATE
 
 # GoEmotions' emotions.txt: id i is the i-th name.
 GOEMOTIONS_NAMES = (
@@ -132,15 +133,10 @@ _SUFFIXES = {
 }
 _TACRED_NONE = "no_relation"
 
-# The synthetic dataset: classes by default, keywords per class, shared noise words, keywords and
-# noise words per text, and texts per class in each split.
-_SYNTHETIC_CLASSES = 16
-_SYNTHETIC_KEYWORDS = 4
-_SYNTHETIC_NOISE = 48
-_SYNTHETIC_TEXT = (3, 5)
+# The synthetic dataset (`icl_data`, fixed: the run's seed draws from it): classes by default,
+# and texts per class in each split.
+_SYNTHETIC_CLASSES = icl_data.EVAL_CLASSES
 _SYNTHETIC_SPLIT = (64, 64)
-_SYNTHETIC_SEED = 20240402  # The dataset is fixed: the run's seed draws from it.
-_MAX_DRAWS = 1000
 
 # Seed streams, so that the draws of one part do not depend on those of another.
 _SEED = 7744
@@ -209,7 +205,7 @@ class Settings:
 
 
 def _check_template(template: str, dataset: str) -> None:
-  fields = [f for _, f, _, _ in _parse(template) if f is not None]
+  fields = [f for _, f, _, _ in icl_data.parse_template(template) if f is not None]
   allowed = {"text", "label"} | ({"subject", "object"} if dataset == "tacred" else set())
   if set(fields) - allowed:
     raise ValueError(f"fields are {sorted(allowed)}, got {fields}")
@@ -218,123 +214,11 @@ def _check_template(template: str, dataset: str) -> None:
     raise ValueError(f"needs the fields {sorted(needed)}: {template!r}")
   if not template.endswith("{label}") or fields.count("label") != 1:
     raise ValueError(f"must end with its one {{label}}: {template!r}")
-  if any(spec or conversion for _, _, spec, conversion in _parse(template)):
+  if any(spec or conversion for _, _, spec, conversion in icl_data.parse_template(template)):
     raise ValueError(f"fields take no format specs or conversions: {template!r}")
 
 
-def _parse(template: str) -> list[tuple[str, str | None, str | None, str | None]]:
-  try:
-    return list(string.Formatter().parse(template))
-  except ValueError as e:
-    raise ValueError(f"{e}: {template!r}") from None
-
-
 # The prompts.
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-  """One text of the dataset and its class (an index into the dataset's classes)."""
-
-  text: str
-  label: int
-  entities: tuple[str, str] = ("", "")  # TACRED's subject and object.
-
-  @property
-  def key(self) -> tuple[str, str, str]:
-    """What a demonstration and a query must not share."""
-    return (self.text, *self.entities)
-
-  def fields(self) -> dict[str, str]:
-    return {"text": self.text, "subject": self.entities[0], "object": self.entities[1]}
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-  """How the demonstrations are laid out."""
-
-  name: str
-  delimiter: str  # Between demonstrations, and between the last one and the query.
-  grouped: bool  # A class's demonstrations together, else all of them shuffled.
-
-
-VARIANTS = (
-    Variant("newline-shuffled", "\n", False),
-    Variant("newline-grouped", "\n", True),
-    Variant("space-shuffled", " ", False),
-    Variant("space-grouped", " ", True),
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class Format:
-  """An instruction and an example template that ends with "{label}"."""
-
-  instruction: str
-  template: str
-
-  @classmethod
-  def of(cls, instruction: str, template: str, fit: Callable[[str], str]) -> Format:
-    """The format with the text of `instruction` and `template` (not the template's fields)
-    passed through `fit`."""
-    rebuilt = ""
-    for literal, field, _, _ in _parse(template):
-      rebuilt += fit(literal).replace("{", "{{").replace("}", "}}")
-      if field is not None:
-        rebuilt += "{" + field + "}"
-    return cls(fit(instruction), rebuilt)
-
-  @property
-  def _before_label(self) -> str:
-    return self.template[: -len("{label}")]
-
-  @property
-  def query_template(self) -> str:
-    """The template up to the label, without the whitespace before it."""
-    return self._before_label.rstrip()
-
-  @property
-  def label_prefix(self) -> str:
-    """What the template writes between the query and the label (" ")."""
-    return self._before_label[len(self.query_template) :]
-
-  @property
-  def head(self) -> str:
-    """The words an example begins with ("service query:"): where a generated label ends."""
-    return _parse(self.template)[0][0].strip()
-
-  def example(self, example: Example, label: str) -> str:
-    return self.template.format(label=label, **example.fields())
-
-  def query(self, example: Example) -> str:
-    return self.query_template.format(**example.fields())
-
-  def prefix(self, demonstrations: Sequence[Example], labels: Sequence[str], delimiter: str) -> str:
-    """The instruction line and the demonstrations, each followed by `delimiter`."""
-    shown = "".join(self.example(d, labels[d.label]) + delimiter for d in demonstrations)
-    return f"{self.instruction}\n{shown}"
-
-  def prompts(
-      self,
-      demonstrations: Sequence[Example],
-      labels: Sequence[str],
-      queries: Sequence[Example],
-      delimiter: str,
-  ) -> list[str]:
-    """The prompt of each query: the prefix, then the query up to its label.
-
-    Raises ValueError when a query is among the demonstrations.
-    """
-    shown = {d.key for d in demonstrations}
-    leaked = [q.text for q in queries if q.key in shown]
-    if leaked:
-      raise ValueError(f"queries are among the demonstrations: {leaked[:3]}")
-    head = self.prefix(demonstrations, labels, delimiter)
-    return [head + self.query(q) for q in queries]
-
-  def continuation(self, label: str, delimiter: str) -> str:
-    """What follows the query's prompt when the label is `label`, up to the next example."""
-    return self.label_prefix + label + delimiter
 
 
 def demonstrations(
@@ -377,17 +261,7 @@ def label_names(
       )
     return names
   permutation = np.random.default_rng([seed, _SEED, _ANONYMOUS]).permutation(k).tolist()
-  return tuple(_anonymous(i, k, alphabet) for i in permutation)
-
-
-def _anonymous(i: int, k: int, alphabet: prompts.Alphabet) -> str:
-  """class_07 for class 7 of fewer than 100, or with letters where digits cannot be written."""
-  if alphabet.writes_all("class_" + string.digits):
-    return f"class_{i:0{max(2, len(str(k - 1)))}d}"
-  letters = alphabet.lowercase
-  width = max(2, math.ceil(math.log(k, len(letters))))
-  spelled = "".join(letters[i // len(letters) ** p % len(letters)] for p in reversed(range(width)))
-  return ("class_" if alphabet.writes("_") else "class ") + spelled
+  return tuple(icl_data.anonymous_name(i, k, alphabet.writes) for i in permutation)
 
 
 def round_robin(pools: Sequence[Sequence[Example]], count: int) -> list[Example]:
@@ -677,43 +551,22 @@ def _line(text: str, alphabet: prompts.Alphabet) -> str:
 
 def synthetic(alphabet: prompts.Alphabet, num_classes: int) -> Dataset:
   """The built-in dataset of `num_classes` classes (module docstring), fixed for a tokenizer."""
-  letters = alphabet.lowercase
-  vowels = "".join(c for c in letters if c in "aeiou")
-  consonants = "".join(c for c in letters if c not in "aeiouy")
-  if not vowels or not consonants or not alphabet.writes(" "):
-    raise ValueError(f"the synthetic dataset needs vowels, consonants and spaces: {letters!r}")
-  rng = np.random.default_rng(_SYNTHETIC_SEED)
-  used: set[str] = set()
-
-  def word(syllables: int) -> str:
-    for _ in range(_MAX_DRAWS):
-      c = rng.integers(len(consonants), size=syllables).tolist()
-      v = rng.integers(len(vowels), size=syllables).tolist()
-      drawn = "".join(consonants[i] + vowels[j] for i, j in zip(c, v))
-      if drawn not in used:
-        used.add(drawn)
-        return drawn
-    raise ValueError(f"the tokenizer's letters {letters!r} make too few words for the classes")
-
-  classes = tuple(word(3) for _ in range(num_classes))
-  keywords = [[word(2) for _ in range(_SYNTHETIC_KEYWORDS)] for _ in range(num_classes)]
-  noise = [word(2) for _ in range(_SYNTHETIC_NOISE)]
+  if not alphabet.writes(" "):
+    raise ValueError("the synthetic dataset needs spaces, which the tokenizer does not write")
+  rng = np.random.default_rng(icl_data.EVAL_SEED)
+  vocabulary = icl_data.vocabulary(rng, alphabet.lowercase, num_classes)
   seen: set[str] = set()
   splits: tuple[list[Example], list[Example]] = ([], [])
   for label in range(num_classes):
     for split, size in zip(splits, _SYNTHETIC_SPLIT):
       drawn = 0
       while drawn < size:
-        words = [
-            *rng.choice(keywords[label], _SYNTHETIC_TEXT[0]).tolist(),
-            *rng.choice(noise, _SYNTHETIC_TEXT[1], replace=False).tolist(),
-        ]
-        text = " ".join(words[i] for i in rng.permutation(len(words)).tolist())
+        text = icl_data.draw_text(rng, vocabulary.keywords[label], vocabulary.noise)
         if text not in seen:  # Every text once: the splits are disjoint.
           seen.add(text)
           split.append(Example(text, label))
           drawn += 1
-  return Dataset(classes, tuple(splits[0]), tuple(splits[1]))
+  return Dataset(vocabulary.classes, tuple(splits[0]), tuple(splits[1]))
 
 
 # The task.

@@ -23,6 +23,12 @@ Sources (`DataConfig.source`):
   synthetic_induction, synthetic_mqar: drawn on the fly by `mosaics_jax.synthetic`
     from a generator seeded by (seed, index). Validation sequences use a fixed seed of their own,
     so every run is scored on the same ones.
+  icl_bursty: bursty few-shot classification text in `icl_classification`'s prompt format, drawn
+    on the fly by `mosaics_jax.icl_data` as the synthetic tasks are, from icl_pool training classes
+    (none of the evaluation's), in bytes (data.tokenizer="byte"; a run keeps its tokenizer, so that
+    evaluation reads text). The loss is taken on every byte but the texts' words (random draws):
+    on the labels, and on the template's words and delimiters, which end a label where the
+    evaluation cuts a generated one; the answer mask marks the labels.
   regbench: in-context language learning (`mosaics_jax.regbench`). As in seq_icl, the training
     set is one fixed sequence of each of the regbench_languages training languages, the validation
     set one of each held-out language; seed only orders them. A row is one sequence, cut or padded
@@ -56,7 +62,7 @@ import grain
 import numpy as np
 from jaxtyping import Bool, Int, Integer, UInt
 
-from mosaics_jax import regbench, synthetic, tokenizers as tokenizers_lib
+from mosaics_jax import icl_data, regbench, synthetic, tokenizers as tokenizers_lib
 from mosaics_jax.config import DataConfig
 
 Split = Literal["train", "val"]
@@ -76,6 +82,9 @@ SYNTHETIC_SEQUENCES = {"train": 2**20, "val": 1024}
 # Seed of the synthetic validation sequences. A training run with this very seed would train on
 # them; any other seed draws independent sequences.
 SYNTHETIC_VAL_SEED = 2**32 - 1
+# Sources of text: a run keeps their tokenizer in its workdir, so that evaluation reads and writes
+# text.
+TEXT_SOURCES = ("text", "icl_bursty")
 
 
 class DataError(ValueError):
@@ -105,7 +114,7 @@ def vocab_size(cfg: DataConfig, tokenizer: tokenizers_lib.Tokenizer | None = Non
     return cfg.task_vocab + 1  # The pad id is task_vocab.
   if cfg.source == "regbench":
     return regbench.PAD + 1
-  if cfg.source == "text":
+  if cfg.source in TEXT_SOURCES:
     return (tokenizer or load_tokenizer(cfg)).vocab_size
   return int(_token_file(cfg).max()) + 1
 
@@ -113,8 +122,10 @@ def vocab_size(cfg: DataConfig, tokenizer: tokenizers_lib.Tokenizer | None = Non
 def load_tokenizer(cfg: DataConfig) -> tokenizers_lib.Tokenizer:
   """The tokenizer of a text source; the "char" vocabulary is the file's distinct characters."""
   _check_config(cfg)
-  if cfg.source != "text":
-    raise DataError(f"source {cfg.source!r} has no tokenizer; only 'text' sources do")
+  if cfg.source not in TEXT_SOURCES:
+    raise DataError(
+        f"source {cfg.source!r} has no tokenizer; only {', '.join(TEXT_SOURCES)} sources do"
+    )
   return _tokenizer(cfg, _read_text(cfg) if cfg.tokenizer == "char" else "")
 
 
@@ -162,14 +173,18 @@ def make_iterator(
         f"data.trim_padding={cfg.trim_padding} cuts each process's batch to its own length, but"
         f" the {process_count} processes' batches must have one length: set data.trim_padding=0"
     )
-  if cfg.source in ("synthetic_induction", "synthetic_mqar"):
+  if cfg.source in ("synthetic_induction", "synthetic_mqar", "icl_bursty"):
     count = SYNTHETIC_SEQUENCES[split]
     ds = grain.MapDataset.range(_epoch_length(count, batch_size, repeat))
     if repeat:
       ds = ds.repeat()
     # After repeat: every epoch draws new sequences (the generator is seeded by the global index).
     task_seed = seed if split == "train" else SYNTHETIC_VAL_SEED
-    ds = ds.random_map(functools.partial(_synthetic_example, cfg=cfg, count=count), seed=task_seed)
+    if cfg.source == "icl_bursty":
+      draw = functools.partial(_icl_example, pool=_icl_pool(cfg), cfg=cfg, count=count)
+    else:
+      draw = functools.partial(_synthetic_example, cfg=cfg, count=count)
+    ds = ds.random_map(draw, seed=task_seed)
   else:
     if cfg.source == "regbench":
       examples = _languages(cfg, split)
@@ -265,6 +280,32 @@ def _synthetic_example(
       task_pairs=cfg.task_pairs,
   )
   return _example(sequence, answers, answers)
+
+
+def _icl_example(
+    index: int,
+    rng: np.random.Generator,
+    *,
+    pool: icl_data.Vocabulary,
+    cfg: DataConfig,
+    count: int,
+) -> Example:
+  if index >= count:
+    return _padding(cfg.seq_len)
+  n = cfg.seq_len + 1
+  text, counted, labels = icl_data.bursty_sequence(
+      rng, pool, ways=cfg.icl_ways, anonymous=cfg.icl_anonymous, length=n
+  )
+  # The text is ASCII: its bytes are its characters, which the masks mark.
+  sequence = tokenizers_lib.ByteTokenizer().encode(text)[:n]
+  return _example(sequence, counted[1:n], labels[1:n])
+
+
+def _icl_pool(cfg: DataConfig) -> icl_data.Vocabulary:
+  try:
+    return icl_data.training_vocabulary(cfg.icl_pool)
+  except ValueError as e:
+    raise DataError(f"data.icl_pool={cfg.icl_pool} classes: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,8 +413,13 @@ def _check_config(cfg: DataConfig, tokenizer: tokenizers_lib.Tokenizer | None = 
         f"source 'text' ({cfg.path}) needs data.tokenizer 'char', 'byte' or 'hf',"
         f" got {cfg.tokenizer!r}"
     )
+  if cfg.source == "icl_bursty" and cfg.tokenizer != "byte":
+    raise DataError(
+        f"source 'icl_bursty' writes its text in bytes: set data.tokenizer='byte', got"
+        f" {cfg.tokenizer!r}"
+    )
   if tokenizer is not None and (
-      cfg.source != "text" or tokenizers_lib.kind(tokenizer) != cfg.tokenizer
+      cfg.source not in TEXT_SOURCES or tokenizers_lib.kind(tokenizer) != cfg.tokenizer
   ):
     raise DataError(
         f"the run's tokenizer is {tokenizers_lib.kind(tokenizer)!r}, but the data"

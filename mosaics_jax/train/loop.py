@@ -349,7 +349,7 @@ def _run_tokenizer(
 ) -> tuple[tokenizers.Tokenizer | None, bool]:
   """A text run's tokenizer, and whether it is the one its workdir keeps: a run that has saved a
   checkpoint reads back the tokenizer of its first start. None for data without one."""
-  if cfg.source != "text":
+  if cfg.source not in data.TEXT_SOURCES:
     return None, False
   if checkpoints.saved_steps(workdir):
     try:
