@@ -341,8 +341,10 @@ def _markdown(
         *_check_table(preconditions),
     ]
   lines += ["", "## Checks", "", *_check_table([o for o in outcomes if not o.check.precondition])]
+  # The sweep's trainings, read once for its table and the wall time.
+  swept = runner.sweep_results(repro, root, planned) if repro.sweep is not None else []
   if repro.sweep is not None:
-    lines += ["", *_sweep_table(repro, planned, root)]
+    lines += ["", *_sweep_table(repro, swept)]
   if repro.paper:
     lines += [
         "",
@@ -408,8 +410,7 @@ def _markdown(
         f"| {p.run.name} | {p.run.experiment} | {' '.join(p.run.overrides) or '-'} |"
         f" {p.params:,} | {p.tokens:,} | {len(done)} | {per(train)} | {per(evals)} |"
     )
-  if repro.sweep is not None:
-    total += sum(r["seconds"] for r in runner.sweep_results(repro, root, planned))
+  total += sum(r["seconds"] for r in swept)
   lines += [
       "",
       f"Wall time of training and evaluation, all seeds (and the sweep): {total / 60:.1f} min.",
@@ -436,9 +437,7 @@ def _check_table(outcomes: Sequence[Outcome]) -> list[str]:
   return lines
 
 
-def _sweep_table(
-    repro: decl.Reproduction, planned: list[plan_lib.PlannedRun], root: pathlib.Path
-) -> list[str]:
+def _sweep_table(repro: decl.Reproduction, results: list[dict[str, Any]]) -> list[str]:
   """The sweep's trainings: final validation loss, divergence, the choice."""
   sweep = repro.sweep
   extra = f", with {' '.join(sweep.overrides)}" if sweep.overrides else ""
@@ -452,7 +451,6 @@ def _sweep_table(
       f"| run | {sweep.key} | final val loss | train min | chosen |",
       "|---|---:|---:|---:|---|",
   ]
-  results = runner.sweep_results(repro, root, planned)
   # A command stopped during the sweep reports it as far as it went, with no choice yet.
   done = all(r["val_loss"] is not None or r["diverged"] for r in results)
   chosen = runner.chosen_values(repro, results) if done else {}
