@@ -162,9 +162,9 @@ _FAMILY_BRANCH = re.compile(
 
 
 # Outside the family modules, only these may name a family: the PyTorch re-implementation of every
-# family (torch cannot be imported by the models), and nanoMosaics' and nanoGPT's formats, which
-# hold v1 alone and GPT-2 alone.
-_FAMILY_SPECIFIC = {"torch_models.py", "nanomosaics.py", "nanogpt.py"}
+# family (torch cannot be imported by the models), nanoMosaics' and nanoGPT's formats, which
+# hold v1 alone and GPT-2 alone, and transformers' format, native for Llama and GPT-2 alone.
+_FAMILY_SPECIFIC = {"torch_models.py", "nanomosaics.py", "nanogpt.py", "hf.py"}
 
 
 def test_no_family_branches_outside_the_family_modules():

@@ -3,11 +3,13 @@
 v1 is compared with `mosaics_jax.torch_models.MemoryMosaic`, written from the equations, not with
 nanoMosaics' own class (no network in CI, and its code is not vendored); the nanoMosaics format
 test checks the exported names and shapes against nanoMosaics' (read off its model.py) and a
-strict load.
+strict load. The Library variant's PyTorch model is compared with ours and with the official
+`StackAssoMem` (tests/test_library.py's, skipped where the official code is absent).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 
 import flax
@@ -20,9 +22,18 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 
 # Imported after the skips: these need torch and safetensors.
+import test_library  # noqa: E402 - the Library's cases and the official StackAssoMem
+from test_library import stack_asso_mem  # noqa: E402, F401 - a fixture
+
 from mosaics_jax import build_model, checkpoints, config as config_lib, load  # noqa: E402
 from mosaics_jax.cli import port as port_cli  # noqa: E402
-from mosaics_jax.port import layout as port, nanomosaics, pretrained, torch_models  # noqa: E402
+from mosaics_jax.port import (  # noqa: E402
+    layout as port,
+    library,
+    nanomosaics,
+    pretrained,
+    torch_models,
+)
 
 TINY = dict(vocab_size=50, num_layers=2, width=32, num_heads=4)
 CONFIGS = {
@@ -81,14 +92,14 @@ def _same(a: port.Params, b: port.Params) -> bool:
   return fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)
 
 
-def _torch_logits(cfg, params, segment_ids=None, **kwargs) -> np.ndarray:
+def _torch_logits(cfg, params, segment_ids=None, tokens=TOKENS, **kwargs) -> np.ndarray:
   model = torch_models.build(cfg)
   torch_models.load_weights(
       model, {n: torch.tensor(x) for n, x in port.to_torch(cfg, params).items()}
   )
   segments = None if segment_ids is None else torch.as_tensor(segment_ids)
   with torch.no_grad():
-    return model(torch.as_tensor(TOKENS), segments, **kwargs).numpy()
+    return model(torch.as_tensor(tokens), segments, **kwargs).numpy()
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -113,6 +124,44 @@ def test_logits_match_pytorch(family):
     theirs = _torch_logits(cfg, params, segments, **kwargs)
     diff = np.abs(np.asarray(ours) - theirs).max()
     assert diff <= TOLERANCE, (cfg.family, segments is not None, kwargs, diff)
+
+
+# The Library variant on test_library's configs (those that take other code paths than the default
+# of the Library's own tests) and weights moved off their initial values: random ones of the ranges
+# above make its softmaxes too sharp to compare.
+LIBRARY_CASES = ["post_ln_conv3_linearconv_untied", "attn_only", "lowrlinearconv_keys", "v_shift_2"]
+
+
+@functools.cache
+def _library(case: str):
+  cfg = test_library._config(case)
+  params = test_library._perturbed(test_library._init(build_model(cfg)), seed=4)
+  return cfg, params, test_library._tokens(cfg, seed=5)
+
+
+@pytest.mark.parametrize("case", LIBRARY_CASES)
+def test_library_logits_match_pytorch(case):
+  cfg, params, tokens = _library(case)
+  # Three documents in the first row, one in the second.
+  length = tokens.shape[1]
+  segments = np.stack([np.repeat([0, 1, 2], [5, 11, length - 16]), np.zeros(length, int)])
+  for segment_ids in (None, segments):
+    ours = test_library._ours(cfg, params, tokens, segment_ids)
+    diff = np.abs(ours - _torch_logits(cfg, params, segment_ids, tokens)).max()
+    assert diff <= TOLERANCE, (segment_ids is not None, diff)
+
+
+@pytest.mark.parametrize("case", LIBRARY_CASES)
+def test_library_pytorch_model_is_the_officials(stack_asso_mem, case):  # noqa: F811
+  cfg, params, tokens = _library(case)
+  state = library.to_library(cfg, params)["model"]
+  official = test_library._official(stack_asso_mem, library.model_args(cfg), seed=0)
+  official.load_state_dict(state, strict=True)
+  model = torch_models.build(cfg)
+  model.load_state_dict(state, strict=True)  # The official names, tied head included.
+  with torch.no_grad():
+    ours = model(torch.as_tensor(tokens)).numpy()
+  assert np.abs(ours - test_library._official_logits(official, tokens)).max() <= TOLERANCE
 
 
 def test_round_trips_are_exact(family, tmp_path):

@@ -8,9 +8,14 @@
     mosaics-port to-torch --format library runs/lib ckpt.pt          # -> StackAssoMem's state
     mosaics-port to-safetensors runs/mm2 torch-dir/                  # -> mosaics_jax.torch_models
     mosaics-port from-safetensors torch-dir/ exported/               # and back
+    mosaics-port to-hf runs/llama hf-dir/                            # -> Hugging Face transformers
+    mosaics-port from-hf hf-dir/ exported/                           # and back
 
 Sources (CKPT_DIR, DIR) are anything `mosaics_jax.load` reads: a training workdir or an exported
-directory. Outputs are exported directories (config.json + model.safetensors), except to-torch.
+directory. Outputs are exported directories (config.json + model.safetensors), except to-torch
+and to-hf (a directory that transformers' `AutoModelForCausalLM.from_pretrained` reads: native
+Llama and GPT-2, our own code with trust_remote_code=True for the Memory Mosaics). from-hf reads a
+LlamaForCausalLM or GPT2LMHeadModel directory, or one that to-hf wrote, from safetensors only.
 
 Nothing is overwritten unasked: OUT_DIR is new or empty and OUT a new file in an existing
 directory; --force replaces OUT, or the export files of a non-empty OUT_DIR (its other files
@@ -25,7 +30,7 @@ import pickle
 import sys
 
 from mosaics_jax.cli import common
-from mosaics_jax.port import layout, library, nanogpt, nanomosaics, pretrained
+from mosaics_jax.port import hf, layout, library, nanogpt, nanomosaics, pretrained
 
 # Each PyTorch code base: its checkpoint reader and writer, and what the writer's file holds.
 _CODE_BASES = {
@@ -37,6 +42,10 @@ _CODE_BASES = {
     "nanogpt": (nanogpt.from_nanogpt, nanogpt.to_nanogpt, "nanoGPT GPT"),
     "library": (library.from_library, library.to_library, "Library StackAssoMem"),
 }
+
+
+# What the optional packages that a subcommand may need are called.
+_PACKAGES = {"torch": "PyTorch", "transformers": "Hugging Face transformers"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
       ("to-torch", "CKPT_DIR", "OUT", "a workdir or export -> a PyTorch checkpoint"),
       ("to-safetensors", "CKPT_DIR", "OUT_DIR", "-> model.safetensors with PyTorch names"),
       ("from-safetensors", "DIR", "OUT_DIR", "a to-safetensors directory -> an exported one"),
+      ("to-hf", "CKPT_DIR", "OUT_DIR", "-> a Hugging Face transformers directory"),
+      ("from-hf", "DIR", "OUT_DIR", "a Hugging Face transformers directory -> an exported one"),
   ):
     p = sub.add_parser(name, help=what)
     if name.endswith("torch"):
@@ -142,16 +153,27 @@ def main(argv: list[str] | None = None) -> int:
       message = _to_torch(args)
     elif args.command == "to-safetensors":
       message = _export(args, "pytorch")
+    elif args.command == "to-hf":
+      model = hf.to_hf(
+          args.source, args.out, force=args.force, allow_nonfinite=args.allow_nonfinite
+      )
+      message = f"wrote {args.out} ({model.config.family}, Hugging Face transformers)"
+    elif args.command == "from-hf":
+      config = hf.from_hf(
+          args.source, args.out, force=args.force, allow_nonfinite=args.allow_nonfinite
+      )
+      message = f"wrote {args.out} ({config.family})"
     else:
       message = _export(args, "flax")
   # OSError: a file that cannot be read or written (permissions, a full disk), named in it.
   except (*common.READ_ERRORS, OSError) as e:
     return common.fail("mosaics-port", e)
   except ImportError as e:
-    if e.name != "torch":
+    if e.name not in _PACKAGES:
       raise
     return common.fail(
-        "mosaics-port", f"{args.command} needs PyTorch, which is not installed: pip install torch"
+        "mosaics-port",
+        f"{args.command} needs {_PACKAGES[e.name]}, which is not installed: pip install {e.name}",
     )
   print(message)
   return 0

@@ -31,6 +31,7 @@ umask).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -38,7 +39,7 @@ import os
 import pathlib
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import flax
@@ -60,7 +61,7 @@ from mosaics_jax.port import layout as layout_lib
 WEIGHTS_FILE = "model.safetensors"
 LAYOUTS = ("flax", "pytorch")
 # What an export writes; a forced export replaces these and no other file.
-EXPORT_FILES = (WEIGHTS_FILE, tokenizers.TOKENIZER_FILE, checkpoints.CONFIG_FILE)
+EXPORT_FILES = (WEIGHTS_FILE, *tokenizers.FILES, checkpoints.CONFIG_FILE)
 # What marks a training workdir, which no export may write into (the lock: a run that started).
 _RUN_MARKS = (checkpoints.CHECKPOINTS_DIR, checkpoints.UNREADABLE_DIR, checkpoints.LOCK_FILE)
 
@@ -248,7 +249,7 @@ def _restore_params(directory: pathlib.Path) -> tuple[int, layout_lib.Params]:
 def _read_weights(
     config: config_lib.ModelConfig, path: pathlib.Path, *, allow_nonfinite: bool
 ) -> layout_lib.Params:
-  layout, tensors = _read_safetensors(path)
+  layout, tensors = read_safetensors(path)
   if layout in (None, "pytorch"):
     params = layout_lib.from_torch(
         config, tensors, source=str(path), allow_nonfinite=allow_nonfinite
@@ -276,8 +277,11 @@ def _read_weights(
   return flax.traverse_util.unflatten_dict(flat)
 
 
-def _read_safetensors(path: pathlib.Path) -> tuple[str | None, dict[str, np.ndarray]]:
-  """The layout in the metadata of a safetensors file, and its tensors, as they are stored.
+def read_safetensors(
+    path: pathlib.Path, *, skip: Collection[str] = ()
+) -> tuple[str | None, dict[str, np.ndarray]]:
+  """The layout in the metadata of a safetensors file, and its tensors but those named in `skip`
+  (e.g. a PyTorch module's buffers, which the parameters do not need), as they are stored.
 
   Raises PortError for a file that is not valid safetensors (the library checks the header, the
   offsets and the length), or that holds a tensor whose dtype is not in `layout.FLOAT_DTYPES`.
@@ -288,7 +292,7 @@ def _read_safetensors(path: pathlib.Path) -> tuple[str | None, dict[str, np.ndar
     with safetensors.safe_open(path, framework="np") as f:
       layout = (f.metadata() or {}).get("layout")
     # Raw bytes: the numpy loader of older safetensors refuses bfloat16, which numpy lacks.
-    stored = safetensors.deserialize(path.read_bytes())
+    stored = [(n, t) for n, t in safetensors.deserialize(path.read_bytes()) if n not in skip]
   except safetensors.SafetensorError as e:
     raise layout_lib.PortError(f"{path} is not a valid safetensors file: {e}") from None
   wrong = sorted(
@@ -391,24 +395,34 @@ def save_exported(
     tensors = {"/".join(p): np.ascontiguousarray(x, np.float32) for p, x in flat.items()}
   model = {"family": config.family, **config_lib.to_dict(config)}
   text = json.dumps({"model": model, "step": step}, indent=2) + "\n"
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  staging = _partial(directory)
-  staging.mkdir()
-  try:
-    (staging / checkpoints.CONFIG_FILE).write_text(text)
-    st_numpy.save_file(tensors, staging / WEIGHTS_FILE, metadata={"layout": layout})
+  with staging(directory) as staged:
+    (staged / checkpoints.CONFIG_FILE).write_text(text)
+    st_numpy.save_file(tensors, staged / WEIGHTS_FILE, metadata={"layout": layout})
     # safetensors makes its file 0600: give it the mode of a file made the usual way.
-    (staging / WEIGHTS_FILE).chmod((staging / checkpoints.CONFIG_FILE).stat().st_mode)
+    (staged / WEIGHTS_FILE).chmod((staged / checkpoints.CONFIG_FILE).stat().st_mode)
     if tokenizer is not None:
-      tokenizers.save(tokenizer, staging)
+      tokenizers.save(tokenizer, staged)
+  return directory
+
+
+@contextlib.contextmanager
+def staging(directory: pathlib.Path, files: Sequence[str] = EXPORT_FILES) -> Iterator[pathlib.Path]:
+  """A new directory next to `directory` for an export's files, which go into `directory` when
+  the block ends without an error: renamed into place if `directory` does not exist, else
+  (forced) each replacing its namesake, config.json last, and those of `files` that the new export
+  lacks deleted (a tokenizer of the replaced export). The staging directory never stays."""
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  staged = _partial(directory)
+  staged.mkdir()
+  try:
+    yield staged
     if not directory.exists():
-      staging.rename(directory)
-      return directory
-    for name in EXPORT_FILES:  # Forced: the old export's files are replaced, the config last.
-      if (staging / name).exists():
-        (staging / name).replace(directory / name)
-      else:  # A tokenizer of the replaced export, which the new one does not have.
-        (directory / name).unlink(missing_ok=True)
-    return directory
+      staged.rename(directory)
+      return
+    names = sorted((p.name for p in staged.iterdir()), key=lambda n: n == checkpoints.CONFIG_FILE)
+    for name in names:
+      (staged / name).replace(directory / name)
+    for name in set(files) - set(names):
+      (directory / name).unlink(missing_ok=True)
   finally:
-    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(staged, ignore_errors=True)

@@ -7,6 +7,9 @@ They give the JAX models' logits to float rounding on the same weights:
   (`mosaic.wte`, `mosaic.h.{i}.attn`, `lm_head`, per-head scalars [1, H, 1, 1], the causal-mask and
   leaky-average buffers), so that a `to-torch --format nanomosaics` file loads with
   `load_state_dict(strict=True)`, here and into the official `MemoryMosaic`.
+- `MosaicV1Library`: Memory Mosaics v1 as the official Library's `StackAssoMem`, under its names
+  (`emb`, `blocks.{i}.attn`, `blocks.{i}.pmem.pmem.M_k0`, `head`), so that a `to-torch --format
+  library` state dict loads with `load_state_dict(strict=True)`, here and into `StackAssoMem`.
 - `MosaicV2` and `Llama`: module names mirror the Flax ones, so the state dict is exactly the
   tensors of `mosaics-port to-safetensors` (names in `mosaics_jax.port.layout`).
 - `GPT2`: nanoGPT's module and tensor names (`transformer.wte`, `transformer.h.{i}.attn.c_attn`,
@@ -15,6 +18,10 @@ They give the JAX models' logits to float rounding on the same weights:
 
     model = torch_models.from_directory("exported/")   # config.json + model.safetensors
     logits = model(torch.as_tensor(tokens))             # [batch, seq, vocab]
+
+The modules read their config's fields as attributes, of any object (`Config`), and this module
+imports nothing of mosaics_jax (but in `from_directory`): Hugging Face exports (`hf_remote`) carry a
+copy of it as their modeling code.
 
 Every forward takes int64 `tokens` [batch, seq] and optional `segment_ids` of the same shape
 (packed documents: nothing crosses a document boundary; RoPE and GPT-2's positions restart in each
@@ -28,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+from typing import Any
 
 try:
   import torch
@@ -38,7 +46,9 @@ except ImportError as e:  # pragma: no cover - exercised only without torch.
       "mosaics_jax.port.torch_models needs PyTorch: `pip install torch` (a CPU build is enough)"
   ) from e
 
-from mosaics_jax import config as config_lib
+# A model config: any object with the family's config fields as attributes, `family` and `head_dim`
+# among them (a `mosaics_jax.config` dataclass, or an export's Hugging Face `MosaicsConfig`).
+Config = Any
 
 
 def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -53,8 +63,9 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def _normalize(z: torch.Tensor, eps: float) -> torch.Tensor:
-  """Norm(z) = z / (||z|| + eps)."""
-  return z / (z.norm(dim=-1, keepdim=True) + eps)
+  """Norm(z) = z / (||z|| + eps); 0 at z = 0 when eps is 0 (the Library's Norm0)."""
+  denominator = z.norm(dim=-1, keepdim=True) + eps
+  return z / torch.where(denominator > 0, denominator, 1.0)
 
 
 def _same_document(segment_ids: torch.Tensor | None, seq_len: int) -> torch.Tensor:
@@ -97,11 +108,19 @@ def _retrieve(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.
 
 def _next_in_document(v: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
   """v_{t+1} for [b, h, t, d], zero past the sequence and past each document's end."""
-  nxt = F.pad(v[:, :, 1:], (0, 0, 0, 1))
-  if segment_ids is None:
-    return nxt
-  same = F.pad(segment_ids[:, 1:] == segment_ids[:, :-1], (0, 1), value=False)
-  return nxt * same[:, None, :, None]
+  return _shifted(v.transpose(1, 2), 1, segment_ids).transpose(1, 2)
+
+
+def _shifted(x: torch.Tensor, offset: int, segment_ids: torch.Tensor | None) -> torch.Tensor:
+  """x_{t+offset} for [b, t, ...], zero outside the sequence and outside the document of t."""
+  t = x.shape[1]
+  source = torch.arange(t) + offset
+  inside = (source >= 0) & (source < t)
+  moved = x[:, source.clamp(0, t - 1)]
+  keep = inside[None].expand(x.shape[0], t)
+  if segment_ids is not None:
+    keep = keep & (segment_ids[:, source.clamp(0, t - 1)] == segment_ids)
+  return torch.where(keep.reshape(*keep.shape, *(1,) * (x.ndim - 2)), moved, 0.0)
 
 
 # Memory Mosaics v1 (nanoMosaics names) ----------------------------------------------------------
@@ -114,7 +133,7 @@ def _per_head(num_heads: int) -> nn.Parameter:
 class _LeakyAverage(nn.Module):
   """kbar_t = sum_{s <= t} lambda^(t-s) k_s, lambda = exp(-10 |b|), as one [t, s] matrix."""
 
-  def __init__(self, cfg: config_lib.MosaicV1Config):
+  def __init__(self, cfg: Config):
     super().__init__()
     n = cfg.block_size
     # coef[t, s] = s - t on and below the diagonal: the exponent of lambda, negated.
@@ -133,7 +152,7 @@ class _LeakyAverage(nn.Module):
 class _KeyFeatures(nn.Module):
   """k_t = Norm(LeakyAverage(W_k x)_t) * exp(min(p * 10 * s_k, log(65535)))."""
 
-  def __init__(self, cfg: config_lib.MosaicV1Config):
+  def __init__(self, cfg: Config):
     super().__init__()
     self.cfg = cfg
     self.W_k = nn.Linear(cfg.width, cfg.width, bias=cfg.bias)
@@ -150,7 +169,7 @@ class _KeyFeatures(nn.Module):
 class _ValueFeatures(nn.Module):
   """v_t = Norm(c v~_t + (1 - c) v~_{t+1}) * exp(10 s_v), v~ = W_v x."""
 
-  def __init__(self, cfg: config_lib.MosaicV1Config):
+  def __init__(self, cfg: Config):
     super().__init__()
     self.cfg = cfg
     self.W_v = nn.Linear(cfg.width, cfg.width, bias=cfg.bias)
@@ -167,7 +186,7 @@ class _ValueFeatures(nn.Module):
 class _ContextMemory(nn.Module):
   """softmax(k_t . k_s) over s <= t - 1 in the document, then c_proj."""
 
-  def __init__(self, cfg: config_lib.MosaicV1Config):
+  def __init__(self, cfg: Config):
     super().__init__()
     self.k_featurizer = _KeyFeatures(cfg)
     self.v_featurizer = _ValueFeatures(cfg)
@@ -186,7 +205,7 @@ class _ContextMemory(nn.Module):
 class _PersistentMemory(nn.Module):
   """mean_i softmax(k P_k[i]^T) P_v[i] * exp(10 s_o), then c_proj."""
 
-  def __init__(self, cfg: config_lib.MosaicV1Config):
+  def __init__(self, cfg: Config):
     super().__init__()
     self.cfg = cfg
     self.k_featurizer = _KeyFeatures(cfg)
@@ -209,7 +228,7 @@ class _PersistentMemory(nn.Module):
 
 class _MosaicV1Block(nn.Module):
 
-  def __init__(self, cfg: config_lib.MosaicV1Config):
+  def __init__(self, cfg: Config):
     super().__init__()
     norm = lambda: nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps, bias=cfg.bias)
     self.ln_1 = norm()
@@ -225,7 +244,7 @@ class _MosaicV1Block(nn.Module):
 class MemoryMosaic(nn.Module):
   """Memory Mosaics v1 under nanoMosaics' names; the LM head is tied to `mosaic.wte`."""
 
-  def __init__(self, config: config_lib.MosaicV1Config):
+  def __init__(self, config: Config):
     super().__init__()
     self.config = config
     self.mosaic = nn.ModuleDict(
@@ -249,6 +268,165 @@ class MemoryMosaic(nn.Module):
     return self.lm_head(self.mosaic.ln_f(x))
 
 
+# Memory Mosaics v1, Library variant (the official `StackAssoMem`'s names) ----------------------
+
+
+class _LibraryFeatures(nn.Module):
+  """Per-head features [b, h, t, d] of x looking `shift` steps ahead (design.md, "v1 as the Library
+  computes it"): "linearconv", a convolution over x_{t+shift-k+1} .. x_{t+shift} (`conv`, PyTorch's
+  Conv1d weight [out, in, k]); "lowrlinearconv", (1 - c) W x_{t+shift} + c W x_t, c per head."""
+
+  def __init__(self, cfg: Config, fe_type: str, kernel_size: int, shift: int):
+    super().__init__()
+    self.num_heads, self.shift, self.kernel_size = cfg.num_heads, shift, kernel_size
+    self.fe_type = fe_type
+    if fe_type == "linearconv":
+      self.conv = nn.Conv1d(cfg.width, cfg.width, kernel_size, bias=cfg.bias)
+    else:
+      self.linear = nn.Linear(cfg.width, cfg.width, bias=cfg.bias)
+      self.coef = nn.Parameter(torch.zeros(cfg.num_heads))
+
+  def forward(self, x, segment_ids, normalize: bool):
+    if self.fe_type == "linearconv":
+      # Tap j reads x_{t+j-left}, inside t's document.
+      left = self.kernel_size - 1 - self.shift
+      y = sum(
+          F.linear(_shifted(x, j - left, segment_ids), self.conv.weight[:, :, j])
+          for j in range(self.kernel_size)
+      )
+      if self.conv.bias is not None:
+        y = y + self.conv.bias
+      y = _split_heads(y, self.num_heads)
+    else:
+      z = self.linear(x)
+      c = self.coef[:, None, None]
+      y = c * _split_heads(z, self.num_heads)
+      y = y + (1 - c) * _split_heads(_shifted(z, self.shift, segment_ids), self.num_heads)
+    return _normalize(y, 0.0) if normalize else y
+
+
+class _LibraryMemory(nn.Module):
+  """What both Library memories share: keys k_t = Norm0((1 - lambda) sum_{s <= t} lambda^(t-s)
+  phi(x)_s) * exp(min(10 kernel_beta, 5))^p in the document, lambda = exp(-10 |leaky_key_beta|),
+  the value scale exp(10 value_beta) and c_proj."""
+
+  def __init__(self, cfg: Config):
+    super().__init__()
+    self.cfg = cfg
+    for name in ("leaky_key_beta", "kernel_beta", "value_beta"):
+      self.register_parameter(name, nn.Parameter(torch.zeros(cfg.num_heads)))
+    self.k_featurizer = _LibraryFeatures(cfg, cfg.k_fe_type, cfg.k_kernel_size, 0)
+    self.c_proj = nn.Linear(cfg.width, cfg.width, bias=cfg.bias)
+
+  def keys(self, x, segment_ids, power: int):
+    cfg, t = self.cfg, x.shape[1]
+    phi = self.k_featurizer(x, segment_ids, normalize=False)
+    rate = (self.leaky_key_beta.abs() * cfg.exp_scaling)[:, None, None]
+    steps = torch.arange(t, dtype=torch.float32)
+    delta = (steps[:, None] - steps[None, :]).clamp(min=0)  # t - s on and below the diagonal.
+    weights = (-delta * rate).exp() * (1 - (-rate).exp())
+    weights = weights * (_band(t, 0, None) & _same_document(segment_ids, t))
+    log_scale = (cfg.exp_scaling * self.kernel_beta).clamp(max=cfg.kernel_beta_max)
+    return _normalize(weights @ phi, 0.0) * (log_scale.exp() ** power)[:, None, None]
+
+  def value_scale(self):
+    return (self.cfg.exp_scaling * self.value_beta).exp()[:, None, None]
+
+
+class _LibraryContextMemory(_LibraryMemory):
+  """softmax(k_t . k_s) over s <= t - v_shift in the document, values
+  Norm0(psi(x)_t) exp(10 value_beta); then c_proj."""
+
+  def __init__(self, cfg: Config):
+    super().__init__(cfg)
+    self.v_featurizer = _LibraryFeatures(cfg, cfg.v_fe_type, cfg.v_kernel_size, cfg.v_shift)
+
+  def forward(self, x, segment_ids):
+    cfg, t = self.cfg, x.shape[1]
+    k = self.keys(x, segment_ids, power=1)
+    v = self.v_featurizer(x, segment_ids, normalize=True) * self.value_scale()
+    y = _retrieve(k, k, v, _band(t, cfg.v_shift, None) & _same_document(segment_ids, t))
+    return self.c_proj(_merge_heads(y))
+
+
+class _LibraryPairs(nn.Module):
+  """The persistent pairs M_k{c}, M_v{c} [1, H, pmem_size, d] of each of the pmem_count memories."""
+
+  def __init__(self, cfg: Config):
+    super().__init__()
+    self.count = cfg.pmem_count
+    for c in range(cfg.pmem_count):
+      for name in ("M_k", "M_v"):
+        shape = (1, cfg.num_heads, cfg.pmem_size, cfg.head_dim)
+        self.register_parameter(f"{name}{c}", nn.Parameter(torch.zeros(shape)))
+
+  def forward(self, k):
+    pairs = [(getattr(self, f"M_k{c}")[0], getattr(self, f"M_v{c}")[0]) for c in range(self.count)]
+    y = sum(torch.softmax(k @ m_k.transpose(-1, -2), dim=-1) @ m_v for m_k, m_v in pairs)
+    return y / self.count
+
+
+class _LibraryPersistentMemory(_LibraryMemory):
+  """mean_c softmax(k M_k[c]^T) M_v[c] * exp(10 value_beta), keys of power 2; then c_proj."""
+
+  def __init__(self, cfg: Config):
+    super().__init__(cfg)
+    self.pmem = _LibraryPairs(cfg)
+
+  def forward(self, x, segment_ids):
+    y = self.pmem(self.keys(x, segment_ids, power=2)) * self.value_scale()
+    return self.c_proj(_merge_heads(y))
+
+
+class _LibraryBlock(nn.Module):
+  """pre_ln: x += attn(ln1 x); x += pmem(ln2 x). post_ln: x = ln1 x; x += attn(x); x = ln2 x;
+  x += pmem(x). attn_only: the contextual memory alone."""
+
+  def __init__(self, cfg: Config):
+    super().__init__()
+    self.pre_ln = cfg.pre_ln
+    norm = lambda: nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps, bias=cfg.bias)
+    self.ln1 = norm()
+    self.attn = _LibraryContextMemory(cfg)
+    if not cfg.attn_only:
+      self.ln2 = norm()
+      self.pmem = _LibraryPersistentMemory(cfg)
+
+  def forward(self, x, segment_ids):
+    memories = [(self.ln1, self.attn)]
+    if hasattr(self, "pmem"):
+      memories.append((self.ln2, self.pmem))
+    for norm, memory in memories:
+      h = norm(x)
+      x = (x if self.pre_ln else h) + memory(h, segment_ids)
+    return x
+
+
+class MosaicV1Library(nn.Module):
+  """Memory Mosaics v1 as the Library's `StackAssoMem`, under its names (`emb`, `blocks.{i}`,
+  `ln_out`, `head`, tied to `emb` with weight_tying), so that a `to-torch --format library` state
+  dict loads with `load_state_dict(strict=True)`. logits = head(ln_out x) / sqrt(width)."""
+
+  def __init__(self, config: Config):
+    super().__init__()
+    self.config = config
+    self.emb = nn.Embedding(config.vocab_size, config.width)
+    self.blocks = nn.ModuleList([_LibraryBlock(config) for _ in range(config.num_layers)])
+    self.ln_out = nn.LayerNorm(config.width, eps=config.layer_norm_eps, bias=config.bias)
+    self.head = nn.Linear(config.width, config.vocab_size, bias=False)
+    if config.weight_tying:
+      self.head.weight = self.emb.weight
+
+  def forward(self, tokens: torch.Tensor, segment_ids: torch.Tensor | None = None):
+    t = tokens.shape[1]
+    if t > self.config.block_size:
+      raise ValueError(f"sequence length {t} exceeds block_size {self.config.block_size}")
+    x = self.emb(tokens)
+    for block in self.blocks:
+      x = block(x, segment_ids)
+    return self.head(self.ln_out(x)) / math.sqrt(self.config.width)
+
+
 # Memory Mosaics v2 -------------------------------------------------------------------------------
 
 
@@ -267,7 +445,7 @@ class _SwiGLU(nn.Module):
 class _GatedKey(nn.Module):
   """kbar_t = exp(w_g . x_t) W_phi x_t + exp(-|w_lambda . x_t|) kbar_{t-1}; k_t = Norm(kbar_t)."""
 
-  def __init__(self, cfg: config_lib.MosaicV2Config):
+  def __init__(self, cfg: Config):
     super().__init__()
     self.cfg = cfg
     self.W_phi = nn.Linear(cfg.width, cfg.width, bias=False)
@@ -291,7 +469,7 @@ class _GatedKey(nn.Module):
 class _ConvValue(nn.Module):
   """v_t = exp(min(|theta|, max)) Norm(gamma v~_t + (1 - gamma) v~_{t+1}), v~ = W_psi x."""
 
-  def __init__(self, cfg: config_lib.MosaicV2Config):
+  def __init__(self, cfg: Config):
     super().__init__()
     self.cfg = cfg
     self.W_psi = nn.Linear(cfg.width, cfg.width, bias=False)
@@ -310,7 +488,7 @@ class _ConvValue(nn.Module):
 class _Bandwidth(nn.Module):
   """beta_t = exp(min(theta1, max)) n_t^min(|theta_a|, 1) + exp(min(theta0, max)), per head."""
 
-  def __init__(self, cfg: config_lib.MosaicV2Config):
+  def __init__(self, cfg: Config):
     super().__init__()
     self.max_log = cfg.bandwidth_max
     self.theta0 = nn.Parameter(torch.zeros(cfg.num_heads))
@@ -328,7 +506,7 @@ class _Bandwidth(nn.Module):
 class _AssociativeMemory(nn.Module):
   """One v2 memory over the band [t - hi, t - lo], queried with beta_t * k_t."""
 
-  def __init__(self, cfg: config_lib.MosaicV2Config, hi: int | None):
+  def __init__(self, cfg: Config, hi: int | None):
     super().__init__()
     self.hi = hi
     self.key = _GatedKey(cfg)
@@ -350,7 +528,7 @@ class _AssociativeMemory(nn.Module):
 
 class _MosaicV2Block(nn.Module):
 
-  def __init__(self, cfg: config_lib.MosaicV2Config):
+  def __init__(self, cfg: Config):
     super().__init__()
     self.cfg = cfg
     self.norm1 = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
@@ -376,7 +554,7 @@ class _MosaicV2Block(nn.Module):
 class MosaicV2(nn.Module):
   """Memory Mosaics v2; `ltm_delay` is the long-term delay m (default: the config's)."""
 
-  def __init__(self, config: config_lib.MosaicV2Config):
+  def __init__(self, config: Config):
     super().__init__()
     self.config = config
     self.embed = nn.Embedding(config.vocab_size, config.width)
@@ -410,7 +588,7 @@ def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tenso
 class _Attention(nn.Module):
   """Causal multi-head attention inside each document, RoPE at document positions."""
 
-  def __init__(self, cfg: config_lib.LlamaConfig):
+  def __init__(self, cfg: Config):
     super().__init__()
     self.cfg = cfg
     for name in ("wq", "wk", "wv", "wo"):
@@ -428,7 +606,7 @@ class _Attention(nn.Module):
 
 class _LlamaBlock(nn.Module):
 
-  def __init__(self, cfg: config_lib.LlamaConfig):
+  def __init__(self, cfg: Config):
     super().__init__()
     self.attn_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
     self.attention = _Attention(cfg)
@@ -443,7 +621,7 @@ class _LlamaBlock(nn.Module):
 class Llama(nn.Module):
   """The Transformer baseline: Llama blocks, untied embedding and classifier."""
 
-  def __init__(self, config: config_lib.LlamaConfig):
+  def __init__(self, config: Config):
     super().__init__()
     self.config = config
     self.embed = nn.Embedding(config.vocab_size, config.width)
@@ -465,7 +643,7 @@ class Llama(nn.Module):
 class _GPT2Attention(nn.Module):
   """Causal multi-head attention inside each document, q, k, v from one c_attn."""
 
-  def __init__(self, cfg: config_lib.GPT2Config):
+  def __init__(self, cfg: Config):
     super().__init__()
     self.cfg = cfg
     self.c_attn = nn.Linear(cfg.width, 3 * cfg.width, bias=cfg.bias)
@@ -480,7 +658,7 @@ class _GPT2Attention(nn.Module):
 
 class _GPT2Block(nn.Module):
 
-  def __init__(self, cfg: config_lib.GPT2Config):
+  def __init__(self, cfg: Config):
     super().__init__()
     norm = lambda: nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps, bias=cfg.bias)
     self.ln_1 = norm()
@@ -502,7 +680,7 @@ class GPT2(nn.Module):
   """GPT-2 under nanoGPT's names, position embeddings at document positions; the LM head is tied
   to `transformer.wte`."""
 
-  def __init__(self, config: config_lib.GPT2Config):
+  def __init__(self, config: Config):
     super().__init__()
     self.config = config
     self.transformer = nn.ModuleDict(
@@ -529,34 +707,35 @@ class GPT2(nn.Module):
 
 MODELS: dict[str, type[nn.Module]] = {
     "mm1": MemoryMosaic,
+    "mm1-library": MosaicV1Library,
     "mm2": MosaicV2,
     "llama": Llama,
     "gpt2": GPT2,
 }
 
 
-def build(config: config_lib.ModelConfig) -> nn.Module:
-  """The PyTorch module of a model config, in float32 and eval mode, its weights all zero.
-
-  Raises ValueError for mm1-library, whose PyTorch model is the official `StackAssoMem` itself
-  (`mosaics-port to-torch --format library`).
-  """
+def build(config: Config) -> nn.Module:
+  """The PyTorch module of a model config, in float32 and eval mode, its weights all zero."""
   if config.family not in MODELS:
     raise ValueError(
         f"no PyTorch version of the {config.family} family here; known: {sorted(MODELS)}"
-        + (
-            " (use `mosaics-port to-torch --format library`)"
-            if config.family == "mm1-library"
-            else ""
-        )
     )
   return MODELS[config.family](config).eval()
 
 
 def from_directory(path: str | pathlib.Path) -> nn.Module:
-  """The model of a `mosaics-port to-safetensors` directory (config.json + model.safetensors)."""
+  """The model of a `mosaics-port to-safetensors` directory (config.json + model.safetensors).
+
+  Needs mosaics_jax, whose config classes read that config.json (unlike the rest of this module,
+  which Hugging Face exports carry without it).
+  """
   from safetensors.torch import load_file  # pylint: disable=import-outside-toplevel
 
+  # In a try block: transformers' check of a remote code file's imports skips those.
+  try:
+    from mosaics_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError("from_directory reads config.json with mosaics_jax: install it") from e
   path = pathlib.Path(path)
   saved = json.loads((path / "config.json").read_text())
   model = build(config_lib.from_dict(config_lib.ModelConfig, saved["model"]))

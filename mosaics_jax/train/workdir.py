@@ -41,7 +41,7 @@ from mosaics_jax import checkpoints, tokenizers
 # What a run writes in its workdir, besides the lock: `--restart` moves these aside.
 RUN_FILES = (
     checkpoints.CONFIG_FILE,
-    tokenizers.TOKENIZER_FILE,
+    *tokenizers.FILES,
     checkpoints.DATA_FILE,
     checkpoints.CHECKPOINTS_DIR,
     checkpoints.UNREADABLE_DIR,
