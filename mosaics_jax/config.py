@@ -451,12 +451,19 @@ class DataConfig(_Typed):
   """What the model reads (`mosaics_jax.data` builds the Grain pipelines)."""
 
   # synthetic_induction: "... a b ... a -> b"; synthetic_mqar: multi-query associative recall;
+  # synthetic_needles: task_pairs keys hidden once each in noise, then recalled;
   # regbench: strings of random regular languages, learnt in context (`mosaics_jax.regbench`);
   # text: a UTF-8 file and a tokenizer; tokens: a flat binary file of token ids (nanoGPT's .bin);
   # icl_bursty: bursty few-shot classification text in icl_classification's format, in bytes
   # (`mosaics_jax.icl_data`).
   source: Literal[
-      "synthetic_induction", "synthetic_mqar", "regbench", "text", "tokens", "icl_bursty"
+      "synthetic_induction",
+      "synthetic_mqar",
+      "synthetic_needles",
+      "regbench",
+      "text",
+      "tokens",
+      "icl_bursty",
   ] = "synthetic_induction"
   name: str = ""  # Human-readable dataset name, e.g. "BabiStories".
   path: str | None = None  # The text or token file.
@@ -469,7 +476,8 @@ class DataConfig(_Typed):
   eot_id: int | None = None
   seq_len: int = 256  # Training context.
   val_fraction: float = 0.1  # The file's tail is the validation split.
-  # Synthetic tasks: the number of distinct symbols, and key-value pairs per MQAR sequence.
+  # Synthetic tasks: the number of distinct symbols, and key-value pairs per MQAR or needles
+  # sequence.
   task_vocab: int = 64
   task_pairs: int = 8
   # RegBench: the training languages, one fixed sequence each (seq_icl's num_examples, 5000 in its

@@ -9,7 +9,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from mosaics_jax import regbench, tokenizers
+from mosaics_jax import regbench, synthetic, tokenizers
 from mosaics_jax.config import DataConfig
 from mosaics_jax.train import data
 
@@ -54,6 +54,7 @@ def _same(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> boo
 SYNTHETIC = {
     "induction": DataConfig(source="synthetic_induction", seq_len=24, task_vocab=32),
     "mqar": DataConfig(source="synthetic_mqar", seq_len=24, task_vocab=16, task_pairs=4),
+    "needles": DataConfig(source="synthetic_needles", seq_len=31, task_vocab=12, task_pairs=4),
     "regbench": DataConfig(source="regbench", seq_len=24, regbench_languages=40),
 }
 
@@ -178,6 +179,37 @@ def test_induction_distances_vary():
       for t in np.flatnonzero(answers)
   }
   assert len(distances) > 20
+
+
+def test_needles_are_recalled_from_their_one_occurrence():
+  cfg = SYNTHETIC["needles"]
+  n, vocab = cfg.task_pairs, cfg.task_vocab
+  width = cfg.seq_len + 1 - 2 * n  # The context before the recalls.
+  batch = _take(cfg, 1, batch_size=16)[0]
+  assert data.vocab_size(cfg) == vocab
+  for tokens, targets, answers, loss in zip(
+      batch["tokens"], batch["targets"], batch["answer_mask"], batch["loss_mask"]
+  ):
+    full = np.append(tokens, targets[-1])
+    context = full[:width]
+    where = {k: np.flatnonzero(context == k) for k in range(n)}
+    assert all(len(w) == 1 for w in where.values())  # Each key once in the context,
+    assert all(where[k][0] + 1 < width and context[where[k][0] + 1] >= n for k in range(n))
+    assert ((context >= 0) & (context < vocab)).all()
+    queried = np.flatnonzero(answers)
+    np.testing.assert_array_equal(queried, np.arange(width, cfg.seq_len, 2))
+    assert sorted(tokens[queried]) == list(range(n))  # every key recalled once,
+    for t in queried:  # its answer the token after its one occurrence.
+      assert targets[t] == context[where[tokens[t]][0] + 1]
+    np.testing.assert_array_equal(loss, answers)
+
+
+def test_needles_need_room_for_their_keys():
+  rng = np.random.default_rng(0)
+  for pairs, vocab, seq_len in ((4, 4, 31), (4, 12, 14), (0, 12, 31)):
+    with pytest.raises(ValueError, match="needles need"):
+      synthetic.needles(rng, seq_len=seq_len, task_vocab=vocab, task_pairs=pairs)
+  synthetic.needles(rng, seq_len=15, task_vocab=5, task_pairs=4)  # The least that fits.
 
 
 def test_mqar_answers_are_the_paired_values():
@@ -384,6 +416,11 @@ ERRORS = {
     "text without a tokenizer": (
         dict(source="text", path="{tmp}/text.txt"),
         "'text' \\({tmp}/text.txt\\) needs data.tokenizer",
+    ),
+    "needles longer than seq_len": (
+        dict(source="synthetic_needles", seq_len=8, task_pairs=4),
+        "synthetic_needles needs 1 <= task_pairs < task_vocab .* got task_pairs 4, task_vocab 64,"
+        " seq_len 8",
     ),
     "mqar longer than seq_len": (
         dict(source="synthetic_mqar", seq_len=8, task_pairs=4),

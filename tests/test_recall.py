@@ -110,6 +110,17 @@ def test_what_a_recall_task_lacks_is_named(tmp_path):
   )["synthetic"]
   with pytest.raises(harness_lib.EvalError, match="needs 17 token ids, the model has 16"):
     tasks.get("synthetic").run(h, settings)
+  settings = tasks.settings(
+      ["synthetic"],
+      [
+          "synthetic.lengths=[32,8]",
+          "synthetic.source=synthetic_needles",
+          "synthetic.task_vocab=16",
+          "synthetic.task_pairs=4",
+      ],
+  )["synthetic"]
+  with pytest.raises(harness_lib.EvalError, match="at length 8: needles need .* seq_len 8"):
+    tasks.get("synthetic").run(h, settings)
   settings = tasks.settings(["copy"], [f"copy.path={tmp_path / 'none.txt'}", "copy.lengths=[8]"])[
       "copy"
   ]

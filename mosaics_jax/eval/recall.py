@@ -115,10 +115,10 @@ def run_synthetic(
       task_vocab=settings.task_vocab or _trained(harness, "task_vocab", SYNTHETIC),
       task_pairs=settings.task_pairs or _trained(harness, "task_pairs", SYNTHETIC),
   )  # Recorded as used.
-  if settings.source not in ("synthetic_induction", "synthetic_mqar"):
+  if settings.source not in synthetic.KINDS:
     raise harness_lib.EvalError(
         f"synthetic: {harness.info.path} was trained on {settings.source!r}, not a synthetic"
-        " task; set synthetic.source=synthetic_induction or synthetic_mqar"
+        f" task; set synthetic.source to one of {', '.join(synthetic.KINDS)}"
     )
   vocab = harness.model.config.vocab_size
   needed = settings.task_vocab + (settings.source == "synthetic_mqar")  # MQAR pads with task_vocab.
@@ -132,16 +132,19 @@ def run_synthetic(
   out = []
   for length in settings.lengths:
     harness.check_length(length + 1)
-    drawn = [
-        synthetic.draw(
-            np.random.default_rng([harness.seed, length, i]),
-            settings.source,
-            seq_len=length,
-            task_vocab=settings.task_vocab,
-            task_pairs=settings.task_pairs,
-        )
-        for i in range(count)
-    ]
+    try:
+      drawn = [
+          synthetic.draw(
+              np.random.default_rng([harness.seed, length, i]),
+              settings.source,
+              seq_len=length,
+              task_vocab=settings.task_vocab,
+              task_pairs=settings.task_pairs,
+          )
+          for i in range(count)
+      ]
+    except ValueError as e:  # Settings that the task cannot draw at this length.
+      raise harness_lib.EvalError(f"synthetic at length {length}: {e}") from None
     right, losses = _greedy_and_losses(
         harness, [sequence.astype(np.int32) for sequence, _ in drawn], f"{SYNTHETIC} {length}"
     )

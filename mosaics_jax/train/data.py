@@ -20,9 +20,9 @@ iterator built with the same arguments resumes the stream exactly.
 
 Sources (`DataConfig.source`):
 
-  synthetic_induction, synthetic_mqar: drawn on the fly by `mosaics_jax.synthetic`
-    from a generator seeded by (seed, index). Validation sequences use a fixed seed of their own,
-    so every run is scored on the same ones.
+  synthetic_induction, synthetic_mqar, synthetic_needles: drawn on the fly by
+    `mosaics_jax.synthetic` from a generator seeded by (seed, index). Validation sequences use a
+    fixed seed of their own, so every run is scored on the same ones.
   icl_bursty: bursty few-shot classification text in `icl_classification`'s prompt format, drawn
     on the fly by `mosaics_jax.icl_data` as the synthetic tasks are, from icl_pool training classes
     (none of the evaluation's), in bytes (data.tokenizer="byte"; a run keeps its tokenizer, so that
@@ -108,7 +108,7 @@ def vocab_size(cfg: DataConfig, tokenizer: tokenizers_lib.Tokenizer | None = Non
   `tokenizer`: a text source's tokenizer (default: the one `cfg` describes, `load_tokenizer`).
   """
   _check_config(cfg, tokenizer)
-  if cfg.source == "synthetic_induction":
+  if cfg.source in ("synthetic_induction", "synthetic_needles"):
     return cfg.task_vocab
   if cfg.source == "synthetic_mqar":
     return cfg.task_vocab + 1  # The pad id is task_vocab.
@@ -173,7 +173,7 @@ def make_iterator(
         f"data.trim_padding={cfg.trim_padding} cuts each process's batch to its own length, but"
         f" the {process_count} processes' batches must have one length: set data.trim_padding=0"
     )
-  if cfg.source in ("synthetic_induction", "synthetic_mqar", "icl_bursty"):
+  if cfg.source in (*synthetic.KINDS, "icl_bursty"):
     count = SYNTHETIC_SEQUENCES[split]
     ds = grain.MapDataset.range(_epoch_length(count, batch_size, repeat))
     if repeat:
@@ -428,6 +428,14 @@ def _check_config(cfg: DataConfig, tokenizer: tokenizers_lib.Tokenizer | None = 
     )
   if cfg.source == "synthetic_induction" and cfg.task_vocab < 2:
     raise DataError(f"synthetic_induction needs task_vocab >= 2, got {cfg.task_vocab}")
+  if cfg.source == "synthetic_needles" and not (
+      1 <= cfg.task_pairs < cfg.task_vocab and 4 * cfg.task_pairs <= cfg.seq_len + 1
+  ):
+    raise DataError(
+        "synthetic_needles needs 1 <= task_pairs < task_vocab (keys, and filler from the other"
+        f" symbols) and seq_len >= 4 * task_pairs - 1, got task_pairs {cfg.task_pairs}, task_vocab"
+        f" {cfg.task_vocab}, seq_len {cfg.seq_len}"
+    )
   if cfg.source == "synthetic_mqar":
     if not 1 <= cfg.task_pairs <= cfg.task_vocab // 2:
       raise DataError(
