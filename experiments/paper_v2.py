@@ -19,6 +19,9 @@ from mosaics_jax.config import (
 
 VOCAB = 128_256
 BATCH, CONTEXT, LONG_CONTEXT = 1024, 4096, 32768
+# Positions per chunk of the loss: one chunk's [batch, 256, 128256] logits, not the whole
+# context's, so the loss holds under 2 GiB per v5p chip at mm2-large (`mosaics-info --mesh`).
+LOSS_CHUNK = 256
 SIZES = {  # name: (layers, width, heads per memory, SwiGLU width, peak lr, training tokens)
     "small": (24, 2048, 16, 6144, 3e-4, 200e9),
     "large": (32, 4096, 32, 14336, 1e-3, 1e12),
@@ -36,6 +39,7 @@ def _recipe(lr: float, tokens: float) -> TrainConfig:
       b2=0.95,
       weight_decay=0.1,
       grad_clip=1.0,
+      loss_chunk=LOSS_CHUNK,
       tokens=int(tokens),
   )
 

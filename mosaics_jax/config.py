@@ -534,6 +534,11 @@ class TrainConfig(_Typed):
   weight_decay: float = 0.1  # Decoupled (AdamW), on matrices only: not on norms, biases, scalars.
   grad_clip: float = 1.0  # Global norm.
   grad_accum: int = 1  # Micro-batches per step; batch_size must be a multiple.
+  # Tokens per chunk of the sequence in the train step's loss: the output layer, cross-entropy and
+  # accuracy run chunk by chunk, recomputed in the backward, never holding [batch, seq, vocab]
+  # logits (`train.step`); 0: the whole sequence's logits at once. A chunk of seq_len or more is
+  # one chunk of the whole sequence: today's values, the logits recomputed rather than kept.
+  loss_chunk: int = 0
   seed: int = 0  # Parameters, data order, dropout and the long-term delays all derive from it.
   tokens: int | None = None  # Token budget of the paper run, for the record.
   log_every: int = 10
@@ -558,6 +563,8 @@ class TrainConfig(_Typed):
         raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
     if not 0 <= self.seed < SEED_LIMIT:
       raise ConfigError(f"train.seed must be in [0, 2**32), got {self.seed}")
+    if self.loss_chunk < 0:
+      raise ConfigError(f"train.loss_chunk must be >= 0 (0: no chunks), got {self.loss_chunk}")
     if self.batch_size % self.grad_accum:
       raise ConfigError(
           f"train.batch_size {self.batch_size} is not a multiple of train.grad_accum"

@@ -14,6 +14,9 @@ family on one device and on (data=4, tensor=2) and writes both runs' tokens to O
 `grad_accum` takes the first step of mm1 on a batch of uneven loss masks on (data=2, fsdp=2,
 tensor=2) with 1, 2 and 4 micro-batches, and writes each run's loss and gradient, with the
 token-weighted mean loss of the batch and its gradient computed directly, to OUT (npz).
+`loss_chunk` takes that first step with the chunked loss (chunks of 12 of the 32 positions) and 2
+micro-batches on (data=2, fsdp=2, tensor=2), and without chunks in one batch on one device, and
+writes both runs' losses and gradients to OUT (npz).
 """
 
 from __future__ import annotations
@@ -227,6 +230,19 @@ def grad_accum(out: pathlib.Path) -> None:
   np.savez(out, **report)
 
 
+def loss_chunk(out: pathlib.Path) -> None:
+  """Loss and gradient of the first step chunked on a mesh, and whole on one device."""
+  mesh = config_lib.MeshConfig(data=2, fsdp=2, tensor=2)
+  chunked = accum_experiment(2, mesh=mesh, **{"train.loss_chunk": 12})
+  loss, grads, _ = step_gradient(chunked, uneven_batch(chunked), on_mesh=True)
+  whole = accum_experiment(1)
+  loss_ref, grads_ref, _ = step_gradient(whole, uneven_batch(whole), on_mesh=False)
+  report = {"loss:chunked": loss, "loss:reference": loss_ref}
+  report.update(_flat("grad:chunked", grads))
+  report.update(_flat("grad:reference", grads_ref))
+  np.savez(out, **report)
+
+
 def _flat(prefix: str, tree) -> dict[str, np.ndarray]:
   return {f"{prefix}:{_path(p)}": x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
@@ -254,4 +270,5 @@ if __name__ == "__main__":
       "steps": steps,
       "generate": generate,
       "grad_accum": grad_accum,
+      "loss_chunk": loss_chunk,
   }[sys.argv[1]](pathlib.Path(sys.argv[2]).absolute(), *sys.argv[3:])

@@ -108,6 +108,29 @@ def test_remat_keeps_one_layer_and_the_block_inputs():
   assert rematted["block inputs, 8 layers (remat)"] < layer
 
 
+@pytest.mark.parametrize("chunk", (16, 48, 128, 1000))
+def test_a_chunked_loss_plans_one_chunks_logits(chunk):
+  """The logits line holds the final norm's input and output [b, t, m] and one chunk's logits and
+  loss gradient [b, min(chunk, t), v]: the logits' part shrinks by t / chunk, the total with it."""
+  experiment = registry.get("mm2-tiny")
+  b, t, m, v = 8, 128, experiment.model.width, experiment.model.vocab_size
+  assert (experiment.train.batch_size, experiment.data.seq_len, experiment.model.dtype) == (
+      b,
+      t,
+      "float32",
+  )
+  whole = memory_plan.plan(experiment, {})
+  chunked = memory_plan.plan(overrides.override(experiment, "train.loss_chunk", chunk), {})
+  line = "final norm, logits, loss gradient"
+  norms = 2 * b * t * m * 4
+  logits = b * t * v * (4 + 4 + 4)  # Output, its float32 copy, its gradient.
+  assert dict(whole.activations)[line] == norms + logits
+  assert dict(chunked.activations)[line] == norms + logits * min(chunk, t) // t
+  assert whole.total_bytes - chunked.total_bytes == logits - logits * min(chunk, t) // t
+  assert f"loss in chunks of {chunk} tokens" in memory_plan.format_plan(chunked)
+  assert "loss unchunked" in memory_plan.format_plan(whole)
+
+
 @pytest.mark.slow
 def test_mm2_large_on_256_devices_from_shapes_only(capsys):
   """This process has one device: planning for 256 allocates nothing on them."""

@@ -92,6 +92,22 @@ def test_grad_accum_on_a_mesh_gives_the_batch_mean_and_its_gradient(tmp_path):
       np.testing.assert_allclose(got, runs[key], atol=1e-6, err_msg=f"{accum}: {key}")
 
 
+@pytest.mark.slow
+def test_chunked_loss_on_a_mesh_gives_the_whole_sequences(tmp_path):
+  """On (data=2, fsdp=2, tensor=2), with 2 micro-batches and chunks of 12 of 32 positions (the
+  logits' vocabulary over tensor), the first step's loss and gradient are those of the whole
+  sequence's logits in one batch on one device."""
+  out = tmp_path / "loss_chunk.npz"
+  _run_on_8_devices("loss_chunk", out)
+  runs = np.load(out)
+  reference = [k for k in runs.files if k.startswith("grad:reference:")]
+  assert reference
+  assert runs["loss:chunked"] == pytest.approx(runs["loss:reference"], rel=1e-6)
+  for key in reference:
+    got = runs[key.replace(":reference:", ":chunked:", 1)]
+    np.testing.assert_allclose(got, runs[key], atol=1e-6, err_msg=key)
+
+
 @pytest.fixture(scope="module")
 def specs(tmp_path_factory):
   out = tmp_path_factory.mktemp("specs") / "specs.json"

@@ -33,7 +33,8 @@ dimension that its mesh axes do not divide is an error naming the parameter, as 
       add buffers of its own (`Family.layer_temporaries`: v1's persistent memory adds 4 float32
       [h, 256, pmem_count * pmem_size] chunk buffers);
     * the final norm's input and output, and the logits: the classifier's [b, t, vocab] output
-      in the compute dtype, its float32 copy and the float32 cross-entropy gradient.
+      in the compute dtype, its float32 copy and the float32 cross-entropy gradient; with a
+      chunked loss (`train.loss_chunk`), those of one chunk, [b, min(loss_chunk, t), vocab].
   Per-head scalars ([b, t, h] gates), integer inputs and the embedding lookup are ignored.
 """
 
@@ -80,6 +81,7 @@ class Plan:
   device_batch: int  # Rows of one micro-batch on each device.
   context: int
   remat: bool
+  loss_chunk: int  # Positions per chunk of the loss (`train.loss_chunk`); 0: the whole context.
   params: int  # Parameter count (all devices).
   param_bytes: int
   optimizer_bytes: int
@@ -109,6 +111,7 @@ class Plan:
         "device_batch": self.device_batch,
         "context": self.context,
         "remat": self.remat,
+        "loss_chunk": self.loss_chunk,
         "params": self.params,
         "bytes_per_device": {
             "parameters": self.param_bytes,
@@ -239,9 +242,10 @@ def _activations(
     t: int,
     mesh: jax.sharding.AbstractMesh,
     rules: config_lib.AxisRules,
+    loss_chunk: int,
 ) -> tuple[tuple[str, int], ...]:
   """(term, per-device bytes) of the activation estimate (module docstring) for a global
-  micro-batch of b sequences of t tokens."""
+  micro-batch of b sequences of t tokens, the loss `loss_chunk` positions at a time (0: all)."""
   size = lambda tensors, what: sum(_shard_bytes(x, mesh, rules, what) for x in tensors)
   c = jnp.dtype(model.dtype).itemsize
   saved, temporaries = _layer_tensors(model, b, t)
@@ -256,7 +260,8 @@ def _activations(
     ]
   else:
     terms = [(f"saved tensors, {layers} layers", layers * layer)]
-  logits = family_lib.Activation(_LOGITS, (b, t, model.vocab_size), c + 2 * _F32)
+  chunk = min(loss_chunk, t) if loss_chunk else t
+  logits = family_lib.Activation(_LOGITS, (b, chunk, model.vocab_size), c + 2 * _F32)
   terms += [
       # One call runs at a time: the largest one's buffers.
       (
@@ -326,11 +331,12 @@ def plan(
       device_batch=device_batch,
       context=t,
       remat=model.remat,
+      loss_chunk=train.loss_chunk,
       params=int(params),
       param_bytes=param_bytes,
       optimizer_bytes=_tree_bytes(state["opt_state"], mesh, rules),
       gradient_bytes=param_bytes * (2 if train.grad_accum > 1 else 1),
-      activations=_activations(model, micro_batch, t, mesh, rules),
+      activations=_activations(model, micro_batch, t, mesh, rules, train.loss_chunk),
   )
 
 
@@ -358,6 +364,8 @@ def format_plan(p: Plan) -> str:
       f"memory per device: {p.experiment} on {p.devices} devices ({mesh})",
       f"  global batch {p.global_batch} x context {p.context}; micro-batches of {p.device_batch}"
       f" sequences per device (grad_accum {p.grad_accum}), remat {'on' if p.remat else 'off'}",
+      f"  loss {f'in chunks of {p.loss_chunk} tokens' if p.loss_chunk else 'unchunked'}"
+      " (train.loss_chunk)",
       f"  {p.params:,} parameters",
   ]
   lines += [f"  {name:<{width}} {human_bytes(n)}" for name, n in rows]

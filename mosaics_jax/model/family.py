@@ -12,6 +12,8 @@ and Flax module, and answers every question that depends on the family:
 - `step_kwargs`: the model's arguments at a training step (v2 draws its long-term delay there) or
   at inference.
 - `max_length`: the longest sequence the model accepts, if it has a limit.
+- `output_logits`: the output layer alone, from the final hidden states (`hidden_only=True`) of a
+  chunk of the sequence to its logits (the train step's chunked loss).
 - `tied_embedding` and `labels`: what FLOP tables count and call each parameter.
 - `layer_activations` and `layer_temporaries`: the tensors one layer keeps for its backward pass
   and the transient buffers it needs beyond retrieval, for memory plans.
@@ -139,6 +141,12 @@ class Family:
     """The longest sequence the model accepts, or None."""
     del config
     return None
+
+  def output_logits(self, config: config_lib.ModelConfig, params: Any, x: jax.Array) -> jax.Array:
+    """The float32 logits [b, t, vocab] of final hidden states x [b, t, width] (what the model
+    returns with `hidden_only=True`), through the output layer in the model's `params`: the
+    model's own logits, for any slice of the sequence."""
+    raise NotImplementedError
 
   def layer_activations(self, config: config_lib.ModelConfig, b: int, t: int) -> list[Activation]:
     """The tensors one layer keeps for its backward pass, for b sequences of t tokens, besides its

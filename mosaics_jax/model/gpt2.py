@@ -146,9 +146,12 @@ class GPT2(lm.LanguageModel):
       cache: cache_lib.Cache | None = None,
       lengths: Int[Array, " b"] | None = None,
       deterministic: bool = True,
+      hidden_only: bool = False,
   ):
     """Logits [b, t, v]; with a decode cache, (logits, the cache after this chunk). A chunk holds
-    at most block_size tokens, and a cache at most block_size per row (`GPT2Family.init_cache`)."""
+    at most block_size tokens, and a cache at most block_size per row (`GPT2Family.init_cache`).
+    With `hidden_only`, the final hidden states [b, t, m] (`FAMILY.output_logits` maps them to
+    logits)."""
     cfg = self.config
     tokens, segment_ids = lm.check_inputs(tokens, segment_ids, cfg.block_size)
     init = nn.initializers.normal(cfg.init_std)
@@ -175,6 +178,8 @@ class GPT2(lm.LanguageModel):
         cfg, GPT2Block, x, segment_ids, deterministic, cache, chunk, name=_layer
     )
     x = lm.layer_norm(cfg, "ln_f")(x)
+    if hidden_only:
+      return lm.hidden_states(x, cache)
     out = lm.logits(wte.attend(x))
     if cache is None:
       return out
@@ -201,6 +206,9 @@ class GPT2Family(family.Family):
 
   def max_length(self, config: config_lib.GPT2Config) -> int:
     return config.block_size
+
+  def output_logits(self, config, params, x):
+    return lm.logits(lm.attend(config, params["wte"], x))
 
   def init_cache(self, config, batch, max_len, dtype) -> cache_lib.Cache:
     """A cache of at most block_size tokens per row, whatever max_len asks: the position embedding

@@ -68,11 +68,22 @@ class Llama(lm.LanguageModel):
       cache: cache_lib.Cache | None = None,
       lengths: Int[Array, " b"] | None = None,
       deterministic: bool = True,
+      hidden_only: bool = False,
   ):
-    """Logits [b, t, v]; with a decode cache, (logits, the cache after this chunk)."""
+    """Logits [b, t, v]; with a decode cache, (logits, the cache after this chunk); with
+    `hidden_only`, the final hidden states [b, t, m] (`FAMILY.output_logits` maps them to logits).
+    """
     tokens, segment_ids = lm.check_inputs(tokens, segment_ids)
     return lm.untied_decoder(
-        self.config, tokens, segment_ids, LlamaBlock, (), deterministic, cache, lengths
+        self.config,
+        tokens,
+        segment_ids,
+        LlamaBlock,
+        (),
+        deterministic,
+        cache,
+        lengths,
+        hidden_only,
     )
 
 
@@ -92,6 +103,9 @@ class LlamaFamily(family.Family):
   def bands(self, config, ltm_delay=None) -> dict[str, family.Band]:
     del config, ltm_delay
     return {"attention": CAUSAL_BAND}
+
+  def output_logits(self, config, params, x):
+    return lm.untied_logits(config, params, x)
 
   def init_cache(self, config, batch, max_len, dtype) -> cache_lib.Cache:
     names = [lm.layer_name(i) for i in range(config.num_layers)]

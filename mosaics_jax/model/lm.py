@@ -8,6 +8,10 @@ contiguous runs); no memory, recurrence or attention ever crosses a document bou
     params = model.init(rng, tokens)["params"]
     logits = model.apply({"params": params}, tokens, segment_ids)
 
+Called with `hidden_only=True`, a model returns its final normed hidden states [b, t, m] instead,
+which its family's `output_logits(config, params, x)` maps to the same logits, a chunk of the
+sequence at a time if asked (the train step's chunked loss).
+
 Every parameter and the key activations carry logical axis names (`layers.logical`), which
 `mosaics_jax.sharding` maps onto a device mesh; `init_boxed` gives the parameters with them.
 
@@ -17,7 +21,7 @@ Axis legend: b = batch, t = time, m = model width, v = vocabulary.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -128,6 +132,34 @@ def classifier(cfg: config_lib.ModelConfig, init: nn.initializers.Initializer) -
   )
 
 
+# The output layers below are applied to parameters that exist: no initializer runs.
+_NO_INIT = nn.initializers.zeros_init()
+
+
+def untied_logits(
+    cfg: config_lib.MosaicV2Config | config_lib.LlamaConfig,
+    params: Mapping[str, Any],
+    x: Float[Array, "b t m"],
+) -> Float[Array, "b t v"]:
+  """The logits of final hidden states x through the classifier of the model's `params`, as
+  `untied_decoder` computes them."""
+  return logits(classifier(cfg, _NO_INIT).apply({"params": params["classifier"]}, x))
+
+
+def attend(
+    cfg: config_lib.ModelConfig, embedding: Mapping[str, Any], x: Float[Array, "b t m"]
+) -> Float[Array, "b t v"]:
+  """x times the transposed embedding `embedding` (an `embed`'s params): a tied classifier."""
+  return embed(cfg, _NO_INIT, "embed").apply({"params": embedding}, x, method="attend")
+
+
+def hidden_states(x: Float[Array, "b t m"], cache: cache_lib.Cache | None) -> Float[Array, "b t m"]:
+  """The final normed hidden states x, what a model called with `hidden_only=True` returns."""
+  if cache is not None:
+    raise ValueError("hidden_only returns no decode cache: call the model without one")
+  return x
+
+
 def residual(x: Float[Array, "b t m"]) -> Float[Array, "b t m"]:
   """The residual stream, sharded as its logical axes say."""
   return layers.constrain(x, "batch", "length", "embed")
@@ -215,12 +247,13 @@ def untied_decoder(
     deterministic: bool,
     cache: cache_lib.Cache | None = None,
     lengths: Int[Array, " b"] | None = None,
+    hidden_only: bool = False,
 ):
   """Embedding, `num_layers` pre-norm blocks, final RMSNorm and an untied classifier: the frame of
   v2 and Llama, initialised as the v2 paper's Table 6 says. Called inside a compact `__call__`
   after `check_inputs`; `block(cfg, i)` is layer i, called as (x, segment_ids, *block_args,
-  deterministic), and with `cache=` and `chunk=` when decoding. Returns the logits, and with a
-  cache (logits, the cache after the chunk)."""
+  deterministic), and with `cache=` and `chunk=` when decoding. Returns the logits, with a
+  cache (logits, the cache after the chunk), with `hidden_only` the final RMSNorm's output."""
   init = layers.truncated_normal(layers.depth_scaled_std(cfg.width, 0))
   x = embed(cfg, init, "embed")(tokens)
   x = residual(nn.Dropout(cfg.dropout, deterministic=deterministic)(x))
@@ -231,6 +264,8 @@ def untied_decoder(
       cfg, block, x, segment_ids, deterministic, cache, chunk, indexed=True, block_args=block_args
   )
   x = rms_norm(cfg, "final_norm")(x)
+  if hidden_only:
+    return hidden_states(x, cache)
   out = logits(classifier(cfg, init)(x))
   if cache is None:
     return out

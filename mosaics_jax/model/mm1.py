@@ -73,9 +73,11 @@ class MosaicV1(lm.LanguageModel):
       cache: cache_lib.Cache | None = None,
       lengths: Int[Array, " b"] | None = None,
       deterministic: bool = True,
+      hidden_only: bool = False,
   ):
     """Logits [b, t, v]; with a decode cache, (logits, the cache after this chunk): a decoder is
-    not bound by block_size, which limits the chunk alone."""
+    not bound by block_size, which limits the chunk alone. With `hidden_only`, the final hidden
+    states [b, t, m] (`FAMILY.output_logits` maps them to logits)."""
     cfg = self.config
     tokens, segment_ids = lm.check_inputs(tokens, segment_ids, cfg.block_size)
     wte = lm.embed(cfg, nn.initializers.normal(cfg.init_std), "wte")
@@ -87,6 +89,8 @@ class MosaicV1(lm.LanguageModel):
         cfg, MosaicV1Block, x, segment_ids, deterministic, cache, chunk, name=_layer
     )
     x = lm.layer_norm(cfg, "ln_f")(x)
+    if hidden_only:
+      return lm.hidden_states(x, cache)
     out = lm.logits(wte.attend(x))
     if cache is None:
       return out
@@ -112,6 +116,9 @@ class MosaicV1Family(family.Family):
 
   def max_length(self, config: config_lib.MosaicV1Config) -> int:
     return config.block_size
+
+  def output_logits(self, config, params, x):
+    return lm.logits(lm.attend(config, params["wte"], x))
 
   def init_cache(self, config, batch, max_len, dtype) -> cache_lib.Cache:
     bands = self.bands(config)

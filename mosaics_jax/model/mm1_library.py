@@ -236,10 +236,12 @@ class MosaicV1Library(lm.LanguageModel):
       cache: cache_lib.Cache | None = None,
       lengths: Int[Array, " b"] | None = None,
       deterministic: bool = True,
+      hidden_only: bool = False,
   ):
     """Logits [b, t, v] of every position, documents of packed rows independent; with a decode
     cache, (logits, the cache after this chunk): a decoder is not bound by block_size, which
-    limits the chunk alone."""
+    limits the chunk alone. With `hidden_only`, the final hidden states [b, t, m]
+    (`FAMILY.output_logits` maps them to logits)."""
     cfg = self.config
     tokens, segment_ids = lm.check_inputs(tokens, segment_ids, cfg.block_size)
     head_init = nn.initializers.normal(1 / math.sqrt(cfg.width))
@@ -251,20 +253,28 @@ class MosaicV1Library(lm.LanguageModel):
     )
     x, layer_caches = lm.stack(cfg, Block, x, segment_ids, deterministic, cache, chunk)
     x = lm.layer_norm(cfg, "ln_out")(x)
-    if cfg.weight_tying:
-      out = emb.attend(x)
-    else:
-      out = nn.Dense(
-          cfg.vocab_size,
-          use_bias=False,
-          kernel_init=layers.logical(head_init, "embed", "vocab"),
-          dtype=jnp.dtype(cfg.dtype),
-          name="head",
-      )(x)
-    out = lm.logits(out / math.sqrt(cfg.width))
+    if hidden_only:
+      return lm.hidden_states(x, cache)
+    out = _scaled_logits(cfg, emb.attend(x) if cfg.weight_tying else _head(cfg, head_init)(x))
     if cache is None:
       return out
     return cache_lib.advance(cache, chunk, layer_caches, out)
+
+
+def _head(cfg: Config, init: nn.initializers.Initializer) -> nn.Dense:
+  """The untied output layer (weight_tying off)."""
+  return nn.Dense(
+      cfg.vocab_size,
+      use_bias=False,
+      kernel_init=layers.logical(init, "embed", "vocab"),
+      dtype=jnp.dtype(cfg.dtype),
+      name="head",
+  )
+
+
+def _scaled_logits(cfg: Config, out: Float[Array, "b t v"]) -> Float[Array, "b t v"]:
+  """The logits: the output layer's output over sqrt(width), as the Library's head divides it."""
+  return lm.logits(out / math.sqrt(cfg.width))
 
 
 class MosaicV1LibraryFamily(family.Family):
@@ -290,6 +300,12 @@ class MosaicV1LibraryFamily(family.Family):
 
   def max_length(self, config: Config) -> int:
     return config.block_size
+
+  def output_logits(self, config, params, x):
+    if config.weight_tying:
+      return _scaled_logits(config, lm.attend(config, params["emb"], x))
+    head = _head(config, nn.initializers.zeros_init()).apply({"params": params["head"]}, x)
+    return _scaled_logits(config, head)
 
   def init_cache(self, config, batch, max_len, dtype) -> cache_lib.Cache:
     """mm1's cache: keys without look-back (a kernel of 1) and values one step ahead."""

@@ -86,8 +86,10 @@ class MosaicV2(lm.LanguageModel):
       lengths: Int[Array, " b"] | None = None,
       ltm_delay: int | jax.Array | None = None,
       deterministic: bool = True,
+      hidden_only: bool = False,
   ):
-    """Logits [b, t, v]; with a decode cache, (logits, the cache after this chunk).
+    """Logits [b, t, v]; with a decode cache, (logits, the cache after this chunk); with
+    `hidden_only`, the final hidden states [b, t, m] (`FAMILY.output_logits` maps them to logits).
 
     `ltm_delay` is the long-term delay m (may be traced); None uses config.long_term_delay.
     """
@@ -95,7 +97,15 @@ class MosaicV2(lm.LanguageModel):
     tokens, segment_ids = lm.check_inputs(tokens, segment_ids)
     ltm_delay = cfg.long_term_delay if ltm_delay is None else ltm_delay
     return lm.untied_decoder(
-        cfg, tokens, segment_ids, MosaicV2Block, (ltm_delay,), deterministic, cache, lengths
+        cfg,
+        tokens,
+        segment_ids,
+        MosaicV2Block,
+        (ltm_delay,),
+        deterministic,
+        cache,
+        lengths,
+        hidden_only,
     )
 
 
@@ -147,6 +157,9 @@ class MosaicV2Family(family.Family):
       return {"ltm_delay": config.long_term_delay}
     low, high = config.long_term_delay_range
     return {"ltm_delay": jax.random.randint(key, (), low, high + 1)}
+
+  def output_logits(self, config, params, x):
+    return lm.untied_logits(config, params, x)
 
   def init_cache(self, config, batch, max_len, dtype) -> cache_lib.Cache:
     # The short-term memory keeps a ring of h - 1 pairs: without long-term memory the cache does

@@ -13,13 +13,19 @@ parameters and optimizer state are created sharded as their logical axes and the
 (`mosaics_jax.sharding`), batches are sharded over their batch axis, and each step is one jit with
 those shardings. One device runs exactly as without a mesh.
 
-Axis legend: b = batch, t = time, a = gradient-accumulation micro-batches.
+With `train.loss_chunk`, the loss takes the model's final hidden states and computes the logits,
+cross-entropy and accuracy a chunk of positions at a time, recomputing each chunk's logits in the
+backward pass: the [b, t, v] logits never exist (`_chunked_sums`).
+
+Axis legend: b = batch, t = time, a = gradient-accumulation micro-batches, m = model width,
+v = vocabulary, n = loss chunks, c = positions per loss chunk.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jaxtyping import Array, Float, Int
 
 from mosaics_jax import config as config_lib, sharding
 from mosaics_jax.model import families
@@ -87,11 +94,15 @@ def make_placement(experiment: config_lib.Experiment, model, tx, devices=None) -
   )
 
 
-def _loss(params, model, batch: Batch, kwargs, dropout_key) -> tuple[jax.Array, dict]:
+def _loss(
+    params, model, batch: Batch, kwargs, dropout_key, loss_chunk: int
+) -> tuple[jax.Array, dict]:
   """(the cross-entropy summed over the batch's `loss_mask`, the batch's sums: `loss_sum`,
-  `weight` (the targets `loss_mask` counts), `correct` and `answers`)."""
+  `weight` (the targets `loss_mask` counts), `correct` and `answers`); with a `loss_chunk` (0:
+  none), from the logits of that many positions at a time (`_chunked_sums`)."""
   deterministic = dropout_key is None
-  logits = model.apply(
+  apply = functools.partial(
+      model.apply,
       {"params": params},
       batch["tokens"],
       batch["segment_ids"],
@@ -99,17 +110,72 @@ def _loss(params, model, batch: Batch, kwargs, dropout_key) -> tuple[jax.Array, 
       rngs=None if deterministic else {"dropout": dropout_key},
       **kwargs,
   )
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-  mask = batch["loss_mask"]
-  loss_sum, weight = jnp.sum(ce * mask), jnp.sum(mask)
-  correct = (jnp.argmax(logits, -1) == batch["targets"]) * batch["answer_mask"]
-  stats = {
-      "loss_sum": loss_sum,
-      "weight": weight,
+  labels = batch["targets"], batch["loss_mask"], batch["answer_mask"]
+  if loss_chunk:
+    stats = _chunked_sums(params, model.config, apply(hidden_only=True), labels, loss_chunk)
+  else:
+    stats = _sums(apply(), *labels)
+  return stats["loss_sum"], stats
+
+
+def _sums(
+    logits: Float[Array, "b t v"],
+    targets: Int[Array, "b t"],
+    loss_mask: Float[Array, "b t"],
+    answer_mask: Float[Array, "b t"],
+) -> dict[str, jax.Array]:
+  """The loss and accuracy sums (`_loss`) of these logits."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  correct = (jnp.argmax(logits, -1) == targets) * answer_mask
+  return {
+      "loss_sum": jnp.sum(ce * loss_mask),
+      "weight": jnp.sum(loss_mask),
       "correct": jnp.sum(correct),
-      "answers": jnp.sum(batch["answer_mask"]),
+      "answers": jnp.sum(answer_mask),
   }
-  return loss_sum, stats
+
+
+def _chunked_sums(
+    params,
+    config: config_lib.ModelConfig,
+    hidden: Float[Array, "b t m"],
+    labels: tuple[Int[Array, "b t"], Float[Array, "b t"], Float[Array, "b t"]],
+    loss_chunk: int,
+) -> dict[str, jax.Array]:
+  """`_sums` of the logits of the final hidden states and the labels (targets, loss_mask,
+  answer_mask), `loss_chunk` positions at a time.
+
+  A scan over the chunks: each computes its logits [b, c, v] from its hidden states (the family's
+  `output_logits`) and adds its sums, under `jax.checkpoint`, so the backward recomputes a chunk's
+  logits rather than keeping them: no [b, t, v] array exists, forward or backward. A last chunk
+  that the sequence does not fill is padded with masked targets (they add nothing). A loss_chunk
+  of t or more is one chunk: the unchunked sums, up to the order of summation.
+  """
+  family = families.of(config)
+  b, t = hidden.shape[:2]
+  chunk = min(loss_chunk, t)
+  n = -(-t // chunk)
+
+  def split(x):  # [b t ...] -> [n b c ...], zero-padded to n * c positions.
+    x = jnp.pad(x, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+  hidden = nn.with_logical_constraint(split(hidden), (None, "batch", "length", "embed"))
+  chunks = (hidden, *map(split, labels))
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)  # No CSE to prevent inside a scan.
+  def chunk_sums(params, chunk):
+    x, *chunk_labels = chunk
+    return _sums(family.output_logits(config, params, x), *chunk_labels)
+
+  def add(totals, chunk):
+    return jax.tree.map(jnp.add, totals, chunk_sums(params, chunk)), None
+
+  first = jax.tree.map(lambda x: x[0], chunks)
+  zeros = jax.tree.map(
+      lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(chunk_sums, params, first)
+  )
+  return jax.lax.scan(add, zeros, chunks)[0]
 
 
 def train_step_fn(
@@ -142,7 +208,9 @@ def train_step_fn(
     )
 
     def accumulate(totals, micro_batch):
-      (_, stats), g = grad_fn(state["params"], model, micro_batch, kwargs, dropout_key)
+      (_, stats), g = grad_fn(
+          state["params"], model, micro_batch, kwargs, dropout_key, cfg.loss_chunk
+      )
       return jax.tree.map(jnp.add, totals, (g, stats["loss_sum"], stats["weight"])), None
 
     zeros = jax.tree.map(jnp.zeros_like, state["params"]), jnp.float32(0), jnp.float32(0)
@@ -193,7 +261,8 @@ def make_eval_step(
 ) -> Callable[[Any, Batch], dict]:
   """The jitted evaluation step: (params, batch) -> the loss and accuracy sums of the batch."""
   kwargs = families.of(experiment.model).step_kwargs(experiment.model, None)
-  fn = lambda params, batch: _loss(params, model, batch, kwargs, None)[1]
+  loss_chunk = experiment.train.loss_chunk
+  fn = lambda params, batch: _loss(params, model, batch, kwargs, None, loss_chunk)[1]
   if placement is None:
     return jax.jit(fn)
   return placement.jit(
