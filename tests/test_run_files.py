@@ -2,6 +2,7 @@
 tokenizer is fixed at its first start, a resume on a changed text warns with both hashes or names
 the characters the tokenizer lacks, `--restart` sets the tokenizer and the data record aside, and
 perplexity scores the run's own file from any directory, recording its absolute path and sha256.
+The same run's log carries MFU (issue 34).
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ import re
 import shutil
 import warnings
 
+import jax
 import pytest
+import test_metrics
 import tiny_runs
 
-from mosaics_jax import tokenizers
+from mosaics_jax import config as config_lib, tokenizers
+from mosaics_jax.analysis import flops
 from mosaics_jax.cli import eval as eval_cli, train as train_cli
+from mosaics_jax.train import metrics
 
 # One "!" at the very end: truncating the text loses a character; no tab anywhere.
 BODY = "the cat sat on the mat; the dog sat on the log.\n" * 40
@@ -59,6 +64,32 @@ def run(trained, tmp_path, monkeypatch):
   shutil.copytree(trained, root)
   monkeypatch.chdir(root)
   return root
+
+
+def test_the_log_carries_mfu_and_tokens_per_device(trained):
+  """`mosaics-train` records what MFU is measured against once, at the start, and each training
+  record's `tokens_per_sec_per_device` and `mfu`, in metrics.jsonl and TensorBoard."""
+  workdir = trained / "W"
+  records = metrics.read_metrics(workdir)
+  (basis,) = [r for r in records if r.get("split") == "mfu"]
+  assert basis["step"] == 0 and basis["device_kind"] == "cpu"
+  assert basis["peak_source"].startswith("float32") and basis["peak_flops_per_second"] > 0
+  # The paper convention: 3 x the forward FLOPs `mosaics-info` counts at the run's context.
+  config = json.loads((workdir / "config.json").read_text())
+  model = config_lib.from_dict(config_lib.ModelConfig, config["model"])
+  forward = flops.count(model, context=config["data"]["seq_len"]).flops_per_token
+  assert basis["train_flops_per_token"] == 3 * forward
+  (record,) = [r for r in records if "split" not in r]
+  assert record["tokens_per_sec_per_device"] == record["tokens_per_sec"] / jax.device_count()
+  model_rate = record["tokens_per_sec_per_device"] * basis["train_flops_per_token"]
+  assert record["mfu"] == pytest.approx(model_rate / basis["peak_flops_per_second"], rel=1e-12)
+  assert 0 < record["mfu"] < 1
+  events = test_metrics._events(workdir / metrics.TENSORBOARD_DIR)
+  scalars = test_metrics._scalars(events)
+  assert scalars["train/mfu"] == [(2, pytest.approx(record["mfu"]))]
+  assert scalars["train/tokens_per_sec_per_device"] == [
+      (2, pytest.approx(record["tokens_per_sec_per_device"]))
+  ]
 
 
 def test_a_resume_keeps_the_runs_tokenizer_when_the_text_loses_a_character(run):

@@ -1,6 +1,7 @@
 """`mosaics-bench train`: tokens/s and model-FLOPs utilisation of an experiment's jitted training
-step (the step `mosaics-train` runs, `train.step.make_train_step`) on synthetic batches, against an
-fp32 matmul timed in the same process.
+step (the step `mosaics-train` runs, `train.step.make_train_step`) on synthetic batches: MFU as
+`mosaics-train` logs it (`analysis.utilisation`), against the device's peak, or on a CPU against
+a float32 matmul timed in the same process.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from mosaics_jax.analysis import flops, timing
+from mosaics_jax.analysis import timing, utilisation
 from mosaics_jax.model import families
 from mosaics_jax.train import optim, step
 
@@ -29,12 +29,15 @@ class TrainRow:
   seq_len: int
   dtype: str
   step_seconds: float  # Median over repeats of one jitted training step.
-  tokens_per_second: float
-  train_flops_per_token: float  # 3 x forward FLOPs per token (flops.count at context seq_len).
+  tokens_per_second: float  # Of the one device the step runs on.
+  train_flops_per_token: float  # `utilisation.train_flops_per_token`.
   model_gflops: float  # Achieved: tokens/s x train FLOPs per token.
-  matmul_gflops: float  # fp32 matmul_size^3, timed in the same process.
+  matmul_gflops: float  # A matmul_size^3 matmul timed in the same process.
   matmul_size: int
-  mfu: float  # model_gflops / matmul_gflops.
+  matmul_dtype: str  # `utilisation.matmul_dtype`: float32 on a CPU.
+  peak_gflops: float  # The device's peak (`utilisation.of`).
+  peak_source: str
+  mfu: float  # `metrics.Utilisation.mfu`: model_gflops / peak_gflops.
   peak_mb: float  # XLA's planned peak memory of the compiled step (`timing.planned_peak_bytes`).
   max_rss_mb: float  # The process's peak resident memory so far, compilation included.
   # The official nanoMosaics step (`--official`), timed interleaved with ours: its name and
@@ -83,15 +86,16 @@ def train_throughput(
     experiment,
     steps: int = 5,
     repeats: int = 3,
-    matmul_size: int = 2048,
+    matmul_size: int = timing.MATMUL_SIZE,
     baseline: tuple[str, Callable[[], None]] | None = None,
 ) -> TrainRow:
-  """Tokens/s of the jitted training step on synthetic batches, against an fp32 matmul.
+  """Tokens/s and MFU of the jitted training step on synthetic batches.
 
   The step is `train.make_train_step` with the experiment's optimizer, compiled once and warmed up
   by one step; each repeat times `steps` consecutive steps on distinct random batches, then the
-  matmul, so both see the same load on a shared machine. Medians over repeats. Model FLOPs follow
-  the paper convention: 3 x the forward FLOPs of `flops.count(model, context=seq_len)`.
+  matmul, so both see the same load on a shared machine. Medians over repeats. MFU is
+  `utilisation.of`'s, as `mosaics-train` logs it: against the device's peak, or where the table
+  has none (a CPU) against this matmul.
   `baseline` = (name, one training step of another implementation of the same model and batch,
   e.g. `port.official.train_step`): warmed up by one step, then timed for `steps` steps in each
   repeat, between ours and the matmul.
@@ -100,11 +104,12 @@ def train_throughput(
   baseline_times = []
   if baseline is not None:
     baseline[1]()
-  a = jnp.ones((matmul_size, matmul_size), jnp.float32)
-  matmul = jax.jit(jnp.matmul).lower(a, a).compile()
-  jax.block_until_ready(matmul(a, a))
+  device = jax.devices()[0]
+  matmul = timing.Matmul(
+      matmul_size, utilisation.matmul_dtype(device.platform, experiment.model.dtype)
+  )
 
-  step_times, matmul_times = [], []
+  step_times = []
   for _ in range(repeats):
     start = time.perf_counter()
     state = run_steps(step_fn, state, batches[:steps])
@@ -114,18 +119,14 @@ def train_throughput(
       for _ in range(steps):
         baseline[1]()
       baseline_times.append((time.perf_counter() - start) / steps)
-    for _ in range(3):
-      start = time.perf_counter()
-      jax.block_until_ready(matmul(a, a))
-      matmul_times.append(time.perf_counter() - start)
+    matmul.sample(3)
   step_seconds = statistics.median(step_times)
   baseline_seconds = statistics.median(baseline_times) if baseline_times else None
 
   seq_len = experiment.data.seq_len
   tokens_per_second = experiment.train.batch_size * seq_len / step_seconds
-  train_flops = 3 * flops.count(experiment.model, context=seq_len).flops_per_token
-  model_rate = tokens_per_second * train_flops
-  matmul_rate = 2 * matmul_size**3 / statistics.median(matmul_times)
+  basis = utilisation.of(experiment, device, matmul=lambda: matmul)
+  model_rate = tokens_per_second * basis.train_flops_per_token
   return TrainRow(
       experiment=experiment.name,
       batch_size=experiment.train.batch_size,
@@ -133,11 +134,14 @@ def train_throughput(
       dtype=experiment.model.dtype,
       step_seconds=step_seconds,
       tokens_per_second=tokens_per_second,
-      train_flops_per_token=train_flops,
+      train_flops_per_token=basis.train_flops_per_token,
       model_gflops=model_rate / 1e9,
-      matmul_gflops=matmul_rate / 1e9,
+      matmul_gflops=matmul.rate() / 1e9,
       matmul_size=matmul_size,
-      mfu=model_rate / matmul_rate,
+      matmul_dtype=str(matmul.dtype),
+      peak_gflops=basis.peak_flops_per_second / 1e9,
+      peak_source=basis.peak_source,
+      mfu=basis.mfu(tokens_per_second),
       peak_mb=timing.planned_peak_bytes(step_fn) / 2**20,
       # ru_maxrss is in KiB on Linux.
       max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -153,15 +157,16 @@ def format_train(row: TrainRow) -> str:
       f"training step of {row.experiment}: batch {row.batch_size} x {row.seq_len} tokens,"
       f" {row.dtype}, synthetic data; peak memory: XLA's planned peak of the compiled step",
       "model FLOPs/token = 3 x forward FLOPs (mosaics-info convention at context"
-      f" {row.seq_len}; backward = 2 x forward); MFU = model GFLOP/s / fp32 matmul"
-      f" ({row.matmul_size}^3) GFLOP/s in this process",
+      f" {row.seq_len}; backward = 2 x forward); MFU = model GFLOP/s / peak GFLOP/s, the peak"
+      f" being the {row.peak_source}, as mosaics-train logs it; matmul = {row.matmul_dtype}"
+      f" {row.matmul_size}^3 timed in this process",
       "",
       "| experiment | step (s) | tokens/s | train FLOPs/token | model GFLOP/s | matmul GFLOP/s |"
-      " MFU | peak memory (MB) |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|",
+      " peak GFLOP/s | MFU | peak memory (MB) |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
       f"| {row.experiment} | {row.step_seconds:.3f} | {row.tokens_per_second:.0f} |"
       f" {row.train_flops_per_token / 1e6:.2f}M | {row.model_gflops:.1f} |"
-      f" {row.matmul_gflops:.1f} | {row.mfu:.1%} | {row.peak_mb:.0f} |",
+      f" {row.matmul_gflops:.1f} | {row.peak_gflops:.1f} | {row.mfu:.1%} | {row.peak_mb:.0f} |",
   ]
   notes = [f"process peak RSS: {row.max_rss_mb:.0f} MB (compilation included)"]
   if row.baseline is not None:
@@ -169,7 +174,7 @@ def format_train(row: TrainRow) -> str:
     lines.append(
         f"| {row.baseline} | {row.step_seconds / ratio:.3f} | {row.baseline_tokens_per_second:.0f}"
         f" | {row.train_flops_per_token / 1e6:.2f}M | {row.model_gflops * ratio:.1f} |"
-        f" {row.matmul_gflops:.1f} | {row.mfu * ratio:.1%} | - |"
+        f" {row.matmul_gflops:.1f} | {row.peak_gflops:.1f} | {row.mfu * ratio:.1%} | - |"
     )
     notes.append(
         f"ours / {row.baseline}: {1 / ratio:.2f}x the tokens/s (medians of repeats timed"

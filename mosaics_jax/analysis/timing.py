@@ -49,7 +49,38 @@ def measure(fn: Callable, *args, repeats: int = 5) -> Timing:
   return Timing(statistics.median(times), planned_peak_bytes(compiled))
 
 
+# n of the n^3 matmul that `mosaics-bench train` and a run's MFU on CPU are measured against.
+MATMUL_SIZE = 2048
+
+
+class Matmul:
+  """An n^3 matmul in `dtype` on the default device, compiled and warmed up once, then timed
+  `sample` calls at a time: benchmarks interleave its samples with what they time, so both see
+  the same load on a shared machine."""
+
+  def __init__(self, n: int = MATMUL_SIZE, dtype=jnp.float32):
+    self.n, self.dtype = n, jnp.dtype(dtype)
+    self._a = jnp.ones((n, n), dtype)
+    self._compiled = jax.jit(jnp.matmul).lower(self._a, self._a).compile()
+    jax.block_until_ready(self._compiled(self._a, self._a))
+    self._seconds: list[float] = []
+
+  def sample(self, times: int) -> None:
+    """Times `times` more matmuls, one at a time."""
+    for _ in range(times):
+      start = time.perf_counter()
+      jax.block_until_ready(self._compiled(self._a, self._a))
+      self._seconds.append(time.perf_counter() - start)
+
+  def rate(self) -> float:
+    """FLOP/s: 2 n^3 over the median of the samples so far."""
+    if not self._seconds:
+      raise ValueError("Matmul.rate before any sample")
+    return 2 * self.n**3 / statistics.median(self._seconds)
+
+
 def matmul_flops_per_second(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -> float:
   """The rate of an n^3 matmul in `dtype` on this backend: the yardstick of every ratio."""
-  a = jnp.ones((n, n), dtype)
-  return 2 * n**3 / measure(jnp.matmul, a, a, repeats=repeats).seconds
+  matmul = Matmul(n, dtype)
+  matmul.sample(repeats)
+  return matmul.rate()

@@ -97,7 +97,12 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--steps", type=int, default=5, help="training steps per timed repeat")
   train.add_argument("--repeats", type=int, default=3)
   train.add_argument("--json", **json_flag)
-  train.add_argument("--matmul-size", type=int, default=2048, help="n of the fp32 n^3 yardstick")
+  train.add_argument(
+      "--matmul-size",
+      type=int,
+      default=timing.MATMUL_SIZE,
+      help="n of the n^3 matmul timed here: the peak where the table has none (a CPU)",
+  )
   train.add_argument(
       "--profile",
       metavar="DIR",

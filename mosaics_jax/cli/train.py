@@ -26,6 +26,7 @@ import sys
 import jax
 
 from mosaics_jax import checkpoints, config as config_lib, distributed
+from mosaics_jax.analysis import utilisation
 from mosaics_jax.cli import common
 from mosaics_jax.port import layout, pretrained
 from mosaics_jax.train import data, loop
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
         init_from=init_from,
         restart=args.restart,
+        utilisation=utilisation.of(experiment),
     )
   except (
       config_lib.ConfigError,

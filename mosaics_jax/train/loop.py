@@ -135,6 +135,7 @@ def train(
     progress: bool = True,
     init_from: InitFrom | None = None,
     restart: bool = False,
+    utilisation: metrics.Utilisation | None = None,
 ) -> RunResult:
   """Trains `experiment` in `workdir`, resuming from its newest readable checkpoint.
 
@@ -145,6 +146,9 @@ def train(
     init_from: parameters to start from when the workdir has no checkpoint (fine-tuning); a run
       that resumes resumes, whatever `init_from` says.
     restart: move the workdir's run files aside (`workdir.set_aside`) and start over.
+    utilisation: what MFU is measured against (`analysis.utilisation.of`, as `mosaics-train`
+      passes it); the training records carry `mfu` only with it, and each start of the run
+      records it once, as a record of split "mfu".
 
   Raises:
     TrainingError: the run cannot start (the message says why) or cannot go on (a non-finite loss
@@ -160,12 +164,12 @@ def train(
     # Processes agree on a signal where the loop waits for the step's stats anyway.
     preemption = preemption_lib.Preemption(agree_every=experiment.train.log_every)
     with lock, preemption:
-      return _train(experiment, workdir, progress, init_from, restart, preemption)
+      return _train(experiment, workdir, progress, init_from, restart, preemption, utilisation)
   except (workdir_lib.WorkdirError, checkpoints.CheckpointError) as e:
     raise TrainingError(str(e)) from None
 
 
-def _train(experiment, workdir, progress, init_from, restart, preemption) -> RunResult:
+def _train(experiment, workdir, progress, init_from, restart, preemption, utilisation) -> RunResult:
   cfg = experiment.train
   lead = jax.process_index() == 0
   if restart:
@@ -239,6 +243,8 @@ def _train(experiment, workdir, progress, init_from, restart, preemption) -> Run
   writer = metrics.MetricsWriter(workdir, resume_step=start) if lead else None
   if writer and restored is None and init_from is not None:
     writer.write(0, {"split": "init", "init_from": init_from.origin, "init_step": init_from.step})
+  if writer and utilisation is not None:  # Each start: a resumed run may run on other devices.
+    writer.write(start, {"split": "mfu", **dataclasses.asdict(utilisation)})
   bar = tqdm.tqdm(
       total=cfg.steps, initial=start, disable=not (progress and lead), unit="step", smoothing=0.1
   )
@@ -256,6 +262,7 @@ def _train(experiment, workdir, progress, init_from, restart, preemption) -> Run
       )
   )
   tokens_per_step = cfg.batch_size * experiment.data.seq_len
+  devices = jax.device_count()  # The mesh spans every device (`step.make_placement`).
   pending: list[tuple[int, dict]] = []  # Step stats not yet checked on the host.
   val = None
   clock, clock_step = time.perf_counter(), start
@@ -292,11 +299,14 @@ def _train(experiment, workdir, progress, init_from, restart, preemption) -> Run
     step, stats = host[-1]
     record = {k: float(v) for k, v in stats.items()}
     record["tokens_per_sec"] = tokens_per_step * (step - clock_step) / max(now - clock, 1e-9)
+    record["tokens_per_sec_per_device"] = record["tokens_per_sec"] / devices
+    if utilisation is not None:
+      record["mfu"] = utilisation.mfu(record["tokens_per_sec_per_device"])
     clock, clock_step = now, step
     return {"step": step, **record}
 
   def save(step: int) -> None:
-    nonlocal last_saved
+    nonlocal last_saved, clock
     flush()  # Never save a diverged state.
     if last_saved == step:
       return
@@ -304,6 +314,7 @@ def _train(experiment, workdir, progress, init_from, restart, preemption) -> Run
       raise diverged(step, "its parameters give a non-finite loss on a validation batch")
     ckpts.save(step, state, train_it.get_state())
     last_saved = step
+    clock = time.perf_counter()  # The rates measure training steps, not saves (flush came first).
 
   stopped_by = None
   try:
@@ -313,12 +324,16 @@ def _train(experiment, workdir, progress, init_from, restart, preemption) -> Run
       bar.update(1)
       if step % cfg.log_every == 0 or step == cfg.steps:
         record = flush()
-        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+        postfix = {"loss": f"{record['loss']:.4f}", "tok_s": f"{record['tokens_per_sec']:.0f}"}
+        if "mfu" in record:
+          postfix["mfu"] = f"{record['mfu']:.1%}"
+        bar.set_postfix(postfix)
         if writer:
           writer.write(record["step"], record)
       if step % cfg.eval_every == 0 or step == cfg.steps:
         flush()
         val = evaluate(experiment, eval_step, state["params"], tokenizer)
+        clock = time.perf_counter()  # The rates measure training steps, not evaluations.
         if writer:
           writer.write(step, {"step": step, "split": "val", **val})
       if step % cfg.checkpoint_every == 0 or step == cfg.steps:

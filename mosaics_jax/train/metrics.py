@@ -18,6 +18,7 @@ A run directory DIR holds
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import operator
@@ -37,6 +38,22 @@ TENSORBOARD_DIR = "tensorboard"
 _TENSORBOARD_FLUSH_SECS = 30
 
 Scalar = int | float | bool | str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Utilisation:
+  """What a run's model-FLOPs utilisation (MFU) is measured against; `analysis.utilisation`
+  makes it (train never counts FLOPs: analysis does, and imports train)."""
+
+  # Model FLOPs of one trained token: 3 x the forward's, `analysis.flops` at the run's seq_len.
+  train_flops_per_token: float
+  peak_flops_per_second: float  # One device's: its table peak, or a matmul measured here.
+  peak_source: str  # Where the peak comes from, in words.
+  device_kind: str  # `jax.devices()[0].device_kind`.
+
+  def mfu(self, tokens_per_second_per_device: float) -> float:
+    """Model FLOPs/s of one device over its peak FLOP/s."""
+    return tokens_per_second_per_device * self.train_flops_per_token / self.peak_flops_per_second
 
 
 def _scalar(name: str, value: Any) -> Scalar:
@@ -191,8 +208,9 @@ class MetricsWriter:
   def write(self, step: int | np.integer, record: Mapping[str, Any]) -> None:
     """Appends one record of scalars measured at `step`.
 
-    Training records carry `loss`, `lr`, `grad_norm` and `tokens_per_sec`, the first three of
-    the record's step alone (its `loss` is the mean over the masked targets of its global batch,
+    Training records carry `loss`, `lr`, `grad_norm`, `tokens_per_sec`,
+    `tokens_per_sec_per_device` and, when the run knows its `Utilisation`, `mfu`; the first three
+    of the record's step alone (its `loss` is the mean over the masked targets of its global batch,
     `train.step`); evaluation records carry `"split": "val"`, `loss` and `accuracy` when
     measured. `record` may repeat the step, and its `split` names the TensorBoard tags' prefix,
     "train" when absent. Values may be Python, numpy or JAX scalars; strings go to the jsonl
