@@ -56,7 +56,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
-from kernels_pallas import bands, blocks, select
+from kernels_pallas import bands, blocks, remat, select
 
 # Default (and largest default) block. One B serves the forward and both backward kernels; the
 # backward ones keep four [B, d] operands and accumulators plus two [B, B] float32 tiles (p, dp)
@@ -520,7 +520,7 @@ def _retrieve(
 
 
 def _retrieve_fwd(config, q, k, v, segments, schedule, lo):
-  y, row_max, row_sum = _forward(config, q, k, v, segments, schedule, lo)
+  y, row_max, row_sum = remat.named(_forward(config, q, k, v, segments, schedule, lo))
   return y, (q, k, v, segments, schedule, lo, row_max, row_sum)
 
 

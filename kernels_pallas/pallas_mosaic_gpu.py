@@ -50,7 +50,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
-from kernels_pallas import bands, blocks, select
+from kernels_pallas import bands, blocks, remat, select
 
 # Rows of one warpgroup MMA: B is a multiple of it. One warpgroup per program keeps the register
 # budget of the backward's four [B, B] float32 tiles (s, p, dp, ds) at B = 64.
@@ -662,7 +662,7 @@ def _retrieve(
 
 
 def _retrieve_fwd(config, q, k, v, segments, schedule, lo):
-  y, row_max, row_sum = _forward(config, q, k, v, segments, schedule, lo)
+  y, row_max, row_sum = remat.named(_forward(config, q, k, v, segments, schedule, lo))
   return y, (q, k, v, segments, schedule, lo, row_max, row_sum)
 
 

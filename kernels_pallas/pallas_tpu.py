@@ -47,7 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Bool, Float, Int
 
-from kernels_pallas import bands, blocks, select
+from kernels_pallas import bands, blocks, remat, select
 
 Interpret = bool | pltpu.InterpretParams
 
@@ -493,7 +493,7 @@ def _retrieve(
 
 
 def _retrieve_fwd(config, q, k, v, segments, schedule, lo):
-  y, row_max, row_sum = _forward(config, q, k, v, segments, schedule, lo)
+  y, row_max, row_sum = remat.named(_forward(config, q, k, v, segments, schedule, lo))
   return y, (q, k, v, segments, schedule, lo, row_max, row_sum)
 
 

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from kernels_pallas import remat
+
 # Positions per step of the chunked loops: a chunk's scores (h * 256 * c*p floats, 8 MB for v1 at
 # nanoGPT's size) stay in a CPU's last-level cache between the two matmuls and the softmax.
 # Forward+backward of that layer's memory: 296 ms against 499 ms unchunked (2 cores).
@@ -130,7 +132,7 @@ def _chunked_fwd(groups, k, p_k, p_v):
         "hnq,hqd->hnd", weights.astype(p_v.dtype), p_v, preferred_element_type=jnp.float32
     )
 
-  y = _from_chunks(jax.lax.map(chunk_output, _to_chunks(k)), k.shape[1])
+  y = remat.named(_from_chunks(jax.lax.map(chunk_output, _to_chunks(k)), k.shape[1]))
   return y, (k, p_k, p_v)
 
 

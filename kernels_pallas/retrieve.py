@@ -26,6 +26,7 @@ from kernels_pallas import (
     pallas_mosaic_gpu,
     pallas_tpu,
     reference,
+    remat,
     select,
     shift,
     xla,
@@ -218,8 +219,11 @@ def retrieve_selected(
       isinstance(query_chunk, bool) or not isinstance(query_chunk, int) or query_chunk < 1
   ):
     raise ValueError(f"query_chunk must be a positive int or None, got {query_chunk!r}")
-  selected = select.select_blocks(
-      q, k, lo=lo, hi=hi, segment_ids=segment_ids, selection=selection, query_chunk=query_chunk
+  # Named with the op's residuals (`remat`): a rematerialising backward keeps the choice.
+  selected = remat.named(
+      select.select_blocks(
+          q, k, lo=lo, hi=hi, segment_ids=segment_ids, selection=selection, query_chunk=query_chunk
+      )
   )
   band = dict(lo=lo, hi=hi, segment_ids=segment_ids, selected=selected)
   size = selection.block_size

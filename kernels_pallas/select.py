@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from kernels_pallas import bands, reference
+from kernels_pallas import bands, reference, remat
 
 Summary = Literal["mean", "bound"]
 SUMMARIES: tuple[str, ...] = typing.get_args(Summary)
@@ -415,7 +415,7 @@ def _gathered_forward(static, q, k, v, segment_ids, selected, lo):
 
 
 def _gathered_fwd(static, q, k, v, segment_ids, selected, lo):
-  y = _gathered_forward(static, q, k, v, segment_ids, selected, lo)
+  y = remat.named(_gathered_forward(static, q, k, v, segment_ids, selected, lo))
   return y, (q, k, v, segment_ids, selected, lo)
 
 

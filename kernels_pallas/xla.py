@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from kernels_pallas import bands
+from kernels_pallas import bands, remat
 
 # Largest default block: a slot's diagonal blocks compute B * B / 2 masked pairs per head.
 MAX_BLOCK_SIZE = 128
@@ -371,7 +371,7 @@ def _blocked_retrieve(
 
 
 def _blocked_retrieve_fwd(band, q, k, v, segments, lo):
-  y, stats = _forward(band, q, k, v, segments, lo)
+  y, stats = remat.named(_forward(band, q, k, v, segments, lo))
   return y, (q, k, v, segments, lo, stats)
 
 
@@ -454,7 +454,8 @@ def _single_block(
   chunk = _Chunk.diagonal(1, jnp.zeros(1, jnp.int32), 0, 1)
   mask = _chunk_mask(band, lo, chunk, segments, segments)
   scores = jnp.einsum("bnhid,bnhjd->bnhij", q, k, preferred_element_type=f32)
-  scores = jnp.where(mask, scores, -jnp.inf)
+  # Named: what a rematerialising backward reads instead of computing q . k again.
+  scores = remat.named(jnp.where(mask, scores, -jnp.inf))
   # An empty row has max -inf; shifting it by 0 keeps every exp() at exp(-inf) = 0, NaN-free.
   row_max = jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True))
   row_max = jnp.where(jnp.isneginf(row_max), 0.0, row_max)
@@ -462,7 +463,7 @@ def _single_block(
   total = p.sum(axis=-1, keepdims=True)
   p = p / jnp.where(total > 0, total, 1.0)
   y = jnp.einsum("bnhij,bnhje->bnhie", p.astype(v.dtype), v, preferred_element_type=f32)
-  return y.astype(v.dtype)
+  return remat.named(y.astype(v.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("static_lo", "hi", "block_size", "chunk_scores"))

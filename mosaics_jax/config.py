@@ -19,6 +19,9 @@ Dtype = Literal["float32", "bfloat16"]
 RetrieveImpl = Literal[
     "auto", "pallas", "reference", "xla", "pallas_tpu", "pallas_gpu", "pallas_mosaic_gpu", "shift"
 ]
+# What a rematerialised block keeps for its backward pass; the rest is recomputed there
+# (`mosaics_jax.model.lm.REMAT_POLICIES` says what each saves and recomputes).
+RematPolicy = Literal["none", "full", "save_retrieval", "save_dots", "save_dots_and_retrieval"]
 # (logical axis name, mesh axes): a parameter or activation dimension with that logical name is
 # sharded over those mesh axes (`mosaics_jax.sharding`).
 AxisRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
@@ -106,6 +109,7 @@ class ModelConfig(_Typed):
   runtime_fields: ClassVar[tuple[str, ...]] = (
       "dtype",
       "remat",
+      "remat_policy",
       "dropout",
       "retrieve_impl",
       "scan_impl",
@@ -117,7 +121,8 @@ class ModelConfig(_Typed):
   width: int
   num_heads: int
   dtype: Dtype = "float32"  # Compute dtype; parameters stay float32.
-  remat: bool = False  # Rematerialise each block in the backward pass.
+  remat: bool = False  # An alias of remat_policy="full" (with remat_policy "none" or "full").
+  remat_policy: RematPolicy = "none"  # What each block keeps for its backward pass.
   dropout: float = 0.0  # On the embedding output and on every residual branch.
   retrieve_impl: RetrieveImpl = "auto"  # Implementation of kernels_pallas.retrieve.
   # Implementation of kernels_pallas.linear_scan (key recurrences).
@@ -138,6 +143,16 @@ class ModelConfig(_Typed):
       )
     if not 0.0 <= self.dropout < 1.0:
       raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+    if self.remat and self.remat_policy not in ("none", "full"):
+      raise ConfigError(
+          f"{type(self).__name__}: remat=true is an alias of remat_policy 'full', which conflicts"
+          f" with remat_policy {self.remat_policy!r}; set remat=false to use {self.remat_policy!r}"
+      )
+
+  @property
+  def effective_remat_policy(self) -> str:
+    """remat_policy, with remat=true meaning "full"."""
+    return "full" if self.remat else self.remat_policy
 
   @property
   def head_dim(self) -> int:

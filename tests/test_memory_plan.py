@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import typing
 
 import flax.linen as nn
 import jax
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from mosaics_jax import build_model, config as config_lib, overrides, registry, sharding
-from mosaics_jax.analysis import memory_plan
+from mosaics_jax.analysis import flops, memory_plan
 from mosaics_jax.cli import info
 
 FAMILIES = ("mm1-tiny", "mm2-tiny", "llama-tiny", "gpt2-tiny")
@@ -129,6 +130,76 @@ def test_a_chunked_loss_plans_one_chunks_logits(chunk):
   assert whole.total_bytes - chunked.total_bytes == logits - logits * min(chunk, t) // t
   assert f"loss in chunks of {chunk} tokens" in memory_plan.format_plan(chunked)
   assert "loss unchunked" in memory_plan.format_plan(whole)
+
+
+POLICIES = typing.get_args(config_lib.RematPolicy)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_remat_policies_order_activations_and_flops(name):
+  """Saving more keeps more and recomputes less: "full" keeps the least, "none" the most."""
+  experiment = registry.get(name)
+  bytes_, flops_ = {}, flops.step_flops(experiment.model, 1024)
+  for policy in POLICIES:
+    e = overrides.override(experiment, "model.remat_policy", policy)
+    bytes_[policy] = memory_plan.plan(e, {}).activation_bytes
+  for low, high in (
+      ("full", "save_retrieval"),
+      ("full", "save_dots"),
+      ("save_retrieval", "save_dots_and_retrieval"),
+      ("save_dots", "save_dots_and_retrieval"),
+      ("save_dots_and_retrieval", "none"),
+  ):
+    assert bytes_[low] < bytes_[high], (low, high, bytes_)
+    assert flops_[low] > flops_[high] or high == "none", (low, high, flops_)
+  # Everything but elementwise work is saved: nothing counted is recomputed.
+  assert flops_["save_dots_and_retrieval"] == pytest.approx(flops_["none"])
+
+
+def test_llama_saved_outputs_and_step_flops_by_hand():
+  """Llama's projections are q, k, v, o (width each) and the SwiGLU's w1, w3 (ffn) and w2
+  (width); its retrieval output is [b, t, width], with two float32 row statistics per head past
+  one block. A step is the forward, twice it backward, and what the policy recomputes."""
+  experiment = overrides.override(registry.get("llama-tiny"), "model.num_layers", 3)
+  model, b, t = experiment.model, experiment.train.batch_size, 512
+  m, f, h, n, v = model.width, model.ffn_width, model.num_heads, model.num_layers, model.vocab_size
+  terms = lambda policy: dict(
+      memory_plan.plan(
+          overrides.override(experiment, "model.remat_policy", policy), {}, context=t
+      ).activations
+  )
+  assert (
+      terms("save_dots")["projection outputs, 3 layers (saved)"] == n * b * t * (5 * m + 2 * f) * 4
+  )
+  retrieval = n * (b * t * m * 4 + 2 * b * t * h * 4)
+  assert terms("save_retrieval")["retrieval outputs, 3 layers (saved)"] == retrieval
+  both = terms("save_dots_and_retrieval")
+  assert both["retrieval outputs, 3 layers (saved)"] == retrieval
+  assert "projection outputs, 3 layers (saved)" not in terms("save_retrieval")
+
+  context = 1024
+  dots = n * 2 * (4 * m * m + 3 * m * f)
+  attention = n * 2 * 2 * m * (context + 1) / 2  # Each query reads itself and what precedes it.
+  forward = dots + attention + 2 * m * v  # And the classifier.
+  step = flops.step_flops(model, context)
+  assert step["none"] == pytest.approx(3 * forward)
+  assert step["full"] == pytest.approx(3 * forward + dots + attention)
+  assert step["save_retrieval"] == pytest.approx(3 * forward + dots)
+  assert step["save_dots"] == pytest.approx(3 * forward + attention)
+
+
+def test_info_prints_the_policy_and_its_step_flops(capsys):
+  sets = ["--set", "model.remat_policy=save_retrieval"]
+  assert info.main(["mm2-tiny", "--mesh", "fsdp=2", *sets]) == 0
+  out = capsys.readouterr().out
+  assert "remat on (save_retrieval)" in out and "retrieval outputs, 2 layers (saved)" in out
+  assert "(this run: save_retrieval)" in out and "* save_retrieval" in out
+  assert info.main(["mm2-tiny", "--json", *sets]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert report["remat_policy"] == "save_retrieval"
+  assert set(report["step_flops_per_token"]) == set(POLICIES)
+  assert info.main(["mm2-tiny", "--set", "model.remat=true", "model.remat_policy=save_dots"]) == 2
+  assert "conflicts with remat_policy 'save_dots'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -5,8 +5,11 @@ errors."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -14,7 +17,7 @@ import pytest
 
 import kernels_pallas
 from mosaics_jax import build_model, config as config_lib, overrides
-from mosaics_jax.model import features, memories
+from mosaics_jax.model import families, features, memories
 from mosaics_jax.train import data
 
 TINY = dict(vocab_size=50, num_layers=2, width=32, num_heads=4)
@@ -80,7 +83,12 @@ def test_packed_documents_equal_separate_runs(family):
     start += n
 
 
-# The cheapest family by default; mm1 and mm2 (about 15 s each) with the slow tests.
+LIBRARY = config_lib.MosaicV1LibraryConfig(
+    **TINY, block_size=64, pmem_size=16, ic_dropout=0.0, hd_dropout=0.0
+)
+
+
+# The cheapest family by default; the others (about 15 s each) with the slow tests.
 @pytest.mark.parametrize(
     "name",
     [
@@ -88,18 +96,108 @@ def test_packed_documents_equal_separate_runs(family):
         pytest.param("mm1", marks=pytest.mark.slow),
         pytest.param("mm2", marks=pytest.mark.slow),
         pytest.param("gpt2", marks=pytest.mark.slow),
+        pytest.param("mm1-library", marks=pytest.mark.slow),
     ],
 )
 def test_remat_gives_same_logits_and_gradients(name):
-  cfg = CONFIGS[name]
-  model, params = _init(cfg)
-  remat_model = _Jitted(dataclasses.replace(cfg, remat=True))
+  """Every remat policy computes the logits and gradients of the model without remat."""
+  cfg = CONFIGS.get(name) or LIBRARY
+  _, params = _init(cfg)
   tokens = _tokens(3)
-  loss = lambda m: lambda p: m.apply({"params": p}, tokens).mean()
-  g1 = jax.grad(loss(model))(params)
-  g2 = jax.grad(loss(remat_model))(params)
-  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+  def logits_and_grads(policy):
+    model = build_model(dataclasses.replace(cfg, remat_policy=policy))
+    loss = lambda p: (lambda y: (y.mean(), y))(model.apply({"params": p}, tokens))
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return logits, grads
+
+  logits, grads = logits_and_grads("none")
+  for policy in typing.get_args(config_lib.RematPolicy)[1:]:
+    remat_logits, remat_grads = logits_and_grads(policy)
+    np.testing.assert_allclose(remat_logits, logits, atol=1e-6, rtol=1e-5, err_msg=policy)
+    for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads)):
+      np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5, err_msg=policy)
+
+
+def _dots(jaxpr: jax.extend.core.Jaxpr) -> int:
+  """The matmuls (dot_general) of a jaxpr and its sub-jaxprs, a loop's body counted once."""
+  return sum(
+      (eqn.primitive.name == "dot_general")
+      + sum(_dots(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+      for eqn in jaxpr.eqns
+  )
+
+
+@pytest.mark.parametrize(
+    "name, length",
+    # Single-block retrievals (llama at 23), blocked ones (llama at 300; mm2's short-term band,
+    # with the long-term one single-block), the v1 persistent memory beside them (mm1).
+    [
+        ("llama", T),
+        ("mm2", T),
+        pytest.param("llama", 300, marks=pytest.mark.slow),
+        pytest.param("mm1", T, marks=pytest.mark.slow),
+    ],
+)
+def test_retrieval_policies_do_not_recompute_the_retrieval_forward(name, length):
+  """The backward of "full" runs every retrieval's forward again, that of "save_retrieval" none:
+  their gradients differ by the matmuls of one retrieval forward per band (and v1 persistent
+  memory) and layer; so do those of "save_dots" and "save_dots_and_retrieval"."""
+  cfg = CONFIGS[name]
+  tokens = _tokens(3, length=length)
+  x = jnp.ones((2, length, cfg.num_heads, cfg.head_dim))
+  forward = lambda f, *args: _dots(jax.make_jaxpr(f)(*args).jaxpr)
+  per_layer = sum(
+      forward(functools.partial(kernels_pallas.retrieve, lo=band.lo, hi=band.hi), x, x, x)
+      for band in families.of(cfg).bands(cfg).values()
+  )
+  if name == "mm1":
+    pairs = jnp.ones((1, cfg.num_heads, cfg.pmem_size, cfg.head_dim))
+    per_layer += forward(kernels_pallas.retrieve_persistent, x, pairs, pairs)
+  dots = {}
+  for policy in ("full", "save_retrieval", "save_dots", "save_dots_and_retrieval"):
+    model = build_model(dataclasses.replace(cfg, remat_policy=policy))
+    params = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+    loss = lambda p, model=model: model.apply({"params": p}, tokens).mean()
+    dots[policy] = _dots(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+  assert per_layer >= 2
+  assert dots["full"] - dots["save_retrieval"] == cfg.num_layers * per_layer
+  assert dots["save_dots"] - dots["save_dots_and_retrieval"] == cfg.num_layers * per_layer
+
+
+def test_remat_true_is_an_alias_of_full():
+  cfg = CONFIGS["llama"]
+  assert dataclasses.replace(cfg, remat=True).effective_remat_policy == "full"
+  assert dataclasses.replace(cfg, remat=True, remat_policy="full").effective_remat_policy == "full"
+  assert dataclasses.replace(cfg, remat_policy="save_dots").effective_remat_policy == "save_dots"
+  with pytest.raises(config_lib.ConfigError, match="remat=true .* conflicts with remat_policy"):
+    dataclasses.replace(cfg, remat=True, remat_policy="save_retrieval")
+
+
+@pytest.mark.slow
+def test_every_remat_policy_trains_quickstart_as_none():
+  """20 steps of the quickstart experiment on its own data: every policy's losses are those of
+  the run without remat."""
+  from mosaics_jax import registry
+  from mosaics_jax.train import optim, step as step_lib
+
+  exp = registry.get("quickstart")
+  stream = data.make_iterator(exp.data, split="train", batch_size=exp.train.batch_size, seed=0)
+  batches = [next(stream) for _ in range(20)]
+  runs = {}
+  for policy in typing.get_args(config_lib.RematPolicy):
+    e = overrides.override(exp, "model.remat_policy", policy)
+    model = build_model(e.model)
+    tx = optim.make_optimizer(e.train)
+    state = step_lib.init_state(e, model, tx)
+    step = step_lib.make_train_step(e, model, tx)
+    runs[policy] = []
+    for batch in batches:
+      state, stats = step(state, batch)
+      runs[policy].append(float(stats["loss"]))
+  assert runs["none"][-1] < runs["none"][0] - 0.5, runs["none"]  # It learns.
+  for policy, losses in runs.items():
+    np.testing.assert_allclose(losses, runs["none"], atol=1e-5, rtol=0, err_msg=policy)
 
 
 def test_bfloat16_compute_stays_close(family):

@@ -6,6 +6,9 @@ Convention (design.md, "FLOP counts", after Casson 2023; forward only, default c
 The second line assumes every query reads half the context. `band_exact` instead uses the mean
 number of pairs each band really reads over the context (the short-term memory reads at most h-1),
 which is what long contexts cost.
+
+A training step costs the forward, a backward of twice its FLOPs, and what its remat policy
+recomputes of the blocks' forward (`step_flops`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ from mosaics_jax.model import families, family as family_lib
 
 # Parameter leaves that are matmul weights (Dense kernels, the v1 persistent memories' pairs).
 _MATMUL_LEAVES = ("kernel", "P_k", "P_v")
+# The v1 persistent memories' pairs, read by `kernels_pallas.retrieve_persistent`: a retrieval.
+_PERSISTENT_LEAVES = ("P_k", "P_v")
+# The module of layer i: nanoMosaics' and nanoGPT's `h_{i}`, v2's and Llama's `layer_{i}`.
+_LAYER = re.compile(r"(h|layer)_\d+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +84,7 @@ def count(config: config_lib.ModelConfig, context: int = 256) -> Report:
     name = _component(keys, family.labels)
     size = int(np.prod(leaf.shape))
     params[name] = params.get(name, 0) + size
-    # A tied embedding is the classifier's matmul too; a position embedding (gpt2's wpe) is a
-    # lookup only.
-    tied = family.tied_embedding and keys[-1] == "embedding" and keys[0] != "wpe"
-    if keys[-1] in _MATMUL_LEAVES or tied:
+    if keys[-1] in _MATMUL_LEAVES or _tied(family, keys):
       flops[name] = flops.get(name, 0.0) + 2.0 * size
 
   paper_extra, exact_extra = {}, {}
@@ -107,10 +111,51 @@ def count(config: config_lib.ModelConfig, context: int = 256) -> Report:
   )
 
 
+def _tied(family: family_lib.Family, keys: list[str]) -> bool:
+  """Whether the parameter at `keys` is a tied embedding, the classifier's matmul too; a position
+  embedding (gpt2's wpe) is a lookup only."""
+  return family.tied_embedding and keys[-1] == "embedding" and keys[0] != "wpe"
+
+
 def _component(keys: list[str], labels: Mapping[str, str]) -> str:
   """The component a parameter belongs to: its module inside a layer, or its top-level module."""
-  if re.fullmatch(r"(h|layer)_\d+", keys[0]):
+  if _LAYER.fullmatch(keys[0]):
     keys = keys[1:]
   if "norm" in keys[0] or keys[0].startswith("ln_"):
     return "norms"
   return labels.get(keys[0], keys[0])
+
+
+def step_flops(config: config_lib.ModelConfig, context: int = 256) -> dict[str, float]:
+  """FLOPs per token of a training step under each remat policy (`lm.REMAT_POLICIES`), band-exact.
+
+  A step is the forward (F), the backward (2 F: the gradients of each matmul's two operands) and
+  the recomputation of what the policy does not save: the blocks' forward (all of F but the
+  classifier) for "full", less the retrieval (every band's q . k and p . v, and the v1 persistent
+  memories' pairs) for "save_retrieval", less the projections (the blocks' Dense and convolution
+  kernels) for "save_dots", less both for "save_dots_and_retrieval". Elementwise work (norms,
+  softmax, key recurrences) counts nothing here, as in the forward's convention.
+  """
+  family = families.of(config)
+  outer = dots = retrieval = 0.0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(families.param_shapes(config))[0]:
+    keys = [p.key for p in path]
+    flops = 2.0 * int(np.prod(leaf.shape))
+    if keys[-1] in _PERSISTENT_LEAVES:
+      retrieval += flops
+    elif keys[-1] == "kernel" and _LAYER.fullmatch(keys[0]):
+      dots += flops
+    elif keys[-1] == "kernel" or _tied(family, keys):
+      outer += flops  # The classifier.
+  for band in family.bands(config).values():
+    retrieval += config.num_layers * 2 * 2 * config.width * mean_visible(context, band)
+  forward = count(config, context).flops_per_token_band_exact
+  blocks = forward - outer
+  recomputed = {
+      "none": 0.0,
+      "full": blocks,
+      "save_retrieval": blocks - retrieval,
+      "save_dots": blocks - dots,
+      "save_dots_and_retrieval": blocks - dots - retrieval,
+  }
+  return {policy: 3 * forward + r for policy, r in recomputed.items()}

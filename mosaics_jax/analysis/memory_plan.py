@@ -22,8 +22,13 @@ dimension that its mesh axes do not divide is an error naming the parameter, as 
       what the family lists (`Family.layer_activations`: projections, keys and values in the
       compute dtype and float32, the retrieval's q, k, v and output, the SwiGLU's three
       [b, t, ffn] tensors);
-    * with remat (`model.remat`), every layer keeps only its [b, t, width] input, plus one
-      layer's tensors above while its backward recomputes them;
+    * with a remat policy (`model.remat_policy`, or `model.remat`: "full"), every layer keeps
+      its [b, t, width] input, plus one layer's tensors above while its backward recomputes
+      them, plus what the policy saves (`lm.REMAT_POLICIES`): "save_retrieval" every retrieval's
+      output ([b, t, h, d] in the compute dtype, float32 for the v1 persistent memory) and
+      residuals (as above), "save_dots" every projection's output ([b, t, out] in the compute
+      dtype, one per kernel of a layer), "save_dots_and_retrieval" both; the one layer's tensors
+      recomputed are then those above less what is saved;
     * retrieval temporaries: the largest call's 4 float32 score-sized buffers of one iteration
       of the XLA path's loop (scores, probabilities, their cotangents): [b, n, h, B, B], n = t / B
       blocks, B its block size (`kernels_pallas.xla.default_block_size`): O(t * B), linear in t
@@ -80,7 +85,7 @@ class Plan:
   grad_accum: int
   device_batch: int  # Rows of one micro-batch on each device.
   context: int
-  remat: bool
+  remat_policy: str  # `ModelConfig.effective_remat_policy`.
   loss_chunk: int  # Positions per chunk of the loss (`train.loss_chunk`); 0: the whole context.
   params: int  # Parameter count (all devices).
   param_bytes: int
@@ -110,7 +115,8 @@ class Plan:
         "grad_accum": self.grad_accum,
         "device_batch": self.device_batch,
         "context": self.context,
-        "remat": self.remat,
+        "remat": self.remat_policy != "none",
+        "remat_policy": self.remat_policy,
         "loss_chunk": self.loss_chunk,
         "params": self.params,
         "bytes_per_device": {
@@ -236,8 +242,35 @@ def _layer_tensors(
   return saved, temporaries
 
 
+def _layer_outputs(
+    model: config_lib.ModelConfig, params: Any, b: int, t: int
+) -> tuple[list[family_lib.Activation], list[family_lib.Activation]]:
+  """(what "save_retrieval", what "save_dots" keeps of one layer), from the boxed parameter shapes
+  of the first layer: every band's output and residuals, and each v1 persistent memory's float32
+  output; the output of each projection kernel (Dense [in, out], convolution [taps, in, out])."""
+  bands = families.of(model).bands(model).values()
+  c = family_lib.itemsize(model)
+  retrieval = [family_lib.Activation.heads(model, b, t, c, len(bands))]
+  retrieval += [_retrieval_tensors(b, t, model.num_heads, band)[0] for band in bands]
+  projections = []
+  leaves = jax.tree_util.tree_leaves_with_path(
+      params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+  )
+  for path, leaf in leaves:
+    keys = [p.key for p in path]
+    if keys[0] not in ("h_0", "layer_0"):
+      continue
+    if keys[-1] == "kernel":
+      out = (leaf.names[-1], leaf.value.shape[-1])
+      projections.append(family_lib.Activation(("batch", "length", out[0]), (b, t, out[1]), c))
+    elif keys[-1] == "P_v":  # Read by `kernels_pallas.retrieve_persistent`, which names its output.
+      retrieval.append(family_lib.Activation.heads(model, b, t, _F32, 1))
+  return retrieval, projections
+
+
 def _activations(
     model: config_lib.ModelConfig,
+    params: Any,
     b: int,
     t: int,
     mesh: jax.sharding.AbstractMesh,
@@ -245,19 +278,31 @@ def _activations(
     loss_chunk: int,
 ) -> tuple[tuple[str, int], ...]:
   """(term, per-device bytes) of the activation estimate (module docstring) for a global
-  micro-batch of b sequences of t tokens, the loss `loss_chunk` positions at a time (0: all)."""
+  micro-batch of b sequences of t tokens, the loss `loss_chunk` positions at a time (0: all);
+  `params` the boxed parameter shapes."""
   size = lambda tensors, what: sum(_shard_bytes(x, mesh, rules, what) for x in tensors)
   c = jnp.dtype(model.dtype).itemsize
   saved, temporaries = _layer_tensors(model, b, t)
   layer = size(saved, "an activation")
   layers = model.num_layers
   residual = family_lib.Activation(_RESIDUAL, (b, t, model.width), c)
-  if model.remat:
+  policy = model.effective_remat_policy
+  if policy != "none":
     block_input = _shard_bytes(residual, mesh, rules, "the residual stream")
-    terms = [
-        (f"block inputs, {layers} layers (remat)", layers * block_input),
-        ("one layer's saved tensors, recomputed", layer),
-    ]
+    terms = [(f"block inputs, {layers} layers (remat)", layers * block_input)]
+    retrieval, projections = _layer_outputs(model, params, b, t)
+    kept = 0  # Of one layer, by the policy.
+    if policy in ("save_retrieval", "save_dots_and_retrieval"):
+      kept += size(retrieval, "a retrieval output")
+      terms.append((f"retrieval outputs, {layers} layers (saved)", layers * kept))
+    if policy in ("save_dots", "save_dots_and_retrieval"):
+      dots = size(projections, "a projection's output")
+      terms.append((f"projection outputs, {layers} layers (saved)", layers * dots))
+      kept += dots
+    if kept:
+      terms.append(("one layer's other tensors, recomputed", max(layer - kept, 0)))
+    else:
+      terms.append(("one layer's saved tensors, recomputed", layer))
   else:
     terms = [(f"saved tensors, {layers} layers", layers * layer)]
   chunk = min(loss_chunk, t) if loss_chunk else t
@@ -285,7 +330,7 @@ def plan(
   """Per-device memory of training `experiment` on a mesh of `mesh_sizes`.
 
   Args:
-    experiment: the experiment; its optimizer, remat, grad_accum and mesh.rules apply.
+    experiment: the experiment; its optimizer, remat policy, grad_accum and mesh.rules apply.
     mesh_sizes: sizes of MESH_SIZES (missing ones are 1), e.g. {"dcn_data": 2, "fsdp": 128}.
     batch: the global batch size (default: train.batch_size).
     context: the sequence length (default: data.seq_len).
@@ -330,13 +375,15 @@ def plan(
       grad_accum=train.grad_accum,
       device_batch=device_batch,
       context=t,
-      remat=model.remat,
+      remat_policy=model.effective_remat_policy,
       loss_chunk=train.loss_chunk,
       params=int(params),
       param_bytes=param_bytes,
       optimizer_bytes=_tree_bytes(state["opt_state"], mesh, rules),
       gradient_bytes=param_bytes * (2 if train.grad_accum > 1 else 1),
-      activations=_activations(model, micro_batch, t, mesh, rules, train.loss_chunk),
+      activations=_activations(
+          model, state["params"], micro_batch, t, mesh, rules, train.loss_chunk
+      ),
   )
 
 
@@ -346,6 +393,10 @@ def human_bytes(n: int) -> str:
     if n >= scale:
       return f"{n / scale:9.2f} {unit}"
   return f"{n:9d} B  "
+
+
+def _remat(policy: str) -> str:
+  return "remat off" if policy == "none" else f"remat on ({policy})"
 
 
 def format_plan(p: Plan) -> str:
@@ -363,7 +414,7 @@ def format_plan(p: Plan) -> str:
   lines = [
       f"memory per device: {p.experiment} on {p.devices} devices ({mesh})",
       f"  global batch {p.global_batch} x context {p.context}; micro-batches of {p.device_batch}"
-      f" sequences per device (grad_accum {p.grad_accum}), remat {'on' if p.remat else 'off'}",
+      f" sequences per device (grad_accum {p.grad_accum}), {_remat(p.remat_policy)}",
       f"  loss {f'in chunks of {p.loss_chunk} tokens' if p.loss_chunk else 'unchunked'}"
       " (train.loss_chunk)",
       f"  {p.params:,} parameters",

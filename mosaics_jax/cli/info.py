@@ -3,7 +3,7 @@
     mosaics-info --list
     mosaics-info mm2-large [--context 256] [--json]
     mosaics-info mm2-large --mesh dcn_data=2,fsdp=128 [--batch 1024] [--context 4096] \\
-        [--set model.remat=true train.grad_accum=2]
+        [--set model.remat_policy=save_retrieval train.grad_accum=2]
 
 With --mesh it also plans the memory of training on that mesh, per device, from shapes only: no
 device is needed (`mosaics_jax.memory_plan`). With --compile-for it compiles the train step for a
@@ -111,8 +111,15 @@ def _describe(
 ) -> str:
   name = experiment.name
   report = flops.count(experiment.model, context)
+  step = flops.step_flops(experiment.model, context)
   if as_json:
-    out = {"experiment": name, **report.to_json(), "config": config_lib.to_dict(experiment)}
+    out = {
+        "experiment": name,
+        **report.to_json(),
+        "remat_policy": experiment.model.effective_remat_policy,
+        "step_flops_per_token": step,
+        "config": config_lib.to_dict(experiment),
+    }
     if plan is not None:
       out["memory_plan"] = plan.to_json()
     if compiled is not None:
@@ -136,6 +143,12 @@ def _describe(
         f"  {c.name:<30} {_billions(c.params):>12} {c.params / report.params:>7.1%}"
         f" {_billions(c.flops_per_token):>12}"
     )
+  policy = model.effective_remat_policy
+  forward = report.flops_per_token_band_exact
+  lines += ["", f"  FLOPs/token of a training step (bands), by remat policy (this run: {policy})"]
+  for name, n in step.items():
+    mark = "*" if name == policy else " "
+    lines.append(f"  {mark} {name:<28} {_billions(n):>12}   {n / forward:.2f} x forward")
   if plan is not None:
     lines += ["", memory_plan.format_plan(plan)]
   if compiled is not None:

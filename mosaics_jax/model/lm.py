@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from kernels_pallas import remat as kernels_remat
 from mosaics_jax import config as config_lib
 from mosaics_jax.model import cache as cache_lib, layers
 
@@ -196,13 +197,40 @@ class LanguageModel(layers.PlainInit):
     return families.of(cfg).init_cache(cfg, batch, max_len, dtype)
 
 
-def maybe_remat(block: type[nn.Module], remat: bool) -> type[nn.Module]:
-  """The block, rematerialised in the backward pass if asked; `deterministic` stays static."""
-  if not remat:
+# What each `model.remat_policy` keeps of a block for the backward pass; the rest is recomputed
+# there, from the block's input. "Retrieval" is every memory's read-out and the residuals its
+# custom backward reads (each row's max and sum; `kernels_pallas.remat`): the memories of v1 and
+# v2, the v1 persistent memory and the baselines' attention. "Dots" are the matmuls without batch
+# dimensions: every projection (W_k, W_v, W_o, the SwiGLU's and the MLP's), not the retrieval's
+# batched products. The step's FLOPs of each: `analysis.flops.step_flops`.
+#
+# | policy                  | saves                  | recomputes in the backward    | MaxText's  |
+# |-------------------------|------------------------|-------------------------------|------------|
+# | none                    | everything             | nothing                       |            |
+# | full                    | the block's input      | the whole block               | full       |
+# | save_retrieval          | + retrieval read-outs  | all but the retrieval         |            |
+# | save_dots               | + projection outputs   | norms, features, retrieval    | minimal    |
+# | save_dots_and_retrieval | + both                 | norms, features (elementwise) |            |
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "full": None,
+    "save_retrieval": jax.checkpoint_policies.save_only_these_names(kernels_remat.NAME),
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_dots_and_retrieval": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(kernels_remat.NAME),
+    ),
+}
+
+
+def maybe_remat(block: type[nn.Module], cfg: config_lib.ModelConfig) -> type[nn.Module]:
+  """The block, rematerialised in the backward pass as cfg.remat_policy (or remat) says
+  (`REMAT_POLICIES`); `deterministic` stays static."""
+  policy = cfg.effective_remat_policy
+  if policy == "none":
     return block
   # static_argnums counts the module as argument 0, as the signature does `self`.
   deterministic = list(inspect.signature(block.__call__).parameters).index("deterministic")
-  return nn.remat(block, static_argnums=(deterministic,))
+  return nn.remat(block, static_argnums=(deterministic,), policy=REMAT_POLICIES[policy])
 
 
 def stack(
@@ -220,11 +248,11 @@ def stack(
 ) -> tuple[Float[Array, "b t m"], dict[str, Any] | None]:
   """The `num_layers` blocks of a decoder, each output under the residual constraint: layer i is
   `block(cfg, i if indexed, name=name(i))`, called as (x, segment_ids, *block_args,
-  deterministic), rematerialised as cfg.remat says, and with `cache=` and `chunk=` when decoding.
+  deterministic), rematerialised by `maybe_remat`, and with `cache=` and `chunk=` when decoding.
   Returns x and, with a cache, each layer's cache after the chunk by layer name (else None)."""
   name = name or layer_name
   if cache is None:
-    block = maybe_remat(block, cfg.remat)
+    block = maybe_remat(block, cfg)
   layer_caches = None if cache is None else {}
   for i in range(cfg.num_layers):
     layer = block(cfg, *((i,) if indexed else ()), name=name(i))
