@@ -662,7 +662,10 @@ def _retrieve(
 
 
 def _retrieve_fwd(config, q, k, v, segments, schedule, lo):
-  y, row_max, row_sum = remat.named(_forward(config, q, k, v, segments, schedule, lo))
+  # Its own jit: when remat saves the named outputs, the recomputation drops the whole call, where
+  # it would keep a bare pallas_call (which dead-code elimination never removes).
+  forward = jax.jit(_forward, static_argnums=0)
+  y, row_max, row_sum = remat.named(forward(config, q, k, v, segments, schedule, lo))
   return y, (q, k, v, segments, schedule, lo, row_max, row_sum)
 
 

@@ -421,6 +421,7 @@ def _gathered_fwd(static, q, k, v, segment_ids, selected, lo):
 
 def _gathered_bwd(static, residuals, dy):
   q, k, v, segment_ids, selected, lo = residuals
+  lo = jnp.asarray(lo)  # Under remat a constant lo comes back as a numpy scalar.
   seq_len = q.shape[1]
   per_chunk, k_blocks, v_blocks, key_segments = _layout(static, q, k, v, segment_ids, selected)
   num_chunks = per_chunk["q"].shape[0]

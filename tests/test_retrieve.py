@@ -11,11 +11,13 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import kernels_pallas
+import kernels_pallas.remat
 from kernels_pallas import (
     IMPLEMENTATIONS,
     BlockSelection,
@@ -481,3 +483,42 @@ def test_backend_picks_the_kernels_compiled_for_it(impl, backend, kernels):
   grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
   exported = jax.export.export(grad, platforms=["tpu"])(q, q, q, segment_ids)
   assert exported.mlir_module().count("tpu_custom_call") == kernels
+
+
+def _count(jaxpr, names: tuple[str, ...]) -> int:
+  """Equations of a jaxpr and its sub-jaxprs whose primitive is in `names`, loop bodies once."""
+  return sum(
+      (eqn.primitive.name in names)
+      + sum(_count(sub, names) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+      for eqn in jaxpr.eqns
+  )
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        functools.partial(retrieve, lo=1, impl="xla", block_size=8),  # Blocked.
+        functools.partial(retrieve, lo=1, impl="xla"),  # One block.
+        functools.partial(retrieve, lo=1, hi=9, impl="pallas_tpu", block_size=8),
+        functools.partial(retrieve, lo=1, impl="pallas_gpu", block_size=16),
+        functools.partial(
+            retrieve_selected, lo=1, selection=BlockSelection(blocks=1, block_size=8)
+        ),
+        # Pairs [c, h, p, d] cut from k and v.
+        lambda q, k, v: kernels_pallas.retrieve_persistent(
+            q, *(x[:1, :4].transpose(0, 2, 1, 3) for x in (k, v))
+        ),
+    ],
+    ids=["xla-blocked", "xla-one-block", "pallas_tpu", "pallas_gpu", "selected", "persistent"],
+)
+def test_named_residuals_spare_the_forward_under_remat(op):
+  """Under `jax.checkpoint` saving `kernels_pallas.remat.NAME`, the gradient runs the op's
+  matmuls (or kernels) as often as without remat; saving nothing, it runs the forward again."""
+  q, k, v = (jax.random.normal(jax.random.key(i), (B, T, H, D)) for i in range(3))
+  loss = lambda q, k, v: jnp.sum(op(q, k, v) ** 2)
+  policy = jax.checkpoint_policies.save_only_these_names(kernels_pallas.remat.NAME)
+  grad = lambda f: jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(q, k, v).jaxpr
+  ops = ("dot_general", "pallas_call")
+  plain = _count(grad(loss), ops)
+  assert _count(grad(jax.checkpoint(loss, policy=policy)), ops) == plain
+  assert _count(grad(jax.checkpoint(loss)), ops) > plain
