@@ -9,7 +9,9 @@ the selected blocks) with `jax.ad_checkpoint.checkpoint_name(x, NAME)`. Under
 
 the backward pass of f then reads them instead of running the retrieval forward again: naming the
 op's output outside it would not do, as the residuals of a custom backward pass are made inside
-it. Outside a checkpoint the names change nothing. The "reference" and "shift" implementations,
+it. The Pallas kernels' forward runs in a jit of its own, which the recomputation then drops
+whole (a bare pallas_call is never dead-code eliminated). Outside a checkpoint the names change
+nothing. The "reference" and "shift" implementations,
 differentiated by autodiff or by a library, leave their residuals unnamed.
 """
 

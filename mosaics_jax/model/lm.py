@@ -200,9 +200,12 @@ class LanguageModel(layers.PlainInit):
 # What each `model.remat_policy` keeps of a block for the backward pass; the rest is recomputed
 # there, from the block's input. "Retrieval" is every memory's read-out and the residuals its
 # custom backward reads (each row's max and sum; `kernels_pallas.remat`): the memories of v1 and
-# v2, the v1 persistent memory and the baselines' attention. "Dots" are the matmuls without batch
-# dimensions: every projection (W_k, W_v, W_o, the SwiGLU's and the MLP's), not the retrieval's
-# batched products. The step's FLOPs of each: `analysis.flops.step_flops`.
+# v2, the v1 persistent memory and the baselines' attention; not the dense retrieval of training
+# with attention dropout (`layers.dropped_retrieve`), the Library's persistent memory, nor the
+# "reference" and "shift" implementations, recomputed as by "full". "Dots" are the matmuls
+# without batch dimensions: every projection (W_k, W_v, W_o, the SwiGLU's and the MLP's), not the
+# retrieval's batched products. The step's FLOPs of each: `analysis.flops.step_flops`; its
+# memory: `analysis.memory_plan`.
 #
 # | policy                  | saves                  | recomputes in the backward    | MaxText's  |
 # |-------------------------|------------------------|-------------------------------|------------|
