@@ -186,6 +186,9 @@ def test_llama_saved_outputs_and_step_flops_by_hand():
   assert step["full"] == pytest.approx(3 * forward + dots + attention)
   assert step["save_retrieval"] == pytest.approx(3 * forward + dots)
   assert step["save_dots"] == pytest.approx(3 * forward + attention)
+  # A chunked loss recomputes the classifier's forward, whatever the policy.
+  chunked = flops.step_flops(model, context, loss_chunk=128)
+  assert all(chunked[p] == pytest.approx(step[p] + 2 * m * v) for p in step)
 
 
 def test_info_prints_the_policy_and_its_step_flops(capsys):

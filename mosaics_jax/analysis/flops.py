@@ -126,7 +126,9 @@ def _component(keys: list[str], labels: Mapping[str, str]) -> str:
   return labels.get(keys[0], keys[0])
 
 
-def step_flops(config: config_lib.ModelConfig, context: int = 256) -> dict[str, float]:
+def step_flops(
+    config: config_lib.ModelConfig, context: int = 256, loss_chunk: int = 0
+) -> dict[str, float]:
   """FLOPs per token of a training step under each remat policy (`lm.REMAT_POLICIES`), band-exact.
 
   A step is the forward (F), the backward (2 F: the gradients of each matmul's two operands) and
@@ -134,7 +136,8 @@ def step_flops(config: config_lib.ModelConfig, context: int = 256) -> dict[str, 
   classifier) for "full", less the retrieval (every band's q . k and p . v, and the v1 persistent
   memories' pairs) for "save_retrieval", less the projections (the blocks' Dense and convolution
   kernels) for "save_dots", less both for "save_dots_and_retrieval". Elementwise work (norms,
-  softmax, key recurrences) counts nothing here, as in the forward's convention.
+  softmax, key recurrences) counts nothing here, as in the forward's convention. A chunked loss
+  (`train.loss_chunk` > 0) recomputes the classifier's forward as well, under every policy.
   """
   family = families.of(config)
   outer = dots = retrieval = 0.0
@@ -158,4 +161,5 @@ def step_flops(config: config_lib.ModelConfig, context: int = 256) -> dict[str, 
       "save_dots": blocks - dots,
       "save_dots_and_retrieval": blocks - dots - retrieval,
   }
-  return {policy: 3 * forward + r for policy, r in recomputed.items()}
+  loss = outer if loss_chunk else 0.0
+  return {policy: 3 * forward + r + loss for policy, r in recomputed.items()}

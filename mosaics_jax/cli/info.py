@@ -111,7 +111,7 @@ def _describe(
 ) -> str:
   name = experiment.name
   report = flops.count(experiment.model, context)
-  step = flops.step_flops(experiment.model, context)
+  step = flops.step_flops(experiment.model, context, experiment.train.loss_chunk)
   if as_json:
     out = {
         "experiment": name,
