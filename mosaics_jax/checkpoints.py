@@ -64,6 +64,10 @@ class CheckpointMismatch(CheckpointError):
   """A readable checkpoint of another model (or optimizer) than the template's."""
 
 
+class LayoutMismatch(CheckpointError):
+  """A run resumed with another `model.scan_layers` than its checkpoints were saved with."""
+
+
 class NoReadableCheckpoint(CheckpointError):
   """Checkpoints exist, and none of them can be read."""
 
@@ -297,6 +301,13 @@ def check_or_save_config(
       ) from None
     new = config_lib.to_dict(experiment)["model"]
     differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if differing == ["scan_layers"]:
+      raise LayoutMismatch(
+          f"{workdir} holds a run saved with model.scan_layers={old['scan_layers']}: resume it"
+          f" with --set model.scan_layers={str(old['scan_layers']).lower()} (a train state keeps"
+          " its layers' layout; reading its weights to evaluate, generate, port or --init-from"
+          " converts either way)"
+      )
     if differing:
       details = ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in differing)
       raise CheckpointError(

@@ -110,6 +110,7 @@ class ModelConfig(_Typed):
       "dtype",
       "remat",
       "remat_policy",
+      "scan_layers",
       "dropout",
       "retrieve_impl",
       "scan_impl",
@@ -123,6 +124,10 @@ class ModelConfig(_Typed):
   dtype: Dtype = "float32"  # Compute dtype; parameters stay float32.
   remat: bool = False  # An alias of remat_policy="full" (with remat_policy "none" or "full").
   remat_policy: RematPolicy = "none"  # What each block keeps for its backward pass.
+  # One traced block under `nn.scan`, its parameters (and decode caches) stacked on a leading
+  # "layers" axis: XLA compiles one block instead of num_layers. Weights readers convert between
+  # the two layouts (`families.to_layout`).
+  scan_layers: bool = False
   dropout: float = 0.0  # On the embedding output and on every residual branch.
   retrieve_impl: RetrieveImpl = "auto"  # Implementation of kernels_pallas.retrieve.
   # Implementation of kernels_pallas.linear_scan (key recurrences).

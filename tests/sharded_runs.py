@@ -16,7 +16,9 @@ tensor=2) with 1, 2 and 4 micro-batches, and writes each run's loss and gradient
 token-weighted mean loss of the batch and its gradient computed directly, to OUT (npz).
 `loss_chunk` takes that first step with the chunked loss (chunks of 12 of the 32 positions) and 2
 micro-batches on (data=2, fsdp=2, tensor=2), and without chunks in one batch on one device, and
-writes both runs' losses and gradients to OUT (npz).
+writes both runs' losses and gradients to OUT (npz). `scan` trains and generates with mm2 scanned
+and unrolled on (data=2, fsdp=2, tensor=2) and writes both runs' losses, params (unrolled) and
+tokens to OUT (npz).
 """
 
 from __future__ import annotations
@@ -247,6 +249,40 @@ def _flat(prefix: str, tree) -> dict[str, np.ndarray]:
   return {f"{prefix}:{_path(p)}": x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def scan(out: pathlib.Path) -> None:
+  """mm2 (two layers) scanned and unrolled on (data=2, fsdp=2, tensor=2): the stacked params'
+  shardings, two steps' losses and params, greedy generation's tokens."""
+  mesh_config = config_lib.MeshConfig(data=2, fsdp=2, tensor=2)
+  report = {}
+  for label in ("unrolled", "scan"):
+    exp = tiny("mm2-tiny", mesh=mesh_config, **{"model.num_layers": 2})
+    exp = overrides.override(exp, "model.scan_layers", label == "scan")
+    model = families.build_model(exp.model)
+    tx = optim.make_optimizer(exp.train)
+    placement = step_lib.make_placement(exp, model, tx)
+    state = step_lib.init_state(exp, model, tx, placement)
+    if label == "scan":
+      for path, x in jax.tree_util.tree_leaves_with_path(state["params"]["layers"]):
+        assert x.shape[0] == 2 and _spec(x)[0] == [], (_path(path), x.sharding)
+      assert any(any(axes) for x in jax.tree.leaves(state["params"]["layers"]) for axes in _spec(x))
+    step = step_lib.make_train_step(exp, model, tx, placement)
+    losses = []
+    for batch in [bench_train.synthetic_batch(exp, np.random.default_rng(i)) for i in range(2)]:
+      state, stats = step(state, batch)
+      losses.append(float(stats["loss"]))
+    params = families.to_layout(jax.tree.map(np.asarray, state["params"]), exp.model)
+    report[f"losses_{label}"] = losses
+    report.update(
+        _flat(label, families.unstack_layers(params, exp.model) if label == "scan" else params)
+    )
+    mesh = sharding.make_mesh(mesh_config)
+    tokens = generate_lib.Generator(model, mesh=mesh, rules=mesh_config.rules)(
+        params, [[1, 2, 3, 4, 5], [6], [7, 8, 9], [10, 11]], 12
+    )
+    report[f"tokens_{label}"] = np.asarray(tokens)
+  np.savez(out, **report)
+
+
 def generate(out: pathlib.Path) -> None:
   """Greedy generation on one device and on (data=4, tensor=2), ragged prompts."""
   mesh_config = config_lib.MeshConfig(data=4, fsdp=1, tensor=2)
@@ -271,4 +307,5 @@ if __name__ == "__main__":
       "generate": generate,
       "grad_accum": grad_accum,
       "loss_chunk": loss_chunk,
+      "scan": scan,
   }[sys.argv[1]](pathlib.Path(sys.argv[2]).absolute(), *sys.argv[3:])

@@ -28,6 +28,7 @@ import jax
 from mosaics_jax import checkpoints, config as config_lib, distributed
 from mosaics_jax.analysis import utilisation
 from mosaics_jax.cli import common
+from mosaics_jax.model import families
 from mosaics_jax.port import layout, pretrained
 from mosaics_jax.train import data, loop
 
@@ -103,7 +104,8 @@ def _init_from(args, experiment: config_lib.Experiment) -> loop.InitFrom | None:
         f"--init-from {args.init_from} holds another model than {experiment.name}'s: "
         + ", ".join(differing)
     )
-  return loop.InitFrom(params=source.params, origin=str(args.init_from), step=source.step)
+  params = families.to_layout(source.params, experiment.model)
+  return loop.InitFrom(params=params, origin=str(args.init_from), step=source.step)
 
 
 def main(argv: list[str] | None = None) -> int:

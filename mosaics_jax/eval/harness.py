@@ -94,7 +94,12 @@ class Harness:
           f" these change the parameters: {'; '.join(changed)}"
       )
     if config != model.config:
-      model = dataclasses.replace(model, config=config, model=families.build_model(config))
+      model = dataclasses.replace(
+          model,
+          config=config,
+          model=families.build_model(config),
+          params=families.to_layout(model.params, config),
+      )
     mesh = None
     devices = jax.device_count()
     if devices > 1:

@@ -23,14 +23,15 @@ from mosaics_jax.model import cache as cache_lib
 
 
 def _cache_spec(path: tuple, leaf: jax.Array) -> tuple[str | None, ...]:
-  """The logical axes of a cache leaf: batch first; heads and head dim where a leaf has them."""
-  del path
-  names = ("batch", None, "heads", "kv")
-  if leaf.ndim == 4:  # Stored keys or values [b, s, h, d].
-    return names
-  if leaf.ndim == 3:  # A pending key or value, a key state [b, h, d].
-    return ("batch", "heads", "kv")
-  return ("batch",) + (None,) * (leaf.ndim - 1)
+  """The logical axes of a cache leaf: batch first (after the layer axis of scanned layers');
+  heads and head dim where a leaf has them."""
+  layer = (cache_lib.STACKED,) * cache_lib.row_axis(path)
+  ndim = leaf.ndim - len(layer)
+  if ndim == 4:  # Stored keys or values [b, s, h, d].
+    return (*layer, "batch", None, "heads", "kv")
+  if ndim == 3:  # A pending key or value, a key state [b, h, d].
+    return (*layer, "batch", "heads", "kv")
+  return (*layer, "batch") + (None,) * (ndim - 1)
 
 
 def constrain_cache(cache: cache_lib.Cache) -> cache_lib.Cache:

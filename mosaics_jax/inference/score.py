@@ -32,7 +32,7 @@ from jaxtyping import Array, Float, Int
 
 from mosaics_jax import config as config_lib, sharding
 from mosaics_jax.inference import placement, prefill
-from mosaics_jax.model import families
+from mosaics_jax.model import cache as cache_lib, families
 
 Rows = Sequence[Sequence[int] | np.ndarray]
 
@@ -170,7 +170,10 @@ class Scorer(prefill.Chunked):
     for i, row in enumerate(rows):
       tokens[i, : row.size], lengths[i] = row, row.size
     # Every row goes on from the context's cache, a copy: the chunks update it in place.
-    cache = jax.tree.map(lambda x: jnp.repeat(x, b // x.shape[0], axis=0), cache)
+    repeat = lambda axis, x: jnp.repeat(x, b // x.shape[axis], axis=axis)
+    cache = jax.tree_util.tree_map_with_path(
+        lambda path, x: repeat(cache_lib.row_axis(path), x), cache
+    )
     segment_ids = np.zeros_like(tokens)
     parts, _ = self._chunks(params, tokens, segment_ids, lengths, outputs=_log_probs, cache=cache)
     # Position j predicts token j + 1; the context's last position predicts token 0.

@@ -20,7 +20,8 @@ training path (`kernels_pallas.retrieve`, the scans) and fills it. Later chunks 
 pairs with an online softmax over blocks of slots (`attend_pairs`), only the blocks that can hold
 pairs, and then the chunk's own pairs. Every cache is a plain pytree of arrays.
 
-Axis legend: b = batch, c = chunk time, s = slots, h = heads, d = key dim, e = value dim.
+Axis legend: b = batch, c = chunk time, s = slots, h = heads, d = key dim, e = value dim, l = the
+layer axis that leads the memory caches of scanned layers (`STACKED`), absent otherwise.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ from jaxtyping import Array, Bool, Float, Int
 import kernels_pallas
 from kernels_pallas import select as select_lib
 from mosaics_jax.model import family as family_lib
+
+# The key in `Cache.layers` of the caches of scanned layers (`model.scan_layers`), stacked on a
+# leading layer axis: `row_axis` says where a leaf's rows are.
+STACKED = "layers"
 
 # Slots per step of the decode's attention over stored pairs: only the blocks that hold pairs are
 # read, so a token's cost grows with its position, not with max_len.
@@ -58,20 +63,20 @@ class Stream:
 class Pairs:
   """The (key, value) pairs a memory has stored, in slots `position % capacity`."""
 
-  keys: Float[Array, "b s h d"]
-  values: Float[Array, "b s h e"]
-  positions: Int[Array, "b s"]  # -1: an empty slot.
-  segments: Int[Array, "b s"]
+  keys: Float[Array, "*l b s h d"]
+  values: Float[Array, "*l b s h e"]
+  positions: Int[Array, "*l b s"]  # -1: an empty slot.
+  segments: Int[Array, "*l b s"]
 
 
 @flax.struct.dataclass
 class Pending:
   """The pair of a row's last position: its value needs the next token's value projection."""
 
-  key: Float[Array, "b h d"]
-  raw_value: Float[Array, "b h e"]  # The value projection v~ before mixing and normalising.
-  position: Int[Array, " b"]  # -1: none.
-  segment: Int[Array, " b"]
+  key: Float[Array, "*l b h d"]
+  raw_value: Float[Array, "*l b h e"]  # The value projection v~ before mixing and normalising.
+  position: Int[Array, "*l b"]  # -1: none.
+  segment: Int[Array, "*l b"]
 
 
 @flax.struct.dataclass
@@ -80,10 +85,10 @@ class MemoryCache:
 
   pairs: Pairs | None = None
   pending: Pending | None = None
-  key_state: Float[Array, "b h d"] | None = None  # The key recurrence after the last position.
+  key_state: Float[Array, "*l b h d"] | None = None  # The key recurrence after the last position.
   # Of a gated recurrence (v2): the state is key_state * exp(key_log_scale), which may overflow
   # float32 where key_state does not (`kernels_pallas.scans.gated_linear_scan`).
-  key_log_scale: Float[Array, "b h"] | None = None
+  key_log_scale: Float[Array, "*l b h"] | None = None
   # Of a memory that reads selected blocks: the summaries of the blocks of its slots.
   summaries: select_lib.Summaries | None = None
 
@@ -247,6 +252,13 @@ def _check_room(cache: Cache, lengths: Int[Array, " b"]) -> None:
         f" holds {before[row]} and the chunk adds {added[row]} (make the cache with"
         f" init_cache(batch, max_len >= {after.max()}))"
     )
+
+
+def row_axis(path: tuple) -> int:
+  """The batch axis of the leaf of a `Cache` at `path` (`jax.tree_util` keys): 1 in the caches of
+  scanned layers, which a layer axis leads (`STACKED`), else 0."""
+  keys = [getattr(k, "name", getattr(k, "key", None)) for k in path[:2]]
+  return int(keys == ["layers", STACKED])
 
 
 def nbytes(cache: Any) -> int:

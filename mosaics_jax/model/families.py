@@ -3,6 +3,7 @@
 family = families.of(config)               # mm1.FAMILY, mm2.FAMILY, llama.FAMILY, ...
 model = families.build_model(config)       # a Flax Linen module
 shapes = families.param_shapes(config)     # the params pytree as ShapeDtypeStructs
+params = families.to_layout(params, config)  # unrolled or stacked layers, as config.scan_layers
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -62,3 +65,77 @@ def param_shapes(config: config_lib.ModelConfig, *, boxed: bool = False):
   init = model.init_boxed if boxed else model.init
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
   return jax.eval_shape(lambda t: init(jax.random.key(0), t)["params"], tokens)
+
+
+def _boxed(x: Any) -> bool:
+  return isinstance(x, nn.LogicallyPartitioned)
+
+
+def _stack(*xs: Any) -> Any:
+  if not _boxed(xs[0]):
+    return jnp.stack(xs)
+  value = jnp.stack([x.value for x in xs])
+  return xs[0].replace(value=value, names=(lm.SCANNED, *xs[0].names))
+
+
+def _take(x: Any, i: int) -> Any:
+  return x.replace(value=x.value[i], names=tuple(x.names[1:])) if _boxed(x) else x[i]
+
+
+def _layer_names(config: config_lib.ModelConfig, params: dict[str, Any]) -> list[str]:
+  names = [of(config).layer_name(i) for i in range(config.num_layers)]
+  missing = [n for n in names if n not in params]
+  if missing:
+    raise ValueError(
+        f"these params have no layers {missing} of a {config.num_layers}-layer {config.family}"
+        f" model (top-level keys: {sorted(params)})"
+    )
+  return names
+
+
+def stack_layers(params: dict[str, Any], config: config_lib.ModelConfig) -> dict[str, Any]:
+  """Unrolled params (plain or boxed) as scanned ones (`model.scan_layers`): the layers' subtrees
+  `family.layer_name(i)` become one subtree `lm.SCANNED`, each leaf stacked on a leading layer
+  axis (named `lm.SCANNED` in a boxed leaf). Any pytree of the params' structure converts alike
+  (optimizer moments)."""
+  names = _layer_names(config, params)
+  stacked = jax.tree.map(_stack, *(params[n] for n in names), is_leaf=_boxed)
+  out = {}
+  for key, value in params.items():
+    if key == names[0]:
+      out[lm.SCANNED] = stacked
+    elif key not in names:
+      out[key] = value
+  return out
+
+
+def unstack_layers(params: dict[str, Any], config: config_lib.ModelConfig) -> dict[str, Any]:
+  """Inverse of `stack_layers`: scanned params as unrolled ones."""
+  if lm.SCANNED not in params:
+    raise ValueError(f"these params have no stacked layers {lm.SCANNED!r}: {sorted(params)}")
+  stacked = params[lm.SCANNED]
+  sizes = {x.shape[0] for x in jax.tree.leaves(stacked)}
+  if sizes != {config.num_layers}:
+    raise ValueError(
+        f"stacked layers of {sorted(sizes)} layers do not fit a {config.num_layers}-layer"
+        f" {config.family} model"
+    )
+  out = {}
+  for key, value in params.items():
+    if key != lm.SCANNED:
+      out[key] = value
+      continue
+    for i in range(config.num_layers):
+      out[of(config).layer_name(i)] = jax.tree.map(
+          lambda x, i=i: _take(x, i), value, is_leaf=_boxed
+      )
+  return out
+
+
+def to_layout(params: dict[str, Any], config: config_lib.ModelConfig) -> dict[str, Any]:
+  """`params` of either layout in `config`'s: stacked if config.scan_layers, else unrolled."""
+  if config.scan_layers and lm.SCANNED not in params:
+    return stack_layers(params, config)
+  if not config.scan_layers and lm.SCANNED in params:
+    return unstack_layers(params, config)
+  return params

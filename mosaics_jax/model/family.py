@@ -20,6 +20,7 @@ and Flax module, and answers every question that depends on the family:
 - `torch_name`, `to_torch_array`, `from_torch_array`, `torch_extras`, `torch_mark`: how its
   parameters are named and laid out in PyTorch, for porting.
 - `init_cache`: the empty decode cache of its memories (`cache.py`).
+- `layer_name`: the name of each layer in the params, which `families.stack_layers` stacks.
 
 Adding a family is a config class in `mosaics_jax.config`, a module here with its Flax model and
 its `Family` subclass, and one line in `families.FAMILIES`; adding a memory to a family touches that
@@ -132,6 +133,11 @@ class Family:
     """The model's keyword arguments at a training step drawn with `key`, or at inference (None)."""
     del config, key
     return {}
+
+  def layer_name(self, index: int) -> str:
+    """The name of layer `index`'s module in the unrolled params (`lm.layer_name`, or v1's and
+    GPT-2's `h_{i}`)."""
+    raise NotImplementedError
 
   def init_cache(self, config: config_lib.ModelConfig, batch: int, max_len: int, dtype: Any) -> Any:
     """The empty decode cache (`cache.Cache`) of `batch` rows of at most `max_len` tokens."""

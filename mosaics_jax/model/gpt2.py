@@ -200,6 +200,9 @@ class GPT2Family(family.Family):
   }
   torch_mark = "transformer."
 
+  def layer_name(self, index: int) -> str:
+    return _layer(index)
+
   def bands(self, config, ltm_delay=None) -> dict[str, family.Band]:
     del config, ltm_delay
     return {ATTENTION: llama.CAUSAL_BAND}

@@ -100,6 +100,9 @@ class LlamaFamily(family.Family):
   }
   torch_mark = ".attention."
 
+  def layer_name(self, index: int) -> str:
+    return lm.layer_name(index)
+
   def bands(self, config, ltm_delay=None) -> dict[str, family.Band]:
     del config, ltm_delay
     return {"attention": CAUSAL_BAND}

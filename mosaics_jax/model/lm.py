@@ -15,11 +15,17 @@ sequence at a time if asked (the train step's chunked loss).
 Every parameter and the key activations carry logical axis names (`layers.logical`), which
 `mosaics_jax.sharding` maps onto a device mesh; `init_boxed` gives the parameters with them.
 
+With `model.scan_layers` the blocks are one module, `SCANNED`, applied by `nn.scan`: each of its
+parameters (and of its decode cache's arrays) has a leading layer axis, whose logical name is
+`SCANNED` too (replicated: no mesh axis shards it). `families.stack_layers` and `unstack_layers`
+convert between the layouts; the scanned model initialises as the unrolled one, stacked.
+
 Axis legend: b = batch, t = time, m = model width, v = vocabulary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -33,6 +39,10 @@ from jaxtyping import Array, Float, Int
 from kernels_pallas import remat as kernels_remat
 from mosaics_jax import config as config_lib
 from mosaics_jax.model import cache as cache_lib, layers
+
+# The module of the scanned blocks and the logical name of their leading layer axis; the key of
+# their stacked caches in `Cache.layers` (`cache.STACKED`).
+SCANNED = cache_lib.STACKED
 
 
 def check_inputs(
@@ -194,7 +204,25 @@ class LanguageModel(layers.PlainInit):
     dtype = jnp.dtype(dtype or cfg.dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise ValueError(f"the cache holds keys and values in a floating dtype, got {dtype}")
-    return families.of(cfg).init_cache(cfg, batch, max_len, dtype)
+    family = families.of(cfg)
+    cache = family.init_cache(cfg, batch, max_len, dtype)
+    if not cfg.scan_layers:
+      return cache
+    per_layer = [cache.layers[family.layer_name(i)] for i in range(cfg.num_layers)]
+    return cache.replace(layers={SCANNED: jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)})
+
+  @nn.nowrap
+  def init_boxed(self, *args, **kwargs):
+    """`nn.Module.init`, parameters boxed with their logical axis names; with scan_layers, the
+    unrolled model's, stacked: the same values for the same rng (its layer index sets each
+    layer's initialisation, and its layer names the rng of each)."""
+    if not self.config.scan_layers:
+      return super().init_boxed(*args, **kwargs)
+    from mosaics_jax.model import families  # pylint: disable=import-outside-toplevel
+
+    unrolled = families.build_model(dataclasses.replace(self.config, scan_layers=False))
+    variables = unrolled.init_boxed(*args, **kwargs)
+    return {**variables, "params": families.stack_layers(variables["params"], self.config)}
 
 
 # What each `model.remat_policy` keeps of a block for the backward pass; the rest is recomputed
@@ -252,7 +280,14 @@ def stack(
   """The `num_layers` blocks of a decoder, each output under the residual constraint: layer i is
   `block(cfg, i if indexed, name=name(i))`, called as (x, segment_ids, *block_args,
   deterministic), rematerialised by `maybe_remat`, and with `cache=` and `chunk=` when decoding.
-  Returns x and, with a cache, each layer's cache after the chunk by layer name (else None)."""
+  Returns x and, with a cache, each layer's cache after the chunk by layer name (else None).
+
+  With cfg.scan_layers the layers are one block `SCANNED` under `nn.scan` (rematerialised before
+  it is scanned), built as layer 0: the layer index sets only initialisations, which
+  `LanguageModel.init_boxed` takes from the unrolled model. Its cache is `cache.layers[SCANNED]`,
+  stacked like its parameters, and so is the cache it returns."""
+  if cfg.scan_layers:
+    return _scanned(cfg, block, x, segment_ids, deterministic, cache, chunk, indexed, block_args)
   name = name or layer_name
   if cache is None:
     block = maybe_remat(block, cfg)
@@ -267,6 +302,29 @@ def stack(
       )
       x = residual(x)
   return x, layer_caches
+
+
+def _scanned(cfg, block, x, segment_ids, deterministic, cache, chunk, indexed, block_args):
+  """`stack` with cfg.scan_layers."""
+  if cache is None:
+    block = maybe_remat(block, cfg)
+
+  def body(layer, x, layer_cache):
+    if layer_cache is None:
+      return residual(layer(x, segment_ids, *block_args, deterministic)), None
+    x, layer_cache = layer(x, None, *block_args, deterministic, cache=layer_cache, chunk=chunk)
+    return residual(x), layer_cache
+
+  scan = nn.scan(
+      body,
+      variable_axes={"params": 0},
+      split_rngs={"params": True, "dropout": True},
+      length=cfg.num_layers,
+      metadata_params={nn.PARTITION_NAME: SCANNED},
+  )
+  layer = block(cfg, *((0,) if indexed else ()), name=SCANNED)
+  x, layer_caches = scan(layer, x, None if cache is None else cache.layers[SCANNED])
+  return x, None if cache is None else {SCANNED: layer_caches}
 
 
 def untied_decoder(

@@ -110,6 +110,9 @@ class MosaicV1Family(family.Family):
   }
   torch_mark = "mosaic."
 
+  def layer_name(self, index: int) -> str:
+    return _layer(index)
+
   def bands(self, config, ltm_delay=None) -> dict[str, family.Band]:
     del config, ltm_delay
     return {"attn": CONTEXT_BAND}

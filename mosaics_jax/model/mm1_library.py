@@ -294,6 +294,9 @@ class MosaicV1LibraryFamily(family.Family):
   }
   torch_mark = "ln_out."
 
+  def layer_name(self, index: int) -> str:
+    return lm.layer_name(index)
+
   def bands(self, config, ltm_delay=None) -> dict[str, family.Band]:
     del ltm_delay
     return {"attn": family.Band(lo=config.v_shift, hi=None)}

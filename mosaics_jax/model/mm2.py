@@ -124,6 +124,9 @@ class MosaicV2Family(family.Family):
   }
   torch_mark = f".{SHORT_TERM}."
 
+  def layer_name(self, index: int) -> str:
+    return lm.layer_name(index)
+
   def bands(
       self, config: config_lib.MosaicV2Config, ltm_delay: int | jax.Array | None = None
   ) -> dict[str, family.Band]:

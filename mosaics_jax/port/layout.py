@@ -30,6 +30,7 @@ mask) and `leaky_avg.coef`.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -97,8 +98,9 @@ def as_float32(
 
 
 def param_shapes(config: config_lib.ModelConfig) -> dict[family_lib.Path, tuple[int, ...]]:
-  """The shape of every parameter of `config`'s model by path (nothing is allocated)."""
-  flat = flax.traverse_util.flatten_dict(families.param_shapes(config))
+  """The shape of every parameter of `config`'s model by path, its layers unrolled (the layout of
+  every exported file, whatever model.scan_layers says); nothing is allocated."""
+  flat = flax.traverse_util.flatten_dict(families.param_shapes(unroll(config)))
   return {path: tuple(leaf.shape) for path, leaf in flat.items()}
 
 
@@ -108,9 +110,11 @@ def torch_name(config: config_lib.ModelConfig, path: family_lib.Path) -> str:
 
 
 def to_torch(config: config_lib.ModelConfig, params: Params) -> dict[str, np.ndarray]:
-  """Our params as float32 numpy arrays under their PyTorch names and in PyTorch's layout."""
+  """Our params (of either layout, `families.to_layout`) as float32 numpy arrays under their
+  PyTorch names and in PyTorch's layout."""
   family = families.of(config)
-  flat = flax.traverse_util.flatten_dict(flax.core.meta.unbox(params))
+  unrolled = families.to_layout(flax.core.meta.unbox(params), unroll(config))
+  flat = flax.traverse_util.flatten_dict(unrolled)
   return {
       family.torch_name(path): np.ascontiguousarray(
           family.to_torch_array(path, np.asarray(x, np.float32))
@@ -135,6 +139,7 @@ def from_torch(
   (`Family.torch_extras`: v1's buffers, and its tied `lm_head.weight`, checked equal to the
   embedding); a `_orig_mod.`
   prefix (torch.compile'd models) is dropped.
+  The params come in `config`'s layout (stacked layers if model.scan_layers).
   Raises PortError listing every missing, unexpected and mis-shaped tensor.
   """
   family = families.of(config)
@@ -182,7 +187,12 @@ def from_torch(
       path: family.from_torch_array(path, given[name], shapes[path])
       for name, (path, _) in expected.items()
   }
-  return flax.traverse_util.unflatten_dict(flat)
+  return families.to_layout(flax.traverse_util.unflatten_dict(flat), config)
+
+
+def unroll(config: config_lib.ModelConfig) -> config_lib.ModelConfig:
+  """`config` with its layers unrolled: the model of exported files (`param_shapes`)."""
+  return dataclasses.replace(config, scan_layers=False)
 
 
 def _family_of(names) -> str | None:

@@ -211,7 +211,8 @@ def load(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> Pretraine
   return Pretrained(
       config=config,
       model=families.build_model(config),
-      params=params,
+      # Exports hold unrolled layers; a checkpoint those its run had.
+      params=families.to_layout(params, config),
       step=step,
       tokenizer=tokenizer,
   )
@@ -391,7 +392,9 @@ def save_exported(
   if layout == "pytorch":
     tensors = layout_lib.to_torch(config, params)
   else:
-    flat = flax.traverse_util.flatten_dict(flax.core.meta.unbox(params))
+    # Layers unrolled, as model.scan_layers may say either: one file layout for both.
+    unrolled = families.to_layout(flax.core.meta.unbox(params), layout_lib.unroll(config))
+    flat = flax.traverse_util.flatten_dict(unrolled)
     tensors = {"/".join(p): np.ascontiguousarray(x, np.float32) for p, x in flat.items()}
   model = {"family": config.family, **config_lib.to_dict(config)}
   text = json.dumps({"model": model, "step": step}, indent=2) + "\n"
