@@ -19,6 +19,7 @@ import optax
 import pytest
 
 from mosaics_jax import checkpoints, config as config_lib
+from mosaics_jax.analysis import flops
 from mosaics_jax.inference import generate as generate_lib, score as score_lib
 from mosaics_jax.model import families
 from mosaics_jax.port import layout, pretrained
@@ -70,7 +71,9 @@ def _equal(a, b) -> None:
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("name", _marked(CONFIGS))
+@pytest.mark.parametrize(
+    "name", [n if n == "mm2" else pytest.param(n, marks=pytest.mark.slow) for n in sorted(CONFIGS)]
+)
 def test_scanned_init_is_the_unrolled_init_stacked_and_unstacks_exactly(name):
   """Same rng: the scanned parameters are the unrolled ones stacked, bit for bit, their boxed
   logical names led by the layer axis; unstacking gives the unrolled parameters back."""
@@ -188,6 +191,12 @@ def test_the_scanned_model_traces_one_block(name):
   assert abs(four - one) < 0.05 * block
 
 
+def test_parameter_and_flop_counts_are_the_unrolled_models():
+  cfg = CONFIGS["mm2"]
+  assert flops.count(scanned(cfg)) == flops.count(cfg)
+  assert families.param_count(scanned(cfg)) == families.param_count(cfg)
+
+
 def test_converters_name_params_that_do_not_fit():
   cfg = CONFIGS["llama"]
   params = families.param_shapes(cfg)
@@ -200,7 +209,7 @@ def test_converters_name_params_that_do_not_fit():
     families.unstack_layers(params, cfg)
 
 
-@pytest.mark.parametrize("name", ["mm2", "gpt2"])
+@pytest.mark.parametrize("name", ["mm2", pytest.param("gpt2", marks=pytest.mark.slow)])
 def test_exports_are_the_unrolled_models_and_load_into_either_layout(tmp_path, name):
   """A scanned model exports the unrolled model's files (PyTorch names and Flax layout alike), and
   either export loads into either layout."""

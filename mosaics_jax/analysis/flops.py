@@ -22,14 +22,15 @@ import numpy as np
 
 import kernels_pallas
 from mosaics_jax import config as config_lib
-from mosaics_jax.model import families, family as family_lib
+from mosaics_jax.model import families, family as family_lib, lm
 
 # Parameter leaves that are matmul weights (Dense kernels, the v1 persistent memories' pairs).
 _MATMUL_LEAVES = ("kernel", "P_k", "P_v")
 # The v1 persistent memories' pairs, read by `kernels_pallas.retrieve_persistent`: a retrieval.
 _PERSISTENT_LEAVES = ("P_k", "P_v")
-# The module of layer i: nanoMosaics' and nanoGPT's `h_{i}`, v2's and Llama's `layer_{i}`.
-_LAYER = re.compile(r"(h|layer)_\d+")
+# The module of layer i: nanoMosaics' and nanoGPT's `h_{i}`, v2's and Llama's `layer_{i}`; or of
+# every layer, scanned (`model.scan_layers`), its parameters stacked.
+_LAYER = re.compile(rf"(h|layer)_\d+|{lm.SCANNED}")
 
 
 @dataclasses.dataclass(frozen=True)
