@@ -266,9 +266,12 @@ def test_scanned_training_and_generation_on_a_mesh_equal_unrolled(tmp_path):
   )
   assert result.returncode == 0, result.stderr[-4000:]
   runs = np.load(out)
+  np.testing.assert_array_equal(runs["tokens_scan"], runs["tokens_unrolled"])
   np.testing.assert_allclose(runs["losses_scan"], runs["losses_unrolled"], rtol=1e-5)
   keys = [k for k in runs.files if k.startswith("unrolled:")]
   assert keys
+  # Adam scales each update to about the learning rate (1e-3) whatever the gradient's size, so
+  # float32 rounding in a near-zero gradient moves a parameter by up to a few percent of that.
   for key in keys:
-    np.testing.assert_allclose(runs[key.replace("unrolled:", "scan:")], runs[key], atol=1e-5)
-  np.testing.assert_array_equal(runs["tokens_scan"], runs["tokens_unrolled"])
+    scan = runs[key.replace("unrolled:", "scan:")]
+    np.testing.assert_allclose(scan, runs[key], atol=1e-4, err_msg=key)
