@@ -96,8 +96,7 @@ def _layer_names(config: config_lib.ModelConfig, params: dict[str, Any]) -> list
 def stack_layers(params: dict[str, Any], config: config_lib.ModelConfig) -> dict[str, Any]:
   """Unrolled params (plain or boxed) as scanned ones (`model.scan_layers`): the layers' subtrees
   `family.layer_name(i)` become one subtree `lm.SCANNED`, each leaf stacked on a leading layer
-  axis (named `lm.SCANNED` in a boxed leaf). Any pytree of the params' structure converts alike
-  (optimizer moments)."""
+  axis (named `lm.SCANNED` in a boxed leaf)."""
   names = _layer_names(config, params)
   stacked = jax.tree.map(_stack, *(params[n] for n in names), is_leaf=_boxed)
   out = {}
