@@ -57,7 +57,8 @@ class CompileReport:
   mesh: dict[str, int]  # The sizes of memory_plan.MESH_SIZES, -1 resolved.
   global_batch: int
   context: int
-  compile_seconds: float
+  compile_seconds: float  # Tracing, lowering and compiling.
+  hlo_bytes: int  # The lowered step's StableHLO text: what XLA compiles (scan_layers shrinks it).
   argument_bytes: int  # Parameters, optimizer state and the batch shard.
   output_bytes: int
   alias_bytes: int  # Outputs written over donated arguments (the state).
@@ -178,6 +179,7 @@ def compile_train_step(
     ) from None
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
+  hlo = lowered.as_text()
   return CompileReport(
       experiment=experiment.name,
       topology=topology,
@@ -187,12 +189,13 @@ def compile_train_step(
       global_batch=experiment.train.batch_size,
       context=experiment.data.seq_len,
       compile_seconds=seconds,
+      hlo_bytes=len(hlo),
       argument_bytes=memory.argument_size_in_bytes,
       output_bytes=memory.output_size_in_bytes,
       alias_bytes=memory.alias_size_in_bytes,
       temp_bytes=memory.temp_size_in_bytes,
       code_bytes=memory.generated_code_size_in_bytes,
-      mosaic_kernels=lowered.as_text().count(MOSAIC_CALL),
+      mosaic_kernels=hlo.count(MOSAIC_CALL),
       hbm_bytes=hbm_per_device(devices),
   )
 
@@ -213,7 +216,8 @@ def format_report(r: CompileReport) -> str:
       f"compiled for {r.topology} ({r.devices} x {r.device_kind}, mesh {mesh})"
       f" in {r.compile_seconds:.1f} s: {r.experiment}, global batch {r.global_batch} x context"
       f" {r.context}",
-      f"  {r.mosaic_kernels} Pallas TPU kernel calls compiled with Mosaic",
+      f"  {r.mosaic_kernels} Pallas TPU kernel calls compiled with Mosaic; StableHLO"
+      f" {memory_plan.human_bytes(r.hlo_bytes)}",
       "  memory per device (XLA's memory analysis)",
   ]
   lines += [f"  {name:<{width}} {memory_plan.human_bytes(n)}" for name, n in rows]

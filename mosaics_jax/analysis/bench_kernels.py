@@ -110,7 +110,7 @@ def _is_out_of_memory(error: Exception) -> bool:
 def kernels(
     impls: list[str],
     *,
-    matmul_rate: float,
+    matmul_rate: float | None,
     seq_lens=(4096, 8192, 16384, 32768, 65536),
     head_dims=(64, 128),
     bands=("short", "long"),
@@ -127,7 +127,8 @@ def kernels(
   The timed function is the gradient of sum(y * cotangent) in q, k and v. Useful FLOPs count only
   the pairs inside the band: 4 d per pair and head forward (q . k and p . v), backward 2.5 times
   the forward (the flash-attention convention), 3.5 x 4 d in all; `matmul_rate` (FLOP/s) is the
-  yardstick of the "of matmul" ratio. Dense implementations whose
+  yardstick of the "of matmul" ratio (None with a `target`, where nothing runs). Dense
+  implementations whose
   estimated peak exceeds `max_dense_bytes` are skipped, as is any that runs out of memory. Rows
   are yielded as they are measured, so a long sweep prints as it goes.
 
