@@ -65,7 +65,12 @@ class CheckpointMismatch(CheckpointError):
 
 
 class LayoutMismatch(CheckpointError):
-  """A run resumed with another `model.scan_layers` than its checkpoints were saved with."""
+  """A run resumed with another `model.scan_layers` than its checkpoints were saved with; the
+  training loop converts the state (`saved_scan_layers` is the checkpoints' layout)."""
+
+  def __init__(self, message: str, saved_scan_layers: bool):
+    super().__init__(message)
+    self.saved_scan_layers = saved_scan_layers
 
 
 class NoReadableCheckpoint(CheckpointError):
@@ -303,10 +308,9 @@ def check_or_save_config(
     differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if differing == ["scan_layers"]:
       raise LayoutMismatch(
-          f"{workdir} holds a run saved with model.scan_layers={old['scan_layers']}: resume it"
-          f" with --set model.scan_layers={str(old['scan_layers']).lower()} (a train state keeps"
-          " its layers' layout; reading its weights to evaluate, generate, port or --init-from"
-          " converts either way)"
+          f"{workdir} holds a run saved with model.scan_layers={old['scan_layers']}, and this"
+          f" run has model.scan_layers={new['scan_layers']}",
+          saved_scan_layers=bool(old["scan_layers"]),
       )
     if differing:
       details = ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in differing)

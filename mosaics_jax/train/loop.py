@@ -190,7 +190,11 @@ def _train(experiment, workdir, progress, init_from, restart, preemption, utilis
   tx = optim.make_optimizer(cfg)
   placement = step_lib.make_placement(experiment, model, tx)
   ckpts = checkpoints.Checkpoints(ckpt_dir, cfg.keep_checkpoints)
-  checkpoints.check_or_save_config(workdir, experiment, has_checkpoints=bool(ckpts.steps()))
+  try:
+    checkpoints.check_or_save_config(workdir, experiment, has_checkpoints=bool(ckpts.steps()))
+    saved_layout = None
+  except checkpoints.LayoutMismatch as e:  # Restored in the saved layout, then converted.
+    saved_layout = e.saved_scan_layers
   if lead and tokenizer is not None and not kept:  # The trained model reads and writes text.
     tokenizers.save(tokenizer, workdir)
   train_step = step_lib.make_train_step(experiment, model, tx, placement)
@@ -205,9 +209,10 @@ def _train(experiment, workdir, progress, init_from, restart, preemption, utilis
       process_count=jax.process_count(),
       tokenizer=tokenizer,
   )
+  template = step_lib.abstract_state(experiment, model, tx, placement)
   try:
     restored = ckpts.restore_latest(
-        step_lib.abstract_state(experiment, model, tx, placement),
+        template if saved_layout is None else _layout_template(experiment, tx, saved_layout),
         # One batch per step: the data state of step n is after n batches.
         check_data=lambda step, state: data.check_state(state, batches=step),
     )
@@ -228,6 +233,15 @@ def _train(experiment, workdir, progress, init_from, restart, preemption, utilis
   else:
     last_saved, state, data_state = restored
     train_it.set_state(data_state)
+    if saved_layout is not None:
+      state = _placed(_to_layout(state, experiment.model), template)
+      checkpoints.check_or_save_config(workdir, experiment, has_checkpoints=False)
+      if lead:
+        print(
+            f"mosaics-train: converted the train state of step {last_saved} from"
+            f" model.scan_layers={saved_layout} to {experiment.model.scan_layers}",
+            file=sys.stderr,
+        )
   start = int(state["step"])
   if lead:
     kept_file = workdir / tokenizers.TOKENIZER_FILE
@@ -374,6 +388,27 @@ def _run_tokenizer(
     if kept is not None:  # Runs from before tokenizers were kept have none.
       return kept, True
   return data.load_tokenizer(cfg), False
+
+
+def _layout_template(experiment: config_lib.Experiment, tx, scan_layers: bool) -> step_lib.State:
+  """The abstract train state of `experiment` with its layers scanned or not, as saved."""
+  saved = dataclasses.replace(
+      experiment, model=dataclasses.replace(experiment.model, scan_layers=scan_layers)
+  )
+  model = families.build_model(saved.model)
+  return step_lib.abstract_state(saved, model, tx, step_lib.make_placement(saved, model, tx))
+
+
+def _to_layout(state: step_lib.State, config: config_lib.ModelConfig) -> step_lib.State:
+  """A train state in `config`'s layers' layout (`families.to_layout`): the parameters and every
+  subtree of the optimizer state shaped like them (AdamW's moments)."""
+  names = set(state["params"])
+  like_params = lambda x: isinstance(x, dict) and set(x) == names
+  return jax.tree.map(
+      lambda x: families.to_layout(x, config) if like_params(x) else x,
+      state,
+      is_leaf=like_params,
+  )
 
 
 def _placed(params: Any, like: Any) -> Any:
