@@ -24,7 +24,9 @@ tokens to OUT (npz).
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import subprocess
 import sys
 
 import flax.linen as nn
@@ -296,6 +298,22 @@ def generate(out: pathlib.Path) -> None:
     sharded = generate_lib.Generator(model, mesh=mesh, rules=mesh_config.rules)(params, prompts, 20)
     report[name] = {"one": one, "mesh": sharded}
   out.write_text(json.dumps(report))
+
+
+def run_on_8_devices(*args) -> None:
+  """Runs this file with `args` in a process of 8 simulated CPU devices; asserts it succeeds."""
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+  here = pathlib.Path(__file__).resolve()
+  result = subprocess.run(
+      [sys.executable, str(here), *map(str, args)],
+      env=env,
+      cwd=here.parent.parent,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-4000:]
 
 
 if __name__ == "__main__":

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
-import subprocess
 import sys
 
 import flax
@@ -28,8 +26,10 @@ from mosaics_jax.train import loop, optim, step as step_lib
 
 TESTS = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
-import test_decode  # noqa: E402  (beside this file)
+import test_decode  # noqa: E402
 import tiny_runs  # noqa: E402
+
+import sharded_runs  # noqa: E402  (beside this file)
 
 TINY = dict(vocab_size=50, num_layers=2, width=32, num_heads=4)
 CONFIGS = {
@@ -305,17 +305,7 @@ def test_scanned_training_and_generation_on_a_mesh_equal_unrolled(tmp_path):
   the rules say with the layer axis whole, two train steps give the unrolled run's losses and
   parameters, and greedy generation (caches stacked and sharded) its tokens."""
   out = tmp_path / "scan.npz"
-  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run(
-      [sys.executable, str(TESTS / "sharded_runs.py"), "scan", str(out)],
-      env=env,
-      cwd=TESTS.parent,
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
-  assert result.returncode == 0, result.stderr[-4000:]
+  sharded_runs.run_on_8_devices("scan", out)
   runs = np.load(out)
   np.testing.assert_array_equal(runs["tokens_scan"], runs["tokens_unrolled"])
   np.testing.assert_allclose(runs["losses_scan"], runs["losses_unrolled"], rtol=1e-5)

@@ -8,9 +8,7 @@ jax starts, and the other tests share these workers with one device.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import subprocess
 import sys
 
 import flax.linen as nn
@@ -36,20 +34,6 @@ import sharded_runs  # noqa: E402  (beside this file)
 FAMILIES = ("mm1-tiny", "mm2-tiny", "llama-tiny")
 
 
-def _run_on_8_devices(*args) -> None:
-  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run(
-      [sys.executable, str(TESTS / "sharded_runs.py"), *map(str, args)],
-      env=env,
-      cwd=TESTS.parent,
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
-  assert result.returncode == 0, result.stderr[-4000:]
-
-
 # "pallas": the Pallas kernels (interpreted on CPU) run per (batch, heads) shard in shard_map.
 @pytest.mark.slow
 @pytest.mark.parametrize(
@@ -64,7 +48,7 @@ def _run_on_8_devices(*args) -> None:
 def test_training_on_a_mesh_matches_one_device(tmp_path, name, impl):
   """Three steps on (data=2, fsdp=2, tensor=2) give the losses and parameters of one device."""
   out = tmp_path / "steps.npz"
-  _run_on_8_devices("steps", out, name, impl)
+  sharded_runs.run_on_8_devices("steps", out, name, impl)
   runs = np.load(out)
   np.testing.assert_allclose(runs["losses_mesh"], runs["losses_one"], rtol=1e-5)
   params = [k for k in runs.files if k.startswith("one:")]
@@ -81,7 +65,7 @@ def test_grad_accum_on_a_mesh_gives_the_batch_mean_and_its_gradient(tmp_path):
   step's loss and gradient are the global batch's mean over its masked targets, computed
   directly on one device."""
   out = tmp_path / "grad_accum.npz"
-  _run_on_8_devices("grad_accum", out)
+  sharded_runs.run_on_8_devices("grad_accum", out)
   runs = np.load(out)
   reference = [k for k in runs.files if k.startswith("grad:reference:")]
   assert reference
@@ -98,7 +82,7 @@ def test_chunked_loss_on_a_mesh_gives_the_whole_sequences(tmp_path):
   logits' vocabulary over tensor), the first step's loss and gradient are those of the whole
   sequence's logits in one batch on one device."""
   out = tmp_path / "loss_chunk.npz"
-  _run_on_8_devices("loss_chunk", out)
+  sharded_runs.run_on_8_devices("loss_chunk", out)
   runs = np.load(out)
   reference = [k for k in runs.files if k.startswith("grad:reference:")]
   assert reference
@@ -111,7 +95,7 @@ def test_chunked_loss_on_a_mesh_gives_the_whole_sequences(tmp_path):
 @pytest.fixture(scope="module")
 def specs(tmp_path_factory):
   out = tmp_path_factory.mktemp("specs") / "specs.json"
-  _run_on_8_devices("specs", out)
+  sharded_runs.run_on_8_devices("specs", out)
   return json.loads(out.read_text())
 
 
@@ -184,7 +168,7 @@ def test_generation_on_a_mesh_matches_one_device(tmp_path):
   """Greedy tokens of every family on (data=4, tensor=2), batch and heads sharded, are those of
   one device."""
   out = tmp_path / "generate.json"
-  _run_on_8_devices("generate", out)
+  sharded_runs.run_on_8_devices("generate", out)
   for name, runs in json.loads(out.read_text()).items():
     assert runs["mesh"] == runs["one"], name
     assert all(len(row) == 20 for row in runs["one"])
@@ -194,7 +178,7 @@ def test_generation_on_a_mesh_matches_one_device(tmp_path):
 def test_checkpoint_restores_onto_other_meshes_and_one_device(tmp_path):
   """Saved on fsdp=8; restored onto fsdp=8, (data=2, tensor=4) and one device in the 8-device
   process (checked there), and here, in a process with its own device count."""
-  _run_on_8_devices("restore", tmp_path)
+  sharded_runs.run_on_8_devices("restore", tmp_path)
   saved = np.load(tmp_path / "saved_params.npz")
   exp = overrides.override(
       sharded_runs.tiny("mm2-tiny", **{"model.num_layers": 1}), "mesh", config_lib.MeshConfig()

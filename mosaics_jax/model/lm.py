@@ -132,14 +132,16 @@ def embed(cfg: config_lib.ModelConfig, init: nn.initializers.Initializer, name: 
   )
 
 
-def classifier(cfg: config_lib.ModelConfig, init: nn.initializers.Initializer) -> nn.Dense:
-  """The untied output layer [width, vocab] of v2 and Llama."""
+def classifier(
+    cfg: config_lib.ModelConfig, init: nn.initializers.Initializer, name: str = "classifier"
+) -> nn.Dense:
+  """An untied output layer [width, vocab] without bias: v2's and Llama's, the Library's "head"."""
   return nn.Dense(
       cfg.vocab_size,
       use_bias=False,
       kernel_init=layers.logical(init, "embed", "vocab"),
       dtype=jnp.dtype(cfg.dtype),
-      name="classifier",
+      name=name,
   )
 
 

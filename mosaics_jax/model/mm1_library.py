@@ -255,21 +255,12 @@ class MosaicV1Library(lm.LanguageModel):
     x = lm.layer_norm(cfg, "ln_out")(x)
     if hidden_only:
       return lm.hidden_states(x, cache)
-    out = _scaled_logits(cfg, emb.attend(x) if cfg.weight_tying else _head(cfg, head_init)(x))
+    out = _scaled_logits(
+        cfg, emb.attend(x) if cfg.weight_tying else lm.classifier(cfg, head_init, "head")(x)
+    )
     if cache is None:
       return out
     return cache_lib.advance(cache, chunk, layer_caches, out)
-
-
-def _head(cfg: Config, init: nn.initializers.Initializer) -> nn.Dense:
-  """The untied output layer (weight_tying off)."""
-  return nn.Dense(
-      cfg.vocab_size,
-      use_bias=False,
-      kernel_init=layers.logical(init, "embed", "vocab"),
-      dtype=jnp.dtype(cfg.dtype),
-      name="head",
-  )
 
 
 def _scaled_logits(cfg: Config, out: Float[Array, "b t v"]) -> Float[Array, "b t v"]:
@@ -307,7 +298,9 @@ class MosaicV1LibraryFamily(family.Family):
   def output_logits(self, config, params, x):
     if config.weight_tying:
       return _scaled_logits(config, lm.attend(config, params["emb"], x))
-    head = _head(config, nn.initializers.zeros_init()).apply({"params": params["head"]}, x)
+    head = lm.classifier(config, nn.initializers.zeros_init(), "head").apply(
+        {"params": params["head"]}, x
+    )
     return _scaled_logits(config, head)
 
   def init_cache(self, config, batch, max_len, dtype) -> cache_lib.Cache:
