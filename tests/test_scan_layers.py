@@ -118,7 +118,8 @@ def test_logits_and_gradients_equal_the_unrolled_model(name):
   """Scanned vs unrolled, both rematerialised (remat alone moves v1's logits by 2e-6 of their
   scale: XLA fuses the recomputed forward otherwise), parameters near init, packed documents,
   dropout set but deterministic (and v2's drawn long-term delay): logits and the gradient of the
-  mean cross-entropy within 1e-6 of their scale in float32."""
+  mean cross-entropy within 1e-6 of their scale in float32; v1's gradients within 2e-6, the
+  rounding remat alone gives it (CI's CPU saw 1.2e-6 on one key_scale entry)."""
   cfg = dataclasses.replace(CONFIGS[name], remat=True)
   _, params = tiny_runs.params_near_init(cfg)
   tokens, segment_ids = _batch()
@@ -131,8 +132,9 @@ def test_logits_and_gradients_equal_the_unrolled_model(name):
   np.testing.assert_allclose(loss_s, loss, rtol=1e-6)
   grads = families.stack_layers(grads, cfg_scan)
   scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads))
+  tolerance = 2e-6 if cfg.family == "mm1" else 1e-6
   for (path, g_s), g in zip(jax.tree_util.tree_leaves_with_path(grads_s), jax.tree.leaves(grads)):
-    np.testing.assert_allclose(g_s, g, atol=1e-6 * scale, rtol=0, err_msg=str(path))
+    np.testing.assert_allclose(g_s, g, atol=tolerance * scale, rtol=0, err_msg=str(path))
 
 
 @pytest.mark.parametrize("policy", ["save_retrieval", "save_dots"])
